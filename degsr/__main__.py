@@ -1,0 +1,3 @@
+from degsr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The ``degsr`` command: one subcommand per module in this package.
+
+Each subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+User errors (:class:`degsr.errors.UserError`) print as one line each and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from degsr import __version__, console
+from degsr.errors import UserError
+
+SUBCOMMANDS = ["config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="degsr",
+        description="Degradation-guided one-step image super-resolution with a diffusion prior.")
+    parser.add_argument("--version", action="version", version=f"degsr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and progress bars even when not on a terminal")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        mod = importlib.import_module(f"degsr.cli.{name.replace('-', '_')}_cmd")
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        for line in str(e).splitlines():
+            print(line if line.startswith(("error", "config error")) else f"error: {line}",
+                  file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

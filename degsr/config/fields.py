@@ -1,0 +1,111 @@
+"""Dataclass field helpers that attach a check to a config key.
+
+Each helper returns a ``dataclasses.field`` whose metadata carries a function ``value -> problem or
+None``; :func:`degsr.config.loader.validate` walks the schema and reports every problem as one line
+naming the dotted key. Cross-field rules live in a ``check(self)`` method on the dataclass that
+yields ``(key, problem)`` pairs relative to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+Check = Callable[[Any], "str | None"]
+
+
+def _field(default: Any, check: Check | None, doc: str) -> Any:
+    meta = {"doc": doc}
+    if check is not None:
+        meta["check"] = check
+    if isinstance(default, (list, dict)):
+        frozen = default
+        return dataclasses.field(default_factory=lambda: type(frozen)(frozen), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def plain(default: Any, doc: str = "") -> Any:
+    return _field(default, None, doc)
+
+
+def prob(default: float, doc: str = "") -> Any:
+    def check(v):
+        return None if 0.0 <= v <= 1.0 else f"must be a probability in [0, 1], got {v}"
+    return _field(default, check, doc)
+
+
+def number(default: Any, doc: str = "", *, lo: float = -math.inf, hi: float = math.inf,
+           lo_open: bool = False) -> Any:
+    def check(v):
+        if v is None:
+            return None
+        bad_lo = v <= lo if lo_open else v < lo
+        if bad_lo or v > hi:
+            left = "(" if lo_open else "["
+            return f"must be in {left}{lo}, {hi}], got {v}"
+        return None
+    return _field(default, check, doc)
+
+
+def positive(default: Any, doc: str = "") -> Any:
+    return number(default, doc, lo=0, lo_open=True)
+
+
+def span(default: Sequence[float], doc: str = "", *, lo: float = -math.inf,
+         hi: float = math.inf) -> Any:
+    """A [low, high] range with low <= high, both inside [lo, hi]."""
+    def check(v):
+        if len(v) != 2:
+            return f"must be a [low, high] pair, got {list(v)}"
+        a, b = v
+        if a > b:
+            return f"low must not exceed high, got [{a}, {b}]"
+        if a < lo or b > hi:
+            return f"must lie within [{lo}, {hi}], got [{a}, {b}]"
+        return None
+    return _field(list(default), check, doc)
+
+
+def distribution(default: Sequence[float], doc: str = "", *, size: int | None = None) -> Any:
+    """Probabilities of mutually exclusive choices: non-negative, summing to 1."""
+    def check(v):
+        if size is not None and len(v) != size:
+            return f"must list {size} probabilities, got {len(v)}"
+        if any(p < 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
+            return f"must be non-negative and sum to 1, got {list(v)} (sum {sum(v):g})"
+        return None
+    return _field(list(default), check, doc)
+
+
+def choice(default: Any, options: Sequence[Any], doc: str = "") -> Any:
+    def check(v):
+        return None if v in options else f"must be one of {list(options)}, got {v!r}"
+    return _field(default, check, doc)
+
+
+def subset(default: Sequence[Any], options: Sequence[Any], doc: str = "") -> Any:
+    def check(v):
+        bad = [x for x in v if x not in options]
+        if bad or not v:
+            return f"must be a non-empty list from {list(options)}, got {list(v)}"
+        return None
+    return _field(list(default), check, doc)
+
+
+def odd_sizes(default: Sequence[int], doc: str = "") -> Any:
+    def check(v):
+        if not v or any(k < 1 or k % 2 == 0 for k in v):
+            return f"must be a non-empty list of odd positive sizes, got {list(v)}"
+        return None
+    return _field(list(default), check, doc)
+
+
+def existing_path(default: Any = None, doc: str = "") -> Any:
+    """A filesystem path that must exist when set (None = not used)."""
+    def check(v):
+        from pathlib import Path
+        if v is None or v == "":
+            return None
+        return None if Path(v).expanduser().exists() else f"path does not exist: {v}"
+    return _field(default, check, doc)

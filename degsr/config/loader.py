@@ -1,0 +1,193 @@
+"""Load, merge and validate a run's config tree.
+
+Merge order: schema defaults -> each YAML file given (in order) -> ``key=value`` overrides.
+A YAML file may start with ``include: [other.yaml, ...]`` (paths relative to that file): the
+included files are merged first, in order, and the including file's own keys win. That is the only
+composition mechanism. Every problem is reported as one line naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from degsr.config.schema import Config
+from degsr.errors import ConfigError
+
+INCLUDE_KEY = "include"
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> field type for every leaf; sections map to their dataclass."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        keys[key] = tp
+        if dataclasses.is_dataclass(tp):
+            keys.update(_schema_keys(tp, key + "."))
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
+    """A YAML file as a dict, with its ``include`` list resolved (depth first)."""
+    path = path.expanduser().resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError([f"config error: include cycle: {chain}"])
+    if not path.is_file():
+        where = f" (included from {stack[-1]})" if stack else ""
+        raise ConfigError([f"config error: config file not found: {path}{where}"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"config error: {path}:{at} is not valid YAML ({getattr(e, 'problem', e)})"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"config error: {path} must hold a mapping of keys, got {type(data).__name__}"])
+    includes = data.pop(INCLUDE_KEY, []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*stack, path)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _check_keys(data: dict, schema: dict[str, Any], origin: str) -> list[str]:
+    problems = []
+    for key, value in _flatten(data):
+        if key not in schema:
+            near = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.5)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            problems.append(f"config error: unknown key '{key}' in {origin}{hint}")
+        elif dataclasses.is_dataclass(schema[key]) and not isinstance(value, dict):
+            subkeys = [f.name for f in dataclasses.fields(schema[key])]
+            problems.append(f"config error: '{key}' is a section (keys: {', '.join(subkeys)}), "
+                            f"got {value!r} in {origin}")
+    return problems
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key != key.strip():
+            raise ConfigError([f"config error: override '{item}' is not of the form key=value"])
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.lstrip("+").split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"config error: override '{item}' conflicts with an earlier one"])
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> DictConfig:
+    problems = _check_keys(data, schema, origin)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return OmegaConf.merge(cfg, data)
+    except OmegaConfBaseException as e:
+        key = (e.full_key or "?").split("[")[0]
+        expected = _type_name(schema[key]) if key in schema else "another type"
+        raise ConfigError([f"config error: {key}: expected {expected}, got {e.value!r} "
+                           f"({type(e.value).__name__}) in {origin}"]) from None
+
+
+def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
+    """Raise one ConfigError listing every missing value and failed check, each by its key."""
+    problems = [f"config error: missing required value '{k}' (set it in a YAML file or as {k}=...)"
+                for k in sorted(OmegaConf.missing_keys(cfg))]
+    if problems:
+        raise ConfigError(problems)
+    obj = OmegaConf.to_object(cfg)
+    problems.extend(_run_checks(obj, ""))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _run_checks(obj: Any, prefix: str) -> list[str]:
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            problems.extend(_run_checks(value, key + "."))
+        elif "check" in f.metadata and (msg := f.metadata["check"](value)):
+            problems.append(f"config error: {key}: {msg}")
+    for sub, msg in getattr(obj, "check", lambda: ())():
+        problems.append(f"config error: {prefix}{sub}: {msg}")
+    return problems
+
+
+def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
+                schema_cls: type = Config) -> DictConfig:
+    """Schema defaults <- YAML files (with includes) <- ``key=value`` overrides, validated."""
+    schema = _schema_keys(schema_cls)
+    cfg = OmegaConf.structured(schema_cls)
+    for f in files:
+        cfg = _merge(cfg, _read_yaml(Path(f)), schema, str(f))
+    cfg = _merge(cfg, _parse_overrides(list(overrides)), schema, "the command line")
+    validate(cfg, schema_cls)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,98 @@
+"""Typed schema of a degsr run: every key a YAML file or a ``key=value`` override may set.
+
+Defaults are the ``s3diff`` degradation preset of METHOD.md; the preset files under
+``configs/degradation/`` spell every value out so that they read on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from degsr.config.fields import (choice, distribution, number, odd_sizes, plain, positive, prob,
+                                 span, subset)
+
+KERNEL_TYPES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                "plateau_aniso"]
+RESIZE_MODES = ["area", "bilinear", "bicubic"]
+ODD_7_21 = [7, 9, 11, 13, 15, 17, 19, 21]
+
+
+@dataclass
+class RoundConfig:
+    """One round (order) of the Real-ESRGAN degradation: blur -> resize -> noise -> JPEG."""
+
+    blur_prob: float = prob(1.0, "probability that this round blurs at all")
+    kernel_sizes: List[int] = odd_sizes(ODD_7_21, "odd kernel sizes, one drawn uniformly per sample")
+    kernel_types: List[str] = subset(KERNEL_TYPES, KERNEL_TYPES, "blur kernel families")
+    kernel_probs: List[float] = distribution([0.45, 0.25, 0.12, 0.03, 0.12, 0.03],
+                                             "probability of each entry of kernel_types")
+    sinc_prob: float = prob(0.1, "probability that the blur kernel is a circular sinc instead")
+    blur_sigma: List[float] = span([0.2, 1.5], "Gaussian sigma range (pixels)", lo=0.01)
+    betag: List[float] = span([0.5, 2.0], "generalized-Gaussian shape beta range", lo=0.01)
+    betap: List[float] = span([1.0, 1.5], "plateau shape beta range", lo=0.01)
+    resize_probs: List[float] = distribution([0.2, 0.7, 0.1], "up / down / keep", size=3)
+    resize_range: List[float] = span([0.3, 1.5], "resize factor range (up draws from [1, high], "
+                                     "down from [low, 1])", lo=0.01)
+    resize_modes: List[str] = subset(RESIZE_MODES, RESIZE_MODES, "interpolation modes, one per sample")
+    gaussian_noise_prob: float = prob(0.5, "Gaussian (else Poisson) noise")
+    noise_sigma: List[float] = span([1.0, 15.0], "Gaussian noise sigma range, in 1/255 units", lo=0)
+    poisson_scale: List[float] = span([0.05, 2.0], "Poisson noise scale range", lo=0)
+    gray_noise_prob: float = prob(0.4, "probability that the noise is the same on all channels")
+    jpeg_quality: List[float] = span([60.0, 95.0], "JPEG quality range", lo=1, hi=100)
+
+    def check(self):
+        if len(self.kernel_probs) != len(self.kernel_types):
+            yield "kernel_probs", (f"must list one probability per kernel type "
+                                   f"({len(self.kernel_types)}), got {len(self.kernel_probs)}")
+
+
+def _second_round() -> RoundConfig:
+    return RoundConfig(blur_prob=0.5, blur_sigma=[0.2, 1.0], resize_probs=[0.3, 0.4, 0.3],
+                       resize_range=[0.6, 1.2], noise_sigma=[1.0, 12.0], poisson_scale=[0.05, 1.0],
+                       jpeg_quality=[60.0, 100.0])
+
+
+@dataclass
+class DegradationConfig:
+    """Real-ESRGAN second-order synthesis, drawn per sample (METHOD.md, 'Synthetic degradation')."""
+
+    scale: int = choice(4, [1, 2, 3, 4, 8], "HR size / LR size")
+    first: RoundConfig = field(default_factory=RoundConfig)
+    second: RoundConfig = field(default_factory=_second_round)
+    final_sinc_prob: float = prob(0.8, "probability of the final sinc filter")
+    final_kernel_sizes: List[int] = odd_sizes(ODD_7_21, "kernel sizes of the final sinc")
+    final_resize_modes: List[str] = subset(RESIZE_MODES, RESIZE_MODES,
+                                           "modes of the final resize to HR/scale")
+    no_degradation_prob: float = prob(0.01, "the LR is the clean downsampled HR")
+    upsample_mode: str = choice("bicubic", ["bicubic", "bilinear", "nearest"],
+                                "how the LR is upsampled back to HR size (model input)")
+    usm_sharpen: bool = plain(False, "sharpen the HR target with unsharp masking (realesrgan)")
+    usm_weight: float = number(0.5, "unsharp-mask weight", lo=0)
+    usm_threshold: float = number(10.0, "unsharp-mask threshold, in 1/255 units", lo=0)
+    usm_radius: int = positive(51, "unsharp-mask Gaussian kernel size (odd)")
+    usm_sigma: float = positive(8.0, "unsharp-mask Gaussian sigma")
+
+    def check(self):
+        if self.usm_radius % 2 == 0:
+            yield "usm_radius", f"must be odd, got {self.usm_radius}"
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded."""
+
+    name: str = plain("degsr", "run name: the run directory is <dir>/<name> (no timestamp, so a "
+                               "requeued job finds its own checkpoints)")
+    dir: str = plain("runs", "parent folder of run directories")
+    seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0)
+    device: Optional[str] = plain(None, "torch device for tools that run outside Lightning "
+                                        "(None = cuda if available, else cpu)")
+
+
+@dataclass
+class Config:
+    """The whole config tree of one run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)

@@ -1,0 +1,40 @@
+"""Logging and progress conventions shared by every command.
+
+Progress bars are shown when stderr is a terminal or with ``--verbose``; non-interactive runs
+(CI, Slurm logs) stay quiet apart from warnings and the final results.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+log = logging.getLogger("degsr")
+_verbose = False
+
+
+def setup(verbose: bool = False) -> None:
+    """Configure the ``degsr`` logger once per process."""
+    global _verbose
+    _verbose = verbose
+    level = logging.DEBUG if verbose else logging.INFO
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def show_progress() -> bool:
+    return _verbose or sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Wrap long work in a progress bar (only where someone can watch it)."""
+    return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=not show_progress(),
+                     dynamic_ncols=True, leave=False))
