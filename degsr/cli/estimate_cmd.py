@@ -1,0 +1,91 @@
+"""``degsr estimate --ckpt EXPORT IMAGE...``: blur and noise scores of LR images, one JSON line each.
+
+Each whole image is scored at its own size (no crop, no resize). Consecutive images of the same size
+are batched (up to ``--batch``). An image that cannot be read or is smaller than the estimator's
+minimum side is reported on stderr, the others are still scored, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+NAME = "estimate"
+HELP = "print the degradation estimator's blur and noise scores of LR images (one JSON line each)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, metavar="EXPORT",
+                   help="exported estimator: a directory with estimator.safetensors + estimator.json, "
+                        "or either file of such a pair")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="LR images (any format PIL reads)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda if available, else cpu)")
+    p.add_argument("--batch", type=int, default=8, metavar="N",
+                   help="most images of identical size scored together (default 8)")
+
+
+def read_image(path: str):
+    """An image file as a (3, h, w) float tensor in [0, 1]; raises OSError/ValueError if unreadable."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith("I;16"):
+            arr = np.asarray(im, dtype=np.float32) / 65535.0
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def run(args) -> int:
+    import torch
+
+    from degsr.errors import UserError
+    from degsr.estimator import SCORES, load_estimator
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    model = load_estimator(args.ckpt, device=device)
+    failed = 0
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        x = torch.stack([t for _, t in pending]).to(device)
+        with torch.inference_mode():
+            scores = model(x).float().cpu().tolist()
+        for (path, _), row in zip(pending, scores):
+            print(json.dumps({"path": path, **{k: round(v, 4) for k, v in zip(SCORES, row)}}),
+                  flush=True)
+        pending.clear()
+
+    for path in args.images:
+        try:
+            img = read_image(path)
+        except FileNotFoundError:
+            problem = "no such file"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+            problem = f"not a readable image ({' '.join(str(e).split()) or type(e).__name__})"
+        else:
+            h, w = img.shape[-2:]
+            problem = None
+            if min(h, w) < model.min_side:
+                problem = (f"image is {w}x{h}, smaller than the estimator's minimum side of "
+                           f"{model.min_side} pixels")
+        if problem is not None:
+            failed += 1
+            print(f"error: {path}: {problem}", file=sys.stderr, flush=True)
+            continue
+        if pending and (pending[0][1].shape != img.shape or len(pending) >= args.batch):
+            flush()
+        pending.append((path, img))
+    flush()
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""Training data: WebDataset shards of whole images (see :mod:`degsr.data.shards`)."""

@@ -1,0 +1,317 @@
+"""Pack training images into WebDataset tar shards (``degsr shards``), and find shards again.
+
+A sample is one WHOLE source image, never pre-cropped (the loader draws fresh random crops every
+epoch), stored losslessly:
+
+* JPEG, PNG and WebP files: the ORIGINAL FILE BYTES, unchanged (no re-encoding, so no generation
+  loss; they read back bit-identical), under ``jpg`` / ``png`` / ``webp`` as PIL detects the
+  format (not as the file name claims);
+* any other decodable format (BMP, ...) is re-encoded losslessly as ``png`` (RGB);
+* with ``max_side``, an image whose longer side exceeds it is downscaled (LANCZOS, longer side =
+  max_side) and stored as ``png`` (RGB);
+* ``json``: ``{"source": absolute path, "width", "height"}`` of the stored image, plus
+  ``"resized_from": [w, h]`` when downscaled.
+
+Stored originals keep their PIL mode (L, RGBA, P, 16-bit, ...) and EXIF orientation is not
+applied: readers decode with ``.convert("RGB")``. ``__key__`` is ``<8-digit running index>_<stem>``
+with the stem reduced to ``[A-Za-z0-9_-]`` (a dot would split the key in WebDataset).
+
+Every image is checked before it is kept: size on disk >= ``min_bytes``; fully decodable (read to
+the end and converted to RGB, so a truncated file fails now rather than mid-training); shorter side
+of the stored image >= ``min_side``. Rejects (and missing entries of list files) go to
+``DIR/skipped.tsv`` with a reason; they are never fatal. The same path given twice is kept once.
+
+Output: ``DIR/<name>-000000.tar`` ... (``per_shard`` samples each), ``DIR/skipped.tsv`` and, last,
+``DIR/index.json``. One shard set per DIR: a DIR whose index.json names another set is refused.
+Replacing a previous run: all new shards are first written as ``DIR/.<name>-NNNNNN.tar.tmp``. Only
+when all are complete is the old index.json removed, the temps renamed into place (``os.replace``),
+old ``<name>-NNNNNN.tar`` files not in the new set deleted, and the new index.json written
+atomically. A run that fails earlier removes its temps and leaves the previous set as it was; a
+crash during the rename step leaves no index.json, so no reader sees a mixed set through the index.
+This needs disk space for both sets at once. Same inputs give byte-identical shards (fixed tar
+mtime; ``workers`` only changes speed). Not safe for two concurrent runs on the same DIR.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import Pool
+from pathlib import Path
+
+from degsr import console
+from degsr.errors import UserError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+LIST_EXT = ".txt"
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+TAR_MTIME = 0  # fixed, so the same inputs give byte-identical shards
+
+
+@dataclass
+class ShardSummary:
+    out: Path
+    name: str
+    shards: list[dict] = field(default_factory=list)  # [{"file", "samples"}]
+    total: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand SRC arguments (folders, image files, .txt lists) into absolute image paths, in order.
+
+    Returns ``(paths, skipped)``; ``skipped`` holds list-file entries that do not exist.
+    A SRC that does not exist, or a file that is neither an image nor a .txt list, is a UserError.
+    """
+    images, skipped, seen = [], [], set()
+
+    def add(p: str) -> None:
+        p = os.path.abspath(p)
+        if p not in seen:
+            seen.add(p)
+            images.append(p)
+
+    for src in map(str, sources):
+        path = os.path.expanduser(src)
+        if os.path.isdir(path):
+            found = [os.path.join(root, f) for root, _, files in os.walk(path)
+                     for f in files if f.lower().endswith(IMAGE_EXTS)]
+            for p in sorted(found):
+                add(p)
+        elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
+            base = os.path.dirname(os.path.abspath(path))
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{src}: cannot read image list ({e})") from None
+            for line in (ln.strip() for ln in lines):
+                if line and not line.startswith("#"):
+                    p = os.path.join(base, os.path.expanduser(line))
+                    if os.path.isfile(p):
+                        add(p)
+                    else:
+                        skipped.append((os.path.abspath(p), f"not found (listed in {src})"))
+        elif os.path.isfile(path):
+            if not path.lower().endswith(IMAGE_EXTS):
+                raise UserError(f"{src}: not an image ({' '.join(IMAGE_EXTS)}) nor a {LIST_EXT} "
+                                "list of images")
+            add(path)
+        else:
+            raise UserError(f"{src}: no such file or directory")
+    return images, skipped
+
+
+def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: int | None = None):
+    """Check one image and produce what its sample stores.
+
+    Returns ``(None, (ext, data, width, height, resized_from))`` or ``(reason, None)`` if skipped.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = os.path.getsize(path)
+        if size < min_bytes:
+            return f"too small: {size} bytes < --min-bytes {min_bytes}", None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}", None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if min(w, h) < min_side:  # downscaling only shrinks: reject before decoding
+                return f"too small: {w}x{h}, shorter side < --min-side {min_side}", None
+            rgb = im.convert("RGB")  # decodes everything: truncated/corrupt data fails here
+            fmt = im.format
+    except UnidentifiedImageError:
+        return "cannot decode: not an image PIL can identify", None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "unusable", never fatal
+        return f"cannot decode: {type(e).__name__}: {e}", None
+    ext, resized_from = KEPT_FORMATS.get(fmt), None
+    if max_side is not None and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        resized_from, (w, h) = [w, h], (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgb, ext = rgb.resize((w, h), Image.LANCZOS), None
+        if min(w, h) < min_side:
+            return (f"too small after --max-side {max_side}: {w}x{h}, shorter side < "
+                    f"--min-side {min_side}"), None
+    if ext is None:  # re-encode losslessly
+        buf = io.BytesIO()
+        rgb.save(buf, format="PNG")
+        ext, data = "png", buf.getvalue()
+    return None, (ext, data, w, h, resized_from)
+
+
+def _sample_key(index: int, path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)[:48].strip("_") or "img"
+    return f"{index:08d}_{stem}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_options(out: Path, name: str, per_shard, min_side, min_bytes, max_side, workers):
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '-', '.' (not leading '.')")
+    for flag, value, low in (("--per-shard", per_shard, 1), ("--min-side", min_side, 0),
+                             ("--min-bytes", min_bytes, 0), ("--workers", workers, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if max_side is not None and max_side < max(1, min_side):
+        raise UserError(f"--max-side {max_side} must be >= --min-side {min_side} (and >= 1)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    index = out / "index.json"
+    if index.exists():
+        try:
+            other = json.loads(index.read_text(encoding="utf-8"))["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{index} exists and is not a degsr shard index; "
+                            "use another --out or remove it") from None
+        if other != name:
+            raise UserError(f"{out} already holds shard set {other!r} (index.json); "
+                            f"use --name {other} to replace it, or another --out")
+
+
+def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_side: int = 384,
+                 min_bytes: int = 100_000, max_side: int | None = None,
+                 workers: int = 1) -> ShardSummary:
+    """Write ``out/<name>-NNNNNN.tar`` shards, ``skipped.tsv`` and ``index.json`` (module doc)."""
+    out = Path(os.path.expanduser(str(out)))
+    _check_options(out, name, per_shard, min_side, min_bytes, max_side, workers)
+    images, skipped = find_images(sources)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_re = re.compile(rf"^{re.escape(name)}-\d{{6,}}\.tar$")
+    for p in out.iterdir():  # temps left by a crashed earlier run
+        if p.name.startswith(".") and shard_re.match(p.name[1:].removesuffix(".tmp")):
+            p.unlink()
+
+    summary = ShardSummary(out=out, name=name, skipped=skipped)
+    prep = functools.partial(prepare_image, min_bytes=min_bytes, min_side=min_side,
+                             max_side=max_side)
+    temps: list[Path] = []
+    writer = stream = None
+    with ExitStack() as stack:
+        try:
+            if workers > 1 and len(images) > 1:
+                pool = stack.enter_context(Pool(min(workers, len(images))))
+                results = pool.imap(prep, images)  # ordered: output does not depend on W
+            else:
+                results = map(prep, images)
+            results = console.progress(results, desc=f"shards {name}", total=len(images),
+                                       unit="img")
+            for path, (reason, sample) in zip(images, results):
+                if reason:
+                    console.log.debug("skip %s: %s", path, reason)
+                    summary.skipped.append((path, reason))
+                    continue
+                if writer is None or summary.shards[-1]["samples"] >= per_shard:
+                    _close(writer, stream)
+                    file = f"{name}-{len(summary.shards):06d}.tar"
+                    temps.append(out / f".{file}.tmp")
+                    stream = open(temps[-1], "wb")
+                    writer = _tar_writer(stream)
+                    summary.shards.append({"file": file, "samples": 0})
+                ext, data, w, h, resized_from = sample
+                meta = {"source": path, "width": w, "height": h}
+                if resized_from:
+                    meta["resized_from"] = resized_from
+                writer.write({"__key__": _sample_key(summary.total, path), ext: data,
+                              "json": json.dumps(meta).encode("utf-8")})
+                summary.shards[-1]["samples"] += 1
+                summary.total += 1
+            _close(writer, stream)
+            writer = None
+        except BaseException:
+            if writer is not None:
+                stream.close()
+            for t in temps:
+                t.unlink(missing_ok=True)
+            raise
+
+    clean = lambda s: re.sub(r"[\t\r\n]+", " ", s)  # noqa: E731
+    _write_atomic(out / "skipped.tsv", "path\treason\n" + "".join(
+        f"{clean(p)}\t{clean(r)}\n" for p, r in summary.skipped))
+    if summary.total == 0:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        what = " ".join(map(str, sources))
+        if not images and not skipped:
+            raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) found in {what}")
+        raise UserError(f"no usable images in {what} ({len(summary.skipped)} skipped, "
+                        f"see {out / 'skipped.tsv'})")
+
+    (out / "index.json").unlink(missing_ok=True)
+    for tmp, shard in zip(temps, summary.shards):
+        os.replace(tmp, out / shard["file"])
+    new = {s["file"] for s in summary.shards}
+    for p in out.iterdir():
+        if shard_re.match(p.name) and p.name not in new:
+            p.unlink()
+    index = {"name": name, "shards": summary.shards, "total": summary.total,
+             "skipped": len(summary.skipped), "sources": [os.path.abspath(str(s)) for s in sources],
+             "options": {"per_shard": per_shard, "min_side": min_side, "min_bytes": min_bytes,
+                         "max_side": max_side},
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _write_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
+    return summary
+
+
+def _tar_writer(stream):
+    from webdataset import TarWriter
+
+    return TarWriter(stream, encoder=False, mtime=TAR_MTIME)
+
+
+def _close(writer, stream) -> None:
+    if writer is not None:
+        writer.close()  # ends the tar; the stream is ours to flush, sync and close
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
+
+
+def expand_shard_pattern(pattern: str) -> list[str]:
+    """Shard files named by a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
+    directory (its ``*.tar``) or ``index.json``: a sorted list of existing files, else UserError.
+    """
+    from braceexpand import braceexpand
+
+    path = os.path.expanduser(str(pattern))
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+    elif os.path.isfile(path) and path.endswith(".json"):
+        try:
+            index = json.loads(Path(path).read_text(encoding="utf-8"))
+            names = [s["file"] for s in index["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{pattern}: not a degsr shard index ({e})") from None
+        files = [os.path.join(os.path.dirname(path), n) for n in names]
+    elif "{" in path:
+        files = list(braceexpand(path))
+    elif glob.has_magic(path):
+        files = glob.glob(path)
+    else:
+        files = [path]
+    files = sorted(set(files))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or files == missing == [path]:
+        raise UserError(f"no shard files match {pattern}")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
+                        f"{', '.join(missing[:3])}{more}")
+    return files

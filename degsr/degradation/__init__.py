@@ -1,0 +1,1 @@
+"""The degradation engine: Real-ESRGAN second-order synthesis, batched, drawn per sample."""

@@ -1,0 +1,86 @@
+"""Per-sample random draws and the pixel operations of the degradation: noise, JPEG, sharpening.
+
+Every draw takes an explicit ``torch.Generator`` and happens on its device; parameters are (B,)
+tensors so each sample gets its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import jpeg_codec_differentiable
+from kornia.filters import filter2d, get_gaussian_kernel2d
+from torch import Tensor
+
+POISSON_LEVELS = 256.0  # the reference's 2**ceil(log2(#distinct values)) for any 8-bit photo crop
+
+
+def uniform(g: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
+    return torch.rand(n, generator=g, device=g.device) * (hi - lo) + lo
+
+
+def bernoulli(g: torch.Generator, n: int, p: float) -> Tensor:
+    return torch.rand(n, generator=g, device=g.device) < p
+
+
+def categorical(g: torch.Generator, n: int, probs) -> Tensor:
+    """(n,) long indices drawn with the given probabilities."""
+    p = torch.as_tensor(list(probs), dtype=torch.float32, device=g.device)
+    return torch.multinomial(p.expand(n, -1), 1, replacement=True, generator=g).view(n)
+
+
+def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tensor]:
+    """Resize factors: up from U[1, hi], down from U[lo, 1], keep 1 (Real-ESRGAN's rule)."""
+    kind = categorical(g, n, probs)  # 0 up, 1 down, 2 keep
+    up, down = uniform(g, n, 1.0, span[1]), uniform(g, n, span[0], 1.0)
+    return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
+
+
+def gaussian_noise(g: torch.Generator, x: Tensor, sigma: Tensor, gray: Tensor) -> Tensor:
+    """Additive N(0, sigma/255) per sample; ``gray`` samples share one noise field over channels."""
+    b, c, h, w = x.shape
+    color = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
+    mono = torch.randn((b, 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand_as(x)
+    noise = torch.where(gray.view(-1, 1, 1, 1), mono, color)
+    return noise * (sigma.view(-1, 1, 1, 1).to(x.dtype) / 255.0)
+
+
+def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
+    """Signal-dependent noise: (Poisson(256 v) / 256 - v) * scale, v the image on the 1/255 grid.
+
+    ``gray`` samples draw it once on the luma and repeat it over the channels.
+    """
+    def shot(v: Tensor) -> Tensor:
+        v = (v * 255.0).round().clamp(0, 255) / 255.0
+        return torch.poisson(v * POISSON_LEVELS, generator=g) / POISSON_LEVELS - v
+
+    noise = torch.where(gray.view(-1, 1, 1, 1), shot(rgb_to_grayscale(x)).expand_as(x), shot(x))
+    return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def jpeg(x: Tensor, quality: Tensor) -> Tensor:
+    """JPEG-compress each sample at its own quality (kornia's codec; input clamped to [0, 1]).
+
+    kornia's codec rounds DCT coefficients with a differentiable polynomial (round(z) + (z -
+    round(z))³), not plain rounding: its quantisation error has ~0.86x the RMS of a real
+    encoder's. Recorded in docs/degradation.md.
+    """
+    return jpeg_codec_differentiable(x.clamp(0, 1), quality.to(x.dtype))
+
+
+def usm_sharpen(x: Tensor, weight: float, threshold: float, radius: int, sigma: float) -> Tensor:
+    """Unsharp masking as Real-ESRGAN sharpens its HR targets (threshold in 1/255 units)."""
+    kernel = get_gaussian_kernel2d((radius, radius), (sigma, sigma)).to(x)
+    blur = filter2d(x, kernel, border_type="reflect")
+    residual = x - blur
+    mask = (residual.abs() * 255.0 > threshold).to(x.dtype)
+    soft = filter2d(mask, kernel, border_type="reflect")
+    sharp = (x + weight * residual).clamp(0, 1)
+    return soft * sharp + (1 - soft) * x
+
+
+def sinc_equivalent_sigma(omega_c: Tensor) -> Tensor:
+    """Std of the Gaussian whose frequency response halves at ω_c: sqrt(2 ln 2) / ω_c."""
+    return math.sqrt(2 * math.log(2)) / omega_c

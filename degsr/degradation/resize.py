@@ -1,0 +1,80 @@
+"""Per-sample resizing of a batch, every sample to its own size and with its own mode.
+
+``F.interpolate`` resizes a whole batch to one size with one mode. The reference therefore draws the
+resize once per batch; degsr draws it per sample. Resizing without antialiasing (what the reference
+does, ``F.interpolate`` defaults) is a separable linear map, so each sample's resize is
+``R_h @ x @ R_wᵀ`` with interpolation matrices built here in closed form for the whole batch at once
+(PyTorch's own index/weight conventions, ``align_corners=False``). Samples of different sizes share
+one canvas: each occupies the top-left ``h x w`` corner, and the padding rows/columns of the output
+replicate the last valid row/column (so later blur and JPEG see an edge-extended image, as a JPEG
+encoder does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RESIZE_MODES = ("area", "bilinear", "bicubic")
+_CUBIC_A = -0.75  # PyTorch's bicubic coefficient
+
+
+def _cubic_weights(t: Tensor) -> list[Tensor]:
+    """Weights of taps at offsets -1, 0, 1, 2 for fractional position t (Keys, a = -0.75)."""
+    a = _CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def resize_matrices(n_in: Tensor, n_out: Tensor, modes: Tensor, size_in: int, size_out: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, size_out, size_in) matrices resizing length ``n_in[b]`` to ``n_out[b]``.
+
+    ``modes[b]`` indexes RESIZE_MODES. Rows past ``n_out[b]`` repeat row ``n_out[b] - 1``; columns
+    past ``n_in[b]`` are zero.
+    """
+    device = n_in.device
+    n_in = n_in.to(torch.long).view(-1, 1, 1)
+    n_out = n_out.to(torch.long).view(-1, 1, 1)
+    i = torch.arange(size_out, device=device).view(1, -1, 1)
+    i = torch.minimum(i, n_out - 1)
+    j = torch.arange(size_in, device=device).view(1, 1, -1)
+    scale = n_in.to(dtype) / n_out.to(dtype)
+    last = n_in - 1
+
+    # area == adaptive average pooling: integer bins [floor(i*n/m), ceil((i+1)*n/m))
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    area = ((j >= start) & (j < end)).to(dtype) / (end - start).to(dtype)
+
+    src = (i.to(dtype) + 0.5) * scale - 0.5
+    lin_src = src.clamp(min=0)
+    i0 = lin_src.floor()
+    frac = lin_src - i0
+    i0 = i0.to(torch.long)
+    bilinear = (1 - frac) * (j == torch.minimum(i0, last)) + frac * (j == torch.minimum(i0 + 1, last))
+
+    c0 = src.floor()
+    weights = _cubic_weights(src - c0)
+    c0 = c0.to(torch.long)
+    bicubic = sum(w * (j == torch.minimum((c0 + k - 1).clamp(min=0), last)) for k, w in enumerate(weights))
+
+    m = modes.view(-1, 1, 1)
+    return torch.where(m == 0, area, torch.where(m == 1, bilinear, bicubic))
+
+
+def resize_batch(x: Tensor, in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Tensor,
+                 modes: Tensor, canvas: tuple[int, int]) -> Tensor:
+    """Resize sample b's top-left ``in_h[b] x in_w[b]`` region to ``out_h[b] x out_w[b]``.
+
+    Returns a (B, C, *canvas) batch laid out as described in the module docstring.
+    """
+    rh = resize_matrices(in_h, out_h, modes, x.shape[-2], canvas[0], x.dtype)
+    rw = resize_matrices(in_w, out_w, modes, x.shape[-1], canvas[1], x.dtype)
+    return rh.unsqueeze(1) @ x @ rw.transpose(1, 2).unsqueeze(1)

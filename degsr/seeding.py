@@ -1,0 +1,19 @@
+"""Seeded random streams: one base seed, a distinct stream per (rank, worker, purpose)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def derive_seed(base: int, *keys: int) -> int:
+    """A 63-bit seed mixed from ``base`` and ``keys`` (numpy SeedSequence: well separated streams)."""
+    state = np.random.SeedSequence([int(base), *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def make_generator(base: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator on ``device`` seeded from ``base`` and ``keys`` (e.g. rank, worker)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(base, *keys))
+    return g

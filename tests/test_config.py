@@ -1,0 +1,176 @@
+"""Config merging, validation errors (each naming its key), and every shipped YAML."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from degsr.config import load_config, save_config
+from degsr.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted([*ROOT.glob("configs/**/*.yaml"), *ROOT.glob("experiments/**/*.yaml")])
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def problems(files=(), overrides=()):
+    with pytest.raises(ConfigError) as exc:
+        load_config(files, overrides)
+    return exc.value.problems
+
+
+def test_defaults_then_file_then_cli(tmp_path):
+    f = write(tmp_path / "a.yaml", "run:\n  seed: 5\n  name: from-file\n")
+    assert load_config().run.seed == 0
+    cfg = load_config([f])
+    assert (cfg.run.seed, cfg.run.name) == (5, "from-file")
+    cfg = load_config([f], ["run.seed=9"])
+    assert (cfg.run.seed, cfg.run.name) == (9, "from-file")
+
+
+def test_later_files_win_and_includes_merge_first(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "base.yaml", "run:\n  seed: 1\n  name: base\n  dir: basedir\n")
+    child = write(tmp_path / "child.yaml", "include: sub/base.yaml\nrun:\n  seed: 2\n")
+    over = write(tmp_path / "over.yaml", "run:\n  name: over\n")
+    cfg = load_config([child, over])
+    assert (cfg.run.seed, cfg.run.name, cfg.run.dir) == (2, "over", "basedir")
+
+
+def test_include_cycle_and_missing_include(tmp_path):
+    a = write(tmp_path / "a.yaml", "include: b.yaml\n")
+    write(tmp_path / "b.yaml", "include: a.yaml\n")
+    assert "include cycle" in problems([a])[0]
+    c = write(tmp_path / "c.yaml", "include: nope.yaml\n")
+    msg = problems([c])[0]
+    assert "nope.yaml" in msg and "c.yaml" in msg
+
+
+def test_unknown_key_suggests_closest():
+    msg = problems(overrides=["degradation.first.blur_prb=0.5"])
+    assert len(msg) == 1
+    assert "'degradation.first.blur_prb'" in msg[0] and "did you mean 'degradation.first.blur_prob'" in msg[0]
+    assert "'no.such.key'" in problems(overrides=["no.such.key=1"])[0]
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    f = write(tmp_path / "bad.yaml", "degradation:\n  secnd:\n    blur_prob: 0.1\n")
+    msg = problems([f])[0]
+    assert "degradation.secnd.blur_prob" in msg and "bad.yaml" in msg
+
+
+@pytest.mark.parametrize("override,key,words", [
+    ("degradation.scale=abc", "degradation.scale", ["expected", "int", "'abc'"]),
+    ("run.seed=1.5", "run.seed", ["expected int", "1.5"]),
+    ("degradation.first.blur_sigma=[a,b]", "degradation.first.blur_sigma", ["list of float"]),
+    ("degradation.usm_sharpen=maybe", "degradation.usm_sharpen", ["bool"]),
+    ("degradation=3", "degradation", ["section"]),
+])
+def test_wrong_type_names_key_and_types(override, key, words):
+    msg = problems(overrides=[override])[0]
+    assert key in msg
+    for w in words:
+        assert w in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("degradation.first.blur_prob=1.5", "degradation.first.blur_prob"),
+    ("degradation.no_degradation_prob=-0.1", "degradation.no_degradation_prob"),
+    ("degradation.first.blur_sigma=[2.0,1.0]", "degradation.first.blur_sigma"),
+    ("degradation.second.resize_probs=[0.5,0.5,0.5]", "degradation.second.resize_probs"),
+    ("degradation.first.kernel_sizes=[7,8]", "degradation.first.kernel_sizes"),
+    ("degradation.first.jpeg_quality=[0,101]", "degradation.first.jpeg_quality"),
+    ("degradation.usm_radius=-3", "degradation.usm_radius"),
+    ("degradation.usm_radius=50", "degradation.usm_radius"),
+    ("degradation.scale=5", "degradation.scale"),
+    ("degradation.first.kernel_probs=[0.5,0.5]", "degradation.first.kernel_probs"),
+])
+def test_out_of_range_names_key(override, key):
+    msg = problems(overrides=[override])
+    assert len(msg) == 1 and msg[0].startswith(f"config error: {key}:"), msg
+
+
+def test_all_problems_reported_together():
+    msg = problems(overrides=["degradation.first.blur_prob=2", "degradation.second.sinc_prob=-1"])
+    assert len(msg) == 2
+
+
+def test_missing_required_and_paths(tmp_path):
+    from dataclasses import dataclass, field
+
+    from omegaconf import MISSING
+
+    from degsr.config.fields import existing_path
+
+    @dataclass
+    class Inner:
+        data: str = existing_path(MISSING, "must exist")
+
+    @dataclass
+    class Schema:
+        inner: Inner = field(default_factory=Inner)
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(schema_cls=Schema)
+    assert "missing required value 'inner.data'" in exc.value.problems[0]
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=[f"inner.data={tmp_path}/nope"], schema_cls=Schema)
+    assert exc.value.problems[0].startswith("config error: inner.data: path does not exist")
+    assert load_config(overrides=[f"inner.data={tmp_path}"], schema_cls=Schema).inner.data == str(tmp_path)
+
+
+def test_bad_override_syntax_and_bad_yaml(tmp_path):
+    assert "key=value" in problems(overrides=["justakey="[:-1] + " =1"])[0]
+    f = write(tmp_path / "broken.yaml", "run: [1, 2\n")
+    assert "broken.yaml" in problems([f])[0]
+
+
+def test_resolved_config_written_to_run_dir(tmp_path):
+    cfg = load_config(overrides=["run.seed=7"])
+    path = save_config(cfg, tmp_path / "run")
+    assert OmegaConf.load(path).run.seed == 7
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_every_shipped_yaml_validates(path):
+    load_config([path])
+
+
+def test_presets_match_method_table():
+    s3 = load_config([ROOT / "configs/degradation/s3diff.yaml"]).degradation
+    re = load_config([ROOT / "configs/degradation/realesrgan.yaml"]).degradation
+    assert list(s3.first.blur_sigma) == [0.2, 1.5] and list(s3.second.blur_sigma) == [0.2, 1.0]
+    assert list(re.first.blur_sigma) == [0.2, 3.0] and list(re.second.blur_sigma) == [0.2, 1.5]
+    assert (s3.second.blur_prob, re.second.blur_prob) == (0.5, 0.8)
+    assert list(re.first.noise_sigma) == [1.0, 30.0] and list(re.second.jpeg_quality) == [30.0, 95.0]
+    assert list(s3.second.jpeg_quality) == [60.0, 100.0] and list(s3.first.resize_range) == [0.3, 1.5]
+    assert (s3.usm_sharpen, re.usm_sharpen) == (False, True)
+
+
+def test_cli_config_and_errors(degsr_cmd):
+    out = subprocess.run([*degsr_cmd, "config", str(ROOT / "configs/degradation/s3diff.yaml"),
+                          "run.seed=4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert OmegaConf.create(out.stdout).run.seed == 4
+    bad = subprocess.run([*degsr_cmd, "config", str(ROOT / "configs/degradation/s3diff.yaml"),
+                          "no.such.key=1"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no.such.key" in lines[0] and "Traceback" not in bad.stderr
+
+
+def test_cli_help_lists_subcommands(degsr_cmd):
+    from degsr.cli import SUBCOMMANDS
+
+    out = subprocess.run([*degsr_cmd, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+        sub = subprocess.run([*degsr_cmd, name, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and "usage: degsr " + name in sub.stdout

@@ -1,0 +1,224 @@
+"""Degradation-estimator network (DEResNet layout), its export format, and ``degsr estimate``."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from degsr.errors import UserError
+from degsr.estimator import (SCORES, DegradationEstimator, EstimatorNetConfig, load_estimator,
+                             save_estimator, tiny_net)
+
+
+def conv(cin, cout, k=3):
+    return k * k * cin * cout + cout
+
+
+def linear(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = DegradationEstimator(tiny_net())
+    model.reset_parameters(scale=1.0)  # outputs spread over (0, 1) rather than all near 0.5
+    return model.eval()
+
+
+def test_full_config_parameter_count():
+    # Reference layout per branch (S3Diff's DEResNet defaults: widths [64, 64, 64, 128],
+    # 2 blocks per stage, downscales [1, 1, 2, 1]), written out layer by layer:
+    branch = (conv(3, 64)                        # conv_first
+              + 3 * 2 * 2 * conv(64, 64)         # stages 0-2: 2 blocks x 2 convs each
+              + conv(64, 128)                    # stride-2 conv after stage 2
+              + 2 * 2 * conv(128, 128)           # stage 3
+              + linear(128, 512) + linear(512, 1))
+    by_hand = 2 * branch
+    model = DegradationEstimator(EstimatorNetConfig())
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == by_hand == 2_351_362
+    assert abs(counted - 2.35e6) / 2.35e6 < 0.02
+    assert model.min_side == 2
+    # exactly one stride-2 conv per branch
+    strided = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 2
+
+
+@pytest.mark.parametrize("size", [(2, 2), (2, 9), (8, 8), (17, 31), (33, 64), (64, 48)])
+def test_outputs_shape_and_range(size):
+    model = tiny_model()
+    x = torch.rand(3, 3, *size)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (3, 2)
+    assert torch.isfinite(y).all() and (y >= 0).all() and (y <= 1).all()
+
+
+def test_full_config_runs_on_odd_size():
+    model = DegradationEstimator(EstimatorNetConfig()).eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 23, 37))
+    assert y.shape == (1, 2) and ((y >= 0) & (y <= 1)).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 40), (40, 1)])
+def test_too_small_input_is_a_user_error(size):
+    model = tiny_model()
+    with pytest.raises(UserError) as exc:
+        model(torch.rand(1, 3, *size))
+    msg = str(exc.value)
+    assert f"{size[1]}x{size[0]}" in msg and "at least 2" in msg
+
+
+def test_branches_are_independent():
+    model = tiny_model()
+    x = torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        before = model(x).clone()
+        for name, p in model.named_parameters():
+            if name.split(".")[1] == str(SCORES.index("noise")):
+                p.add_(torch.randn_like(p) * 0.5)
+        after = model(x)
+    blur, noise = SCORES.index("blur"), SCORES.index("noise")
+    assert torch.equal(after[:, blur], before[:, blur])
+    assert not torch.allclose(after[:, noise], before[:, noise])
+
+
+def test_export_roundtrip_is_bit_identical(tmp_path):
+    model = tiny_model(seed=3)
+    written = save_estimator(model, tmp_path / "exp")
+    assert written == tmp_path / "exp" / "estimator.safetensors"
+    doc = json.loads((tmp_path / "exp" / "estimator.json").read_text())
+    assert doc["scores"] == ["blur", "noise"] and doc["net"]["widths"] == [8, 8, 16, 16]
+    assert not list((tmp_path / "exp").glob("*.tmp"))
+    x = torch.rand(2, 3, 19, 26)
+    with torch.no_grad():
+        ref = model(x)
+    for where in ("exp", "exp/estimator.safetensors", "exp/estimator.json"):
+        loaded = load_estimator(tmp_path / where)
+        assert not loaded.training
+        assert not any(p.requires_grad for p in loaded.parameters())
+        with torch.no_grad():
+            assert torch.equal(loaded(x), ref)
+    # a file name gives its own pair
+    save_estimator(model, tmp_path / "other" / "de.safetensors")
+    assert (tmp_path / "other" / "de.json").is_file()
+    with torch.no_grad():
+        assert torch.equal(load_estimator(tmp_path / "other" / "de.json")(x), ref)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "exp"
+    save_estimator(tiny_model(), d)
+    weights = d / "estimator.safetensors"
+
+    with pytest.raises(UserError, match="not found"):
+        load_estimator(tmp_path / "nowhere")
+
+    # a tensor missing
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    bad = tmp_path / "missing"
+    bad.mkdir()
+    save_file(state, str(bad / "estimator.safetensors"))
+    (bad / "estimator.json").write_text((d / "estimator.json").read_text())
+    with pytest.raises(UserError) as exc:
+        load_estimator(bad)
+    msg = str(exc.value)
+    assert str(bad / "estimator.safetensors") in msg and dropped in msg and "\n" not in msg
+
+    # config says another shape than the weights
+    doc = json.loads((d / "estimator.json").read_text())
+    doc["net"]["head_hidden"] = 16
+    shape_dir = tmp_path / "shape"
+    shape_dir.mkdir()
+    (shape_dir / "estimator.safetensors").write_bytes(weights.read_bytes())
+    (shape_dir / "estimator.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="shape mismatch") as exc:
+        load_estimator(shape_dir)
+    assert str(shape_dir / "estimator.safetensors") in str(exc.value)
+
+    # corrupt weights: truncated file, then garbage
+    data = weights.read_bytes()
+    for blob in (data[: len(data) // 2], b"\x00garbage" * 10):
+        weights.write_bytes(blob)
+        with pytest.raises(UserError) as exc:
+            load_estimator(d)
+        assert str(weights) in str(exc.value) and "\n" not in str(exc.value)
+
+    # corrupt config
+    (d / "estimator.json").write_text("{not json")
+    with pytest.raises(UserError) as exc:
+        load_estimator(d / "estimator.safetensors")
+    assert str(d / "estimator.json") in str(exc.value)
+
+
+def estimate_cmd(degsr_cmd):
+    """``degsr estimate`` once the command is registered; until then the same main() with it added."""
+    from degsr.cli import SUBCOMMANDS
+
+    if "estimate" in SUBCOMMANDS:
+        return [*degsr_cmd, "estimate"]
+    shim = ("import sys; from degsr import cli; cli.SUBCOMMANDS.append('estimate'); "
+            "raise SystemExit(cli.main(sys.argv[1:]))")
+    return [sys.executable, "-c", shim, "estimate"]
+
+
+@pytest.fixture
+def photo_setup(tmp_path):
+    from skimage import data
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(photo)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.asarray(Image.open(photo).resize((96, 80)))).save(small)
+    save_estimator(tiny_model(), tmp_path / "export")
+    return tmp_path, photo, small
+
+
+def run_cli(cmd, *args):
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_estimate_cli_on_a_photo(photo_setup, degsr_cmd):
+    tmp_path, photo, _ = photo_setup
+    res = run_cli(estimate_cmd(degsr_cmd), "--ckpt", tmp_path / "export", photo, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["path"] == str(photo) and set(rec) == {"path", "blur", "noise"}
+    assert all(0.0 <= rec[k] <= 1.0 and round(rec[k], 4) == rec[k] for k in ("blur", "noise"))
+    # the same numbers as the model in-process
+    img = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"), np.float32) / 255)
+    with torch.no_grad():
+        ref = load_estimator(tmp_path / "export")(img.permute(2, 0, 1)[None])[0]
+    assert rec["blur"] == round(float(ref[0]), 4) and rec["noise"] == round(float(ref[1]), 4)
+
+
+def test_estimate_cli_bad_image_among_good(photo_setup, degsr_cmd):
+    tmp_path, photo, small = photo_setup
+    bad = tmp_path / "broken.png"
+    bad.write_text("this is not an image\n")
+    res = run_cli(estimate_cmd(degsr_cmd), "--ckpt", tmp_path / "export", photo, bad, small)
+    assert res.returncode == 1
+    recs = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert [r["path"] for r in recs] == [str(photo), str(small)]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_estimate_cli_bad_ckpt(tmp_path, degsr_cmd):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    res = run_cli(estimate_cmd(degsr_cmd), "--ckpt", tmp_path / "none", img)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and str(tmp_path / "none") in res.stderr
+    assert res.stdout == ""

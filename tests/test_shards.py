@@ -1,0 +1,263 @@
+"""``degsr shards`` and ``expand_shard_pattern``: real image files in, real tar shards out."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+import degsr.cli
+from degsr.data.shards import expand_shard_pattern, write_shards
+from degsr.errors import UserError
+
+REGISTERED = "shards" in degsr.cli.SUBCOMMANDS
+SMALL = ["--min-bytes", "0", "--min-side", "16"]  # the skimage photos are small
+
+
+@pytest.fixture(autouse=True)
+def _register(monkeypatch):
+    """Until the command is registered in degsr/cli/__init__.py, register it for in-process tests."""
+    if not REGISTERED:
+        monkeypatch.setattr(degsr.cli, "SUBCOMMANDS", [*degsr.cli.SUBCOMMANDS, "shards"])
+
+
+def cli(*argv) -> int:
+    return degsr.cli.main(["shards", *map(str, argv)])
+
+
+@pytest.fixture
+def photos(tmp_path) -> dict[str, Path]:
+    """Four photos as PNG/JPEG plus generated WebP and BMP images, in src/ and src/sub/."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = {
+        "astronaut": (src / "astronaut.png", skimage.data.astronaut(), "PNG"),
+        "coffee": (src / "coffee.JPG", skimage.data.coffee(), "JPEG"),
+        "chelsea": (src / "sub" / "chelsea.png", skimage.data.chelsea(), "PNG"),
+        "rocket": (src / "sub" / "rocket.jpeg", skimage.data.rocket(), "JPEG"),
+        "noise": (src / "sub" / "noise.webp", rng.integers(0, 256, (96, 128, 3), np.uint8), "WEBP"),
+        "gradient": (src / "gradient.bmp", np.tile(np.arange(160, dtype=np.uint8), (80, 1)), "BMP"),
+    }
+    for path, array, fmt in files.values():
+        Image.fromarray(array).save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    (src / "notes.txt.bak").write_text("not an image, ignored by the folder walk")
+    return {k: v[0] for k, v in files.items()}
+
+
+def read_samples(paths) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
+
+
+def check_index(out: Path, name: str = "train") -> list[dict]:
+    """index.json agrees with the tar files on disk; returns the samples, in order."""
+    index = json.loads((out / "index.json").read_text())
+    assert index["name"] == name
+    on_disk = sorted(p.name for p in out.iterdir() if re.fullmatch(rf"{name}-\d{{6}}\.tar", p.name))
+    assert on_disk == [s["file"] for s in index["shards"]]
+    assert not list(out.glob(".*.tmp"))
+    for shard in index["shards"]:
+        with tarfile.open(out / shard["file"]) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+        assert len(keys) == shard["samples"]
+    samples = read_samples(out / s["file"] for s in index["shards"])
+    assert len(samples) == index["total"] == sum(s["samples"] for s in index["shards"])
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    return samples
+
+
+def by_source(samples) -> dict[str, dict]:
+    return {json.loads(s["json"])["source"]: s for s in samples}
+
+
+def check_round_trip(out: Path, photos: dict[str, Path]) -> None:
+    samples = check_index(out)
+    index = json.loads((out / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [2, 2, 2]
+    assert index["skipped"] == 0 and index["options"]["per_shard"] == 2
+    got = by_source(samples)
+    assert set(got) == {str(p) for p in photos.values()}
+    for name in ("astronaut", "chelsea"):
+        assert got[str(photos[name])]["png"] == photos[name].read_bytes()
+    for name in ("coffee", "rocket"):
+        assert got[str(photos[name])]["jpg"] == photos[name].read_bytes()
+    assert got[str(photos["noise"])]["webp"] == photos["noise"].read_bytes()
+    bmp = got[str(photos["gradient"])]  # BMP is re-encoded as PNG, pixel-exact
+    assert set(bmp) >= {"png", "json"} and "bmp" not in bmp
+    stored = np.asarray(Image.open(io.BytesIO(bmp["png"])).convert("RGB"))
+    assert np.array_equal(stored, np.asarray(Image.open(photos["gradient"]).convert("RGB")))
+    meta = json.loads(got[str(photos["coffee"])]["json"])
+    assert (meta["width"], meta["height"]) == (600, 400)
+
+
+def test_round_trip_in_process(photos, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert cli(tmp_path / "src", "--out", out, "--per-shard", 2, *SMALL) == 0
+    check_round_trip(out, photos)
+    stdout = capsys.readouterr().out.strip().splitlines()
+    assert len(stdout) == 1 and stdout[0].startswith("3 shards, 6 samples, 0 skipped")
+    assert str(out) in stdout[0]
+
+
+@pytest.mark.skipif(not REGISTERED, reason="'shards' not yet in degsr.cli.SUBCOMMANDS")
+def test_round_trip_subprocess(photos, tmp_path, degsr_cmd):
+    # a folder, a single file and a .txt list with a relative path, across two SRC kinds
+    listing = tmp_path / "src" / "sub" / "list.txt"
+    listing.write_text("# photos\nchelsea.png\n\nrocket.jpeg\nnoise.webp\n")
+    srcs = [photos["astronaut"], photos["coffee"], photos["gradient"], listing]
+    out = tmp_path / "shards"
+    r = subprocess.run([*degsr_cmd, "shards", *map(str, srcs), "--out", str(out),
+                        "--per-shard", "2", *SMALL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    check_round_trip(out, photos)
+    assert "3 shards, 6 samples, 0 skipped" in r.stdout
+
+
+def test_skips_are_listed_not_fatal(photos, tmp_path, capsys):
+    src = tmp_path / "src"
+    jpeg = photos["rocket"].read_bytes()
+    (src / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (src / "text.png").write_text("this is not a PNG\n" * 100)
+    noise = np.random.default_rng(1).integers(0, 256, (300, 40, 3), np.uint8)
+    Image.fromarray(noise).save(src / "narrow.png")  # many bytes, but 40 px wide
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(src / "tiny.png")  # ~100 bytes
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src / 'astronaut.png'}\nsrc/missing.jpg\n")
+    out = tmp_path / "shards"
+    assert cli(src, listing, "--out", out, "--min-bytes", 1000, "--min-side", 64) == 0
+    assert "6 samples, 5 skipped" in capsys.readouterr().out
+    rows = (out / "skipped.tsv").read_text().splitlines()
+    assert rows[0] == "path\treason"
+    reasons = dict(r.split("\t") for r in rows[1:])
+    assert set(reasons) == {str(src / n) for n in ("truncated.jpg", "text.png", "narrow.png",
+                                                   "tiny.png", "missing.jpg")}
+    assert reasons[str(src / "truncated.jpg")].startswith("cannot decode")
+    assert "truncated" in reasons[str(src / "truncated.jpg")]
+    assert reasons[str(src / "text.png")].startswith("cannot decode")
+    assert "--min-side 64" in reasons[str(src / "narrow.png")]
+    assert "--min-bytes 1000" in reasons[str(src / "tiny.png")]
+    assert reasons[str(src / "missing.jpg")].startswith("not found")
+    assert json.loads((out / "index.json").read_text())["skipped"] == 5
+    assert len(check_index(out)) == 6  # astronaut listed twice: kept once
+
+
+def test_max_side_downscales_to_png(photos, tmp_path):
+    out = tmp_path / "shards"
+    assert cli(tmp_path / "src", "--out", out, "--max-side", 300, *SMALL) == 0
+    got = by_source(check_index(out))
+    for name in ("astronaut", "coffee", "rocket"):
+        sample = got[str(photos[name])]
+        assert "png" in sample and "jpg" not in sample
+        meta = json.loads(sample["json"])
+        im = Image.open(io.BytesIO(sample["png"]))
+        assert im.format == "PNG" and max(im.size) == 300 == max(meta["width"], meta["height"])
+        assert im.size == (meta["width"], meta["height"])
+    assert json.loads(got[str(photos["coffee"])]["json"])["resized_from"] == [600, 400]
+    assert got[str(photos["noise"])]["webp"] == photos["noise"].read_bytes()  # already small
+
+
+def test_rerun_leaves_no_stale_shards(photos, tmp_path):
+    out = tmp_path / "shards"
+    assert cli(tmp_path / "src", "--out", out, "--per-shard", 2, *SMALL) == 0
+    assert len(list(out.glob("train-*.tar"))) == 3
+    (out / ".train-000009.tar.tmp").write_bytes(b"left by a crashed run")
+    (out / "train-extra.tar").write_bytes(b"not ours")  # not <name>-NNNNNN.tar: untouched
+    assert cli(photos["astronaut"], photos["coffee"], photos["chelsea"], "--out", out,
+               "--per-shard", 2, *SMALL) == 0
+    samples = check_index(out)
+    assert sorted(p.name for p in out.glob("train-0*.tar")) == ["train-000000.tar",
+                                                                "train-000001.tar"]
+    assert len(samples) == 3 and (out / "train-extra.tar").exists()
+    assert not (out / ".train-000009.tar.tmp").exists()
+    with pytest.raises(UserError, match="already holds shard set 'train'"):
+        write_shards([photos["astronaut"]], out, name="val", min_bytes=0, min_side=16)
+
+
+def test_no_usable_image_exits_2(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    out = tmp_path / "shards"
+    assert cli(src, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable images" in err[0] and "1 skipped" in err[0]
+    assert str(out / "skipped.tsv") in err[0] and not list(out.glob("*.tar"))
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert cli(missing, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+    (tmp_path / "file").write_text("x")
+    assert cli(tmp_path, "--out", tmp_path / "file") == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli(tmp_path, "--out", tmp_path / "o", "--per-shard", 0) == 2
+    assert "--per-shard" in capsys.readouterr().err
+
+
+def test_workers_give_identical_shards(photos, tmp_path):
+    outs = [tmp_path / "w1", tmp_path / "w2"]
+    for out, w in zip(outs, (1, 2)):
+        assert cli(tmp_path / "src", "--out", out, "--per-shard", 4, "--workers", w, *SMALL) == 0
+    names = sorted(p.name for p in outs[0].glob("*.tar"))
+    assert names == sorted(p.name for p in outs[1].glob("*.tar")) and len(names) == 2
+    for n in names:  # fixed tar mtime: whole files are byte-identical
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes()
+    a, b = (read_samples(sorted(o.glob("*.tar"))) for o in outs)
+    assert [s["__key__"] for s in a] == [s["__key__"] for s in b]
+
+
+def test_expand_shard_pattern(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    files = [d / f"train-{i:06d}.tar" for i in range(3)]
+    for f in reversed(files):
+        f.write_bytes(b"")
+    (d / "index.json").write_text(json.dumps(
+        {"name": "train", "shards": [{"file": f.name, "samples": 1} for f in files]}))
+    want = [str(f) for f in files]
+    assert expand_shard_pattern(str(d / "*.tar")) == want
+    assert expand_shard_pattern(str(d / "train-{000000..000002}.tar")) == want
+    assert expand_shard_pattern(str(d)) == want
+    assert expand_shard_pattern(str(d / "index.json")) == want
+    assert expand_shard_pattern(str(files[1])) == [str(files[1])]
+    with pytest.raises(UserError, match="no shard files match .*val-"):
+        expand_shard_pattern(str(d / "val-*.tar"))
+    with pytest.raises(UserError, match=r"2 of 5 shard files do not exist: .*train-000003\.tar"):
+        expand_shard_pattern(str(d / "train-{000000..000004}.tar"))
+    with pytest.raises(UserError, match="no shard files match"):
+        expand_shard_pattern(str(tmp_path / "empty-dir-missing.tar"))
+
+
+def test_failed_run_keeps_previous_set(photos, tmp_path, monkeypatch):
+    import degsr.data.shards as shards
+
+    out = tmp_path / "shards"
+    assert cli(tmp_path / "src", "--out", out, "--per-shard", 2, *SMALL) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing(path, **kw):
+        calls.append(path)
+        if len(calls) == 4:  # after two new shards were completed
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    real, shards.prepare_image = shards.prepare_image, failing
+    try:
+        assert cli(photos["astronaut"], photos["coffee"], photos["chelsea"], photos["rocket"],
+                   photos["noise"], "--out", out, "--per-shard", 1, *SMALL) == 130
+    finally:
+        shards.prepare_image = real
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temps, nothing replaced
