@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -161,14 +160,7 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def estimate_cmd(degsr_cmd):
-    """``degsr estimate`` once the command is registered; until then the same main() with it added."""
-    from degsr.cli import SUBCOMMANDS
-
-    if "estimate" in SUBCOMMANDS:
-        return [*degsr_cmd, "estimate"]
-    shim = ("import sys; from degsr import cli; cli.SUBCOMMANDS.append('estimate'); "
-            "raise SystemExit(cli.main(sys.argv[1:]))")
-    return [sys.executable, "-c", shim, "estimate"]
+    return [*degsr_cmd, "estimate"]
 
 
 @pytest.fixture

@@ -18,15 +18,7 @@ import degsr.cli
 from degsr.data.shards import expand_shard_pattern, write_shards
 from degsr.errors import UserError
 
-REGISTERED = "shards" in degsr.cli.SUBCOMMANDS
 SMALL = ["--min-bytes", "0", "--min-side", "16"]  # the skimage photos are small
-
-
-@pytest.fixture(autouse=True)
-def _register(monkeypatch):
-    """Until the command is registered in degsr/cli/__init__.py, register it for in-process tests."""
-    if not REGISTERED:
-        monkeypatch.setattr(degsr.cli, "SUBCOMMANDS", [*degsr.cli.SUBCOMMANDS, "shards"])
 
 
 def cli(*argv) -> int:
@@ -109,7 +101,6 @@ def test_round_trip_in_process(photos, tmp_path, capsys):
     assert str(out) in stdout[0]
 
 
-@pytest.mark.skipif(not REGISTERED, reason="'shards' not yet in degsr.cli.SUBCOMMANDS")
 def test_round_trip_subprocess(photos, tmp_path, degsr_cmd):
     # a folder, a single file and a .txt list with a relative path, across two SRC kinds
     listing = tmp_path / "src" / "sub" / "list.txt"
@@ -254,10 +245,8 @@ def test_failed_run_keeps_previous_set(photos, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, **kw)
 
-    real, shards.prepare_image = shards.prepare_image, failing
-    try:
-        assert cli(photos["astronaut"], photos["coffee"], photos["chelsea"], photos["rocket"],
-                   photos["noise"], "--out", out, "--per-shard", 1, *SMALL) == 130
-    finally:
-        shards.prepare_image = real
+    real = shards.prepare_image
+    monkeypatch.setattr(shards, "prepare_image", failing)
+    assert cli(photos["astronaut"], photos["coffee"], photos["chelsea"], photos["rocket"],
+               photos["noise"], "--out", out, "--per-shard", 1, *SMALL) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temps, nothing replaced

@@ -1,35 +1,29 @@
 """Pack training images into WebDataset tar shards (``degsr shards``), and find shards again.
 
-A sample is one WHOLE source image, never pre-cropped (the loader draws fresh random crops every
-epoch), stored losslessly:
+A sample is one WHOLE image, never pre-cropped (the loader draws fresh crops every epoch), lossless:
+JPEG, PNG and WebP files are stored as their ORIGINAL FILE BYTES (no re-encoding: they read back
+bit-identical) under ``jpg``/``png``/``webp`` as PIL detects the format (not as the name claims);
+other formats (BMP, ...) are re-encoded losslessly as RGB ``png``. With ``max_side``, an image whose
+longer side exceeds it is downscaled (LANCZOS, longer side = max_side) and stored as RGB ``png``.
+``json`` holds ``{"source": absolute path, "width", "height"}`` of the stored image (plus
+``"resized_from": [w, h]``). Originals keep their PIL mode and EXIF orientation: readers use
+``.convert("RGB")``. ``__key__`` = ``<8-digit running index>_<stem reduced to [A-Za-z0-9_-]>``
+(a dot would split the key in WebDataset).
 
-* JPEG, PNG and WebP files: the ORIGINAL FILE BYTES, unchanged (no re-encoding, so no generation
-  loss; they read back bit-identical), under ``jpg`` / ``png`` / ``webp`` as PIL detects the
-  format (not as the file name claims);
-* any other decodable format (BMP, ...) is re-encoded losslessly as ``png`` (RGB);
-* with ``max_side``, an image whose longer side exceeds it is downscaled (LANCZOS, longer side =
-  max_side) and stored as ``png`` (RGB);
-* ``json``: ``{"source": absolute path, "width", "height"}`` of the stored image, plus
-  ``"resized_from": [w, h]`` when downscaled.
-
-Stored originals keep their PIL mode (L, RGBA, P, 16-bit, ...) and EXIF orientation is not
-applied: readers decode with ``.convert("RGB")``. ``__key__`` is ``<8-digit running index>_<stem>``
-with the stem reduced to ``[A-Za-z0-9_-]`` (a dot would split the key in WebDataset).
-
-Every image is checked before it is kept: size on disk >= ``min_bytes``; fully decodable (read to
-the end and converted to RGB, so a truncated file fails now rather than mid-training); shorter side
-of the stored image >= ``min_side``. Rejects (and missing entries of list files) go to
-``DIR/skipped.tsv`` with a reason; they are never fatal. The same path given twice is kept once.
+Each image is checked first: size on disk >= ``min_bytes``; fully decodable (decoded and converted
+to RGB now, so a truncated file fails here rather than mid-training); shorter side of the stored
+image >= ``min_side``. Rejects, and missing entries of list files, go to ``DIR/skipped.tsv``
+(path, reason); they are never fatal. A path given twice is kept once.
 
 Output: ``DIR/<name>-000000.tar`` ... (``per_shard`` samples each), ``DIR/skipped.tsv`` and, last,
-``DIR/index.json``. One shard set per DIR: a DIR whose index.json names another set is refused.
-Replacing a previous run: all new shards are first written as ``DIR/.<name>-NNNNNN.tar.tmp``. Only
+``DIR/index.json``; one shard set per DIR (a DIR whose index names another set is refused).
+Replacing a previous run: every new shard is written as ``DIR/.<name>-NNNNNN.tar.tmp`` first. Only
 when all are complete is the old index.json removed, the temps renamed into place (``os.replace``),
-old ``<name>-NNNNNN.tar`` files not in the new set deleted, and the new index.json written
-atomically. A run that fails earlier removes its temps and leaves the previous set as it was; a
-crash during the rename step leaves no index.json, so no reader sees a mixed set through the index.
-This needs disk space for both sets at once. Same inputs give byte-identical shards (fixed tar
-mtime; ``workers`` only changes speed). Not safe for two concurrent runs on the same DIR.
+old ``<name>-NNNNNN.tar`` not in the new set deleted, and the new index.json written atomically.
+A run that fails before that removes its temps and leaves the previous set untouched; a crash
+while renaming leaves no index.json, so no mixed set is read through an index. Needs disk space for
+both sets at once; not for concurrent runs on one DIR. Same inputs give byte-identical shards
+(fixed tar mtime, ordered results: ``workers`` only changes speed).
 """
 
 from __future__ import annotations
@@ -37,6 +31,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import itertools
 import json
 import os
 import re
@@ -70,21 +65,13 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
     Returns ``(paths, skipped)``; ``skipped`` holds list-file entries that do not exist.
     A SRC that does not exist, or a file that is neither an image nor a .txt list, is a UserError.
     """
-    images, skipped, seen = [], [], set()
-
-    def add(p: str) -> None:
-        p = os.path.abspath(p)
-        if p not in seen:
-            seen.add(p)
-            images.append(p)
-
+    images, skipped = [], []
     for src in map(str, sources):
         path = os.path.expanduser(src)
         if os.path.isdir(path):
             found = [os.path.join(root, f) for root, _, files in os.walk(path)
                      for f in files if f.lower().endswith(IMAGE_EXTS)]
-            for p in sorted(found):
-                add(p)
+            images += sorted(found)
         elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
             base = os.path.dirname(os.path.abspath(path))
             try:
@@ -95,17 +82,17 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
                 if line and not line.startswith("#"):
                     p = os.path.join(base, os.path.expanduser(line))
                     if os.path.isfile(p):
-                        add(p)
+                        images.append(p)
                     else:
                         skipped.append((os.path.abspath(p), f"not found (listed in {src})"))
         elif os.path.isfile(path):
             if not path.lower().endswith(IMAGE_EXTS):
                 raise UserError(f"{src}: not an image ({' '.join(IMAGE_EXTS)}) nor a {LIST_EXT} "
                                 "list of images")
-            add(path)
+            images.append(path)
         else:
             raise UserError(f"{src}: no such file or directory")
-    return images, skipped
+    return list(dict.fromkeys(map(os.path.abspath, images))), skipped  # first of duplicates
 
 
 def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: int | None = None):
@@ -149,11 +136,6 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
     return None, (ext, data, w, h, resized_from)
 
 
-def _sample_key(index: int, path: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)[:48].strip("_") or "img"
-    return f"{index:08d}_{stem}"
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -186,12 +168,31 @@ def _check_options(out: Path, name: str, per_shard, min_side, min_bytes, max_sid
                             f"use --name {other} to replace it, or another --out")
 
 
+def _samples(images, results, summary: ShardSummary):
+    """Samples to write, in order; records skips and counts ``summary.total``."""
+    for path, (reason, sample) in zip(images, results):
+        if reason:
+            console.log.debug("skip %s: %s", path, reason)
+            summary.skipped.append((path, reason))
+            continue
+        ext, data, w, h, resized_from = sample
+        meta = {"source": path, "width": w, "height": h}
+        if resized_from:
+            meta["resized_from"] = resized_from
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)[:48].strip("_") or "img"
+        key, summary.total = f"{summary.total:08d}_{stem}", summary.total + 1
+        yield {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8")}
+
+
 def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_side: int = 384,
                  min_bytes: int = 100_000, max_side: int | None = None,
                  workers: int = 1) -> ShardSummary:
     """Write ``out/<name>-NNNNNN.tar`` shards, ``skipped.tsv`` and ``index.json`` (module doc)."""
+    from webdataset import TarWriter  # imports torch: only when writing
+
     out = Path(os.path.expanduser(str(out)))
     _check_options(out, name, per_shard, min_side, min_bytes, max_side, workers)
+    sources = [os.path.expanduser(str(s)) for s in sources]
     images, skipped = find_images(sources)
     out.mkdir(parents=True, exist_ok=True)
     shard_re = re.compile(rf"^{re.escape(name)}-\d{{6,}}\.tar$")
@@ -203,53 +204,37 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     prep = functools.partial(prepare_image, min_bytes=min_bytes, min_side=min_side,
                              max_side=max_side)
     temps: list[Path] = []
-    writer = stream = None
-    with ExitStack() as stack:
-        try:
-            if workers > 1 and len(images) > 1:
-                pool = stack.enter_context(Pool(min(workers, len(images))))
-                results = pool.imap(prep, images)  # ordered: output does not depend on W
+    try:
+        with ExitStack() as stack:
+            if workers > 1 and len(images) > 1:  # imap is ordered: output does not depend on W
+                results = stack.enter_context(Pool(min(workers, len(images)))).imap(prep, images)
             else:
                 results = map(prep, images)
-            results = console.progress(results, desc=f"shards {name}", total=len(images),
-                                       unit="img")
-            for path, (reason, sample) in zip(images, results):
-                if reason:
-                    console.log.debug("skip %s: %s", path, reason)
-                    summary.skipped.append((path, reason))
-                    continue
-                if writer is None or summary.shards[-1]["samples"] >= per_shard:
-                    _close(writer, stream)
-                    file = f"{name}-{len(summary.shards):06d}.tar"
-                    temps.append(out / f".{file}.tmp")
-                    stream = open(temps[-1], "wb")
-                    writer = _tar_writer(stream)
-                    summary.shards.append({"file": file, "samples": 0})
-                ext, data, w, h, resized_from = sample
-                meta = {"source": path, "width": w, "height": h}
-                if resized_from:
-                    meta["resized_from"] = resized_from
-                writer.write({"__key__": _sample_key(summary.total, path), ext: data,
-                              "json": json.dumps(meta).encode("utf-8")})
-                summary.shards[-1]["samples"] += 1
-                summary.total += 1
-            _close(writer, stream)
-            writer = None
-        except BaseException:
-            if writer is not None:
-                stream.close()
-            for t in temps:
-                t.unlink(missing_ok=True)
-            raise
+            results = console.progress(results, f"shards {name}", total=len(images), unit="img")
+            samples = _samples(images, results, summary)
+            for first in samples:  # one shard per pass; islice takes the rest from `samples`
+                start = summary.total - 1
+                file = f"{name}-{len(summary.shards):06d}.tar"
+                temps.append(out / f".{file}.tmp")
+                with open(temps[-1], "wb") as f:
+                    with TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
+                        rest = itertools.islice(samples, per_shard - 1)
+                        for sample in itertools.chain([first], rest):
+                            tar.write(sample)
+                    f.flush()
+                    os.fsync(f.fileno())
+                summary.shards.append({"file": file, "samples": summary.total - start})
+    except BaseException:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        raise
 
     clean = lambda s: re.sub(r"[\t\r\n]+", " ", s)  # noqa: E731
     _write_atomic(out / "skipped.tsv", "path\treason\n" + "".join(
         f"{clean(p)}\t{clean(r)}\n" for p, r in summary.skipped))
     if summary.total == 0:
-        for t in temps:
-            t.unlink(missing_ok=True)
         what = " ".join(map(str, sources))
-        if not images and not skipped:
+        if not images and not summary.skipped:
             raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) found in {what}")
         raise UserError(f"no usable images in {what} ({len(summary.skipped)} skipped, "
                         f"see {out / 'skipped.tsv'})")
@@ -262,7 +247,7 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
         if shard_re.match(p.name) and p.name not in new:
             p.unlink()
     index = {"name": name, "shards": summary.shards, "total": summary.total,
-             "skipped": len(summary.skipped), "sources": [os.path.abspath(str(s)) for s in sources],
+             "skipped": len(summary.skipped), "sources": [os.path.abspath(s) for s in sources],
              "options": {"per_shard": per_shard, "min_side": min_side, "min_bytes": min_bytes,
                          "max_side": max_side},
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -270,23 +255,9 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     return summary
 
 
-def _tar_writer(stream):
-    from webdataset import TarWriter
-
-    return TarWriter(stream, encoder=False, mtime=TAR_MTIME)
-
-
-def _close(writer, stream) -> None:
-    if writer is not None:
-        writer.close()  # ends the tar; the stream is ours to flush, sync and close
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
-
-
 def expand_shard_pattern(pattern: str) -> list[str]:
-    """Shard files named by a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
-    directory (its ``*.tar``) or ``index.json``: a sorted list of existing files, else UserError.
+    """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
+    directory (its ``*.tar``) or ``index.json`` names: sorted, all existing, else UserError.
     """
     from braceexpand import braceexpand
 

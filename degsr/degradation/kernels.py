@@ -235,8 +235,10 @@ def filter_per_sample(images: Tensor, kernels: Tensor) -> Tensor:
     """Blur each sample of ``images`` ``(B, C, H, W)`` with its own kernel ``(B, k, k)``.
 
     Cross-correlation with reflect padding (``kornia.filters.filter2d``); the kernels here are
-    point-symmetric, so this equals convolution. ``H`` and ``W`` must exceed ``k // 2``.
+    point-symmetric, so this equals convolution. Images no wider than ``k // 2`` (tiny crops)
+    are padded by replication instead.
     """
     from kornia.filters import filter2d
 
-    return filter2d(images, kernels.to(images.dtype), border_type="reflect")
+    small = min(images.shape[-2:]) <= kernels.shape[-1] // 2  # reflect needs a wider image
+    return filter2d(images, kernels.to(images.dtype), border_type="replicate" if small else "reflect")

@@ -15,7 +15,6 @@ Samples whose sizes differ after a resize share a canvas (see :mod:`degsr.degrad
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +124,7 @@ class Degrader:
         clean_lr = quantize(F.interpolate(hr, size=(lr_h, lr_w), mode="bicubic", antialias=True,
                                           align_corners=False))
         lr = torch.where(p["clean"].view(-1, 1, 1, 1), clean_lr, lr)
-        p = {k: v.to(torch.float32) if v.dtype == torch.bool else v for k, v in p.items()}
         lr_up = F.interpolate(lr, size=(h, w), mode=cfg.upsample_mode,
                               **({} if cfg.upsample_mode == "nearest" else {"align_corners": False}))
-        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"].bool(),
+        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"],
                 "scores": degradation_scores(p, cfg), "params": p}

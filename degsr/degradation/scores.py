@@ -35,7 +35,7 @@ def _kernel_std(p: dict[str, Tensor], tag: str) -> Tensor:
     """Second-moment std of a Gaussian-family kernel; the equivalent std of a sinc."""
     omega = p[f"{tag}_omega_c"]
     sinc = sinc_equivalent_sigma(omega.clamp(min=1e-6))
-    return torch.where(omega > 0, sinc, p[f"{tag}_std"]) * p[f"{tag}_applied"]
+    return torch.where(omega > 0, sinc, p[f"{tag}_std"]) * p[f"{tag}_applied"].to(omega.dtype)
 
 
 def blur_std_lr(p: dict[str, Tensor], scale: int) -> Tensor:

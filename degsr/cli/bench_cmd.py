@@ -1,0 +1,24 @@
+"""``degsr bench NAME``: benchmarks that print one JSON object."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+NAME = "bench"
+HELP = "run a benchmark and print its numbers as one JSON object"
+BENCHES = {"degradation": "the degradation engine: batched vs one image at a time"}
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, help_ in BENCHES.items():
+        mod = importlib.import_module(f"degsr.bench.{name}")
+        q = sub.add_parser(name, help=help_, description=help_)
+        mod.add_arguments(q)
+        q.set_defaults(_bench=mod.run)
+
+
+def run(args) -> int:
+    print(json.dumps(args._bench(args)))
+    return 0

@@ -1,0 +1,123 @@
+"""``degsr degrade``: random crops of images, degraded by a preset, written as HR/LQ pairs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from degsr import console
+from degsr.errors import UserError
+
+NAME = "degrade"
+HELP = "write degraded HR/LR pairs from random crops of images (with every sampled parameter)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
+    p.add_argument("--preset", choices=["s3diff", "realesrgan"], default="s3diff",
+                   help="degradation preset (configs/degradation/<preset>.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="seed of crops and degradations")
+    p.add_argument("--n-per-image", type=int, default=1, metavar="K", help="crops per image")
+    p.add_argument("--crop", type=int, default=512, help="HR crop size (smaller images are "
+                   "reflect-padded)")
+    p.add_argument("--scale", type=int, default=4, help="HR size / LR size")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=argparse_note())
+
+
+def argparse_note() -> str:
+    return "extra config overrides, e.g. degradation.final_sinc_prob=0"
+
+
+def random_crops(img: torch.Tensor, k: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """(k, 3, size, size) crops at random positions; images smaller than ``size`` are reflect-padded."""
+    _, h, w = img.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        arr = np.pad(img.numpy(), ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)),
+                     mode="reflect" if min(h, w) > 1 else "edge")
+        img = torch.from_numpy(arr)
+        h, w = img.shape[1:]
+    ys = torch.randint(0, h - size + 1, (k,), generator=g).tolist()
+    xs = torch.randint(0, w - size + 1, (k,), generator=g).tolist()
+    return torch.stack([img[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+def _plain(key: str, v: torch.Tensor):
+    """A parameter as JSON: modes and kernel types by name, flags as bools, sizes as ints."""
+    from degsr.degradation.kernels import KERNEL_TYPES
+    from degsr.degradation.resize import RESIZE_MODES
+
+    if v.dtype == torch.bool:
+        return bool(v)
+    if key.endswith("_mode"):
+        return RESIZE_MODES[int(v)]
+    if key.endswith("_kernel_type"):
+        return KERNEL_TYPES[int(v)]
+    if key.endswith("_kind"):
+        return ("up", "down", "keep")[int(v)]
+    return int(v) if not v.is_floating_point() else round(float(v), 6)
+
+
+def params_record(stem: str, scores: torch.Tensor, params: dict, i: int) -> dict:
+    vals = {k: _plain(k, v[i]) for k, v in params.items()}
+    return {"stem": stem, "scores": {"blur": round(float(scores[i, 0]), 6),
+                                     "noise": round(float(scores[i, 1]), 6)}, "params": vals}
+
+
+def run(args) -> int:
+    from degsr.config import load_config
+    from degsr.degradation.pipeline import Degrader
+    from degsr.io import atomic_write_bytes, expand_inputs, preset_path, read_image, save_png
+    from degsr.seeding import make_generator
+
+    if args.n_per_image < 1:
+        raise UserError(f"--n-per-image must be >= 1, got {args.n_per_image}")
+    if args.crop < args.scale or args.crop % args.scale:
+        raise UserError(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
+    cfg = load_config([preset_path(args.preset)],
+                      [f"degradation.scale={args.scale}", *args.overrides]).degradation
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {args.device}: not available ({e})".splitlines()[0])
+
+    paths, problems = expand_inputs(args.images)
+    stems = [p.stem for p in paths]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise UserError(f"inputs share file stems, outputs would collide: {', '.join(dupes[:5])}")
+    degrader = Degrader(cfg)
+    crop_gen = make_generator(args.seed, 0)
+    deg_gen = make_generator(args.seed, 1, device=device)
+    records = []
+    for path in console.progress(paths, desc="degrade", unit="img"):
+        try:
+            img = read_image(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        crops = random_crops(img, args.n_per_image, args.crop, crop_gen)
+        with torch.no_grad():
+            batch = degrader(crops.to(device).float() / 255.0, deg_gen)
+        for k in range(args.n_per_image):
+            stem = f"{path.stem}_{k}"
+            save_png(batch["hr"][k], out / f"{stem}_hr.png")
+            save_png(batch["lr"][k], out / f"{stem}_lq.png")
+            records.append(params_record(stem, batch["scores"], batch["params"], k))
+    atomic_write_bytes(out / "params.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    for msg in problems:
+        print(f"error: {msg}", file=sys.stderr)
+    console.log.info(f"wrote {len(records)} pairs to {out}"
+                     + (f"; {len(problems)} input(s) failed" if problems else ""))
+    return 1 if problems else 0

@@ -1,0 +1,45 @@
+"""``data.*`` keys: where training/validation images come from and how they are cut and batched.
+
+Sources are checked when the DataModule is set up (``SRDataModule.setup``), not at config load:
+an empty ``train_shards`` is only an error for a run that trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from degsr.config.fields import choice, number, plain, positive, prob
+
+SMALL_IMAGE_POLICIES = ["pad", "skip"]
+
+
+@dataclass
+class DataConfig:
+    """Training stream (WebDataset shards) and validation sets."""
+
+    train_shards: str = plain("", "training shards: a .tar, glob, {000..009} brace pattern, folder "
+                                  "or index.json written by `degsr shards` ('' = not set)")
+    val_shards: str = plain("", "shards the fixed synthetic val set is cut from (read in order)")
+    val_folder: str = plain("", "a folder of images the fixed synthetic val set is cut from "
+                                "(used when val_shards is '')")
+    val_paired_lr: str = plain("", "folder of real LR images (RealSR-style), matched by file stem "
+                                   "with val_paired_hr")
+    val_paired_hr: str = plain("", "folder of the HR images that match val_paired_lr")
+    crop_size: int = positive(512, "HR crop side in pixels (a multiple of degradation.scale)")
+    batch_size: int = positive(4, "training crops per batch, per device")
+    num_workers: int = number(2, "DataLoader worker processes per device (0 = main process)", lo=0)
+    shuffle_buffer: int = number(256, "crops held per worker for shuffling (memory: "
+                                      "shuffle_buffer * crop_size^2 * 3 bytes)", lo=1)
+    batches_per_epoch: int = positive(1000, "training batches per epoch, per rank (every rank runs "
+                                            "exactly this many, so DDP never waits at epoch end)")
+    small_images: str = choice("pad", SMALL_IMAGE_POLICIES, "image smaller than crop_size: 'pad' "
+                               "(reflect-pad up to the crop) or 'skip' (counted, not an error)")
+    val_crops: int = positive(32, "size of the fixed synthetic val set (crops, degraded once)")
+    val_batch_size: int = positive(4, "synthetic val crops per batch")
+    max_bad_fraction: float = prob(0.05, "training stops when more than this fraction of the "
+                                         "samples read were corrupt or unreadable")
+    min_samples_for_bad_check: int = positive(200, "samples read before max_bad_fraction applies")
+
+    def check(self):
+        if bool(self.val_paired_lr) != bool(self.val_paired_hr):
+            yield "val_paired_hr", "set val_paired_lr and val_paired_hr together (or neither)"

@@ -1,0 +1,192 @@
+"""The degradation pipeline and its ops, against independent computations."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kornia.enhance import jpeg_codec_differentiable
+
+from degsr.config import load_config
+from degsr.degradation import ops
+from degsr.degradation.negatives import online_negatives
+from degsr.degradation.pipeline import Degrader
+from degsr.degradation.scores import blur_std_lr, degradation_scores, score_bounds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def preset(name="s3diff", *overrides):
+    return load_config([ROOT / f"configs/degradation/{name}.yaml"], list(overrides)).degradation
+
+
+def photos(n, size, seed=0):
+    import skimage.data
+    img = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255.0
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.randint(0, 512 - size, (n,), generator=g).tolist()
+    xs = torch.randint(0, 512 - size, (n,), generator=g).tolist()
+    return torch.stack([img[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["s3diff", "realesrgan"])
+def test_same_seed_identical_other_seed_different(name):
+    d, hr = Degrader(preset(name)), photos(4, 64)
+    a, b, c = d(hr, gen(1)), d(hr, gen(1)), d(hr, gen(2))
+    assert torch.equal(a["lr"], b["lr"]) and torch.equal(a["scores"], b["scores"])
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert not torch.equal(a["lr"], c["lr"])
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_shapes_range_and_quantisation(scale):
+    out = Degrader(preset("realesrgan", f"degradation.scale={scale}"))(photos(6, 64), gen(0))
+    assert out["lr"].shape == (6, 3, 64 // scale, 64 // scale)
+    assert out["lr_up"].shape == out["hr"].shape == out["gt"].shape == (6, 3, 64, 64)
+    lr = out["lr"]
+    assert lr.min() >= 0 and lr.max() <= 1
+    torch.testing.assert_close(lr * 255, (lr * 255).round(), rtol=0, atol=1e-4)
+    assert out["scores"].shape == (6, 2) and ((out["scores"] >= 0) & (out["scores"] <= 1)).all()
+    for v in out["params"].values():
+        assert v.shape == (6,)
+
+
+def test_hr_size_must_be_multiple_of_scale():
+    from degsr.errors import UserError
+    with pytest.raises(UserError, match="multiples of scale 4"):
+        Degrader(preset())(torch.rand(1, 3, 30, 32), gen(0))
+
+
+def test_no_degradation_path_is_clean_bicubic_downsample():
+    hr = photos(3, 64)
+    out = Degrader(preset("s3diff", "degradation.no_degradation_prob=1"))(hr, gen(0))
+    ref = F.interpolate(hr.double(), size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    ref = (ref * 255).round().clamp(0, 255) / 255
+    torch.testing.assert_close(out["lr"].double(), ref, rtol=0, atol=1.01 / 255)
+    assert out["clean"].all() and (out["scores"] == 0).all()
+
+
+def test_identity_chain_reproduces_downsample():
+    """With blur, noise, sinc and resizes off and JPEG at 100, the LR is the area downsample."""
+    off = ["degradation.no_degradation_prob=0", "degradation.final_sinc_prob=0",
+           "degradation.final_resize_modes=[area]"]
+    for r in ("first", "second"):
+        off += [f"degradation.{r}.blur_prob=0", f"degradation.{r}.resize_probs=[0,0,1]",
+                f"degradation.{r}.gaussian_noise_prob=1", f"degradation.{r}.noise_sigma=[0,0]",
+                f"degradation.{r}.jpeg_quality=[100,100]", f"degradation.{r}.resize_modes=[area]"]
+    hr = photos(2, 64)
+    out = Degrader(preset("s3diff", *off))(hr, gen(0))
+    from kornia.color import rgb_to_ycbcr
+    luma = lambda x: rgb_to_ycbcr(x)[:, 0]  # noqa: E731 - JPEG 4:2:0 still subsamples chroma
+    err = (luma(out["lr"]) - luma(F.avg_pool2d(hr, 4))).abs()
+    assert err.mean() < 1.0 / 255 and err.max() < 4.0 / 255
+
+
+def test_gaussian_noise_statistics_on_flat_images():
+    x = torch.full((2, 3, 256, 256), 0.5)
+    sigma = torch.tensor([5.0, 20.0])
+    gray = torch.tensor([False, True])
+    n = ops.gaussian_noise(gen(0), x, sigma, gray)
+    for b in range(2):
+        assert abs(n[b].std().item() * 255 - sigma[b].item()) < 0.02 * sigma[b].item()
+        assert abs(n[b].mean().item()) < 3 * sigma[b].item() / 255 / math.sqrt(n[b].numel() / 3)
+    assert torch.equal(n[1, 0], n[1, 2]) and not torch.equal(n[0, 0], n[0, 2])
+
+
+@pytest.mark.parametrize("level", [20, 128, 230])
+def test_poisson_noise_mean_and_variance(level):
+    v = level / 255
+    x = torch.full((2, 3, 256, 256), v)
+    scale = torch.tensor([1.0, 2.0])
+    n = ops.poisson_noise(gen(0), x, scale, torch.tensor([False, False]))
+    for b in range(2):
+        s = scale[b].item()
+        expected_var = s ** 2 * v / 256  # Var(Poisson(256 v)/256) = v/256, times scale²
+        assert abs(n[b].var().item() / expected_var - 1) < 0.03
+        assert abs(n[b].mean().item()) < 4 * math.sqrt(expected_var / n[b].numel())
+
+
+def test_jpeg_uses_each_samples_quality():
+    x = photos(3, 64)
+    q = torch.tensor([30.0, 60.0, 95.0])
+    out = ops.jpeg(x, q)
+    for b in range(3):
+        ref = jpeg_codec_differentiable(x[b:b + 1], q[b:b + 1])
+        torch.testing.assert_close(out[b:b + 1], ref, rtol=0, atol=1e-5)
+    err = [(out[b] - x[b]).pow(2).mean().item() for b in range(3)]
+    assert err[0] > err[1] > err[2]
+
+
+def test_usm_sharpen_only_changes_edges_and_keeps_flat():
+    flat = torch.full((1, 3, 64, 64), 0.4)
+    torch.testing.assert_close(ops.usm_sharpen(flat, 0.5, 10, 51, 8.0), flat)
+    edge = torch.zeros(1, 3, 64, 64)
+    edge[..., 32:] = 0.8
+    sharp = ops.usm_sharpen(edge, 0.5, 10, 51, 8.0)
+    assert sharp[0, 0, 10, 33] > 0.8 - 1e-6 and sharp[0, 0, 10, 30] <= 1e-6 + 0  # overshoot on the bright side
+
+
+def _hand_params(**over):
+    z = torch.zeros(1)
+    p = {"blur1_std": torch.tensor([1.0]), "blur1_omega_c": z, "blur1_applied": torch.tensor([True]),
+         "blur2_std": torch.tensor([0.5]), "blur2_omega_c": z, "blur2_applied": torch.tensor([True]),
+         "resize1_scale": torch.tensor([0.5]), "resize2_scale": torch.tensor([1.0]),
+         "final_sinc": torch.tensor([False]), "final_omega_c": z,
+         "noise1_gaussian": torch.tensor([True]), "noise1_sigma": torch.tensor([3.0]),
+         "noise1_poisson_scale": z, "noise2_gaussian": torch.tensor([True]),
+         "noise2_sigma": torch.tensor([4.0]), "noise2_poisson_scale": z,
+         "jpeg1_quality": torch.tensor([90.0]), "jpeg2_quality": torch.tensor([80.0]),
+         "clean": torch.tensor([False])}
+    p.update({k: torch.tensor([v]) for k, v in over.items()})
+    return p
+
+
+def test_blur_std_closed_form():
+    # var_HR = 1² + (0.5/0.5)² + box of the coarsest resolution min(0.5, 1/4, 1/4) = 4² / 12
+    expected = math.sqrt(1 + 1 + 16 / 12) / 4
+    assert blur_std_lr(_hand_params(), 4).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_scores_are_monotone_and_clean_is_zero():
+    cfg = preset()
+    base = degradation_scores(_hand_params(), cfg)[0]
+    assert degradation_scores(_hand_params(blur1_std=1.4), cfg)[0, 0] > base[0]
+    assert degradation_scores(_hand_params(noise2_sigma=9.0), cfg)[0, 1] > base[1]
+    assert degradation_scores(_hand_params(jpeg2_quality=65.0), cfg)[0, 1] > base[1]
+    assert degradation_scores(_hand_params(noise2_sigma=9.0), cfg)[0, 0] == base[0]
+    assert (degradation_scores(_hand_params(clean=True), cfg) == 0).all()
+    b = score_bounds(cfg)
+    assert b["blur_clean"] == pytest.approx(math.sqrt(1 / 12))
+
+
+def test_scores_spread_over_many_draws():
+    out = Degrader(preset())(photos(32, 64), gen(3))
+    s = out["scores"][~out["clean"]]
+    assert s[:, 0].std() > 0.05 and s[:, 1].std() > 0.05
+
+
+def test_negatives_fraction_and_targets():
+    d = Degrader(preset())(photos(4, 32), gen(0))
+    g = gen(5)
+    counts = 0
+    trials = 2000
+    for _ in range(trials // 4):
+        counts += int(online_negatives(d, g, 0.05)["negative"].sum())
+    p = counts / trials
+    assert abs(p - 0.05) < 3 * math.sqrt(0.05 * 0.95 / trials)
+    out = online_negatives(d, gen(1), 1.0)
+    assert torch.equal(out["target"], d["lr_up"]) and out["negative"].all()
+    out = online_negatives(d, gen(1), 0.0)
+    assert torch.equal(out["target"], d["gt"]) and not out["negative"].any()
+
+
+def test_realesrgan_target_is_sharpened():
+    hr = photos(2, 64)
+    out = Degrader(preset("realesrgan"))(hr, gen(0))
+    assert torch.equal(out["hr"], hr) and not torch.equal(out["gt"], hr)
+    torch.testing.assert_close(out["gt"], ops.usm_sharpen(hr, 0.5, 10, 51, 8.0))

@@ -1,0 +1,57 @@
+"""``degsr degrade`` and ``degsr bench degradation`` as a user runs them."""
+
+import json
+import subprocess
+
+import numpy as np
+from PIL import Image
+
+
+def test_degrade_writes_pairs_params_and_reports_bad_inputs(tmp_path, degsr_cmd):
+    import skimage.data
+
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astro.png")
+    Image.fromarray(skimage.data.chelsea()[:100, :90]).save(tmp_path / "small.jpg")  # < crop: padded
+    (tmp_path / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    args = [*degsr_cmd, "degrade", str(tmp_path / "astro.png"), str(tmp_path / "broken.png"),
+            str(tmp_path / "missing.png"), str(tmp_path / "small.jpg"), "--preset", "realesrgan",
+            "--seed", "3", "--n-per-image", "2", "--crop", "128", "--scale", "4", "--out", str(out)]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 2 and "broken.png" in err[0] and "missing.png" in err[1]
+    records = [json.loads(line) for line in (out / "params.jsonl").read_text().splitlines()]
+    assert [rec["stem"] for rec in records] == ["astro_0", "astro_1", "small_0", "small_1"]
+    for rec in records:
+        hr = np.asarray(Image.open(out / f"{rec['stem']}_hr.png"))
+        lq = np.asarray(Image.open(out / f"{rec['stem']}_lq.png"))
+        assert hr.shape == (128, 128, 3) and lq.shape == (32, 32, 3)
+        assert 0 <= rec["scores"]["blur"] <= 1 and 0 <= rec["scores"]["noise"] <= 1
+        p = rec["params"]
+        assert p["resize1_mode"] in ("area", "bilinear", "bicubic") and isinstance(p["clean"], bool)
+        assert 30 <= p["jpeg1_quality"] <= 95 and p["blur1_kernel_size"] in range(7, 22, 2)
+    # the HR written is an actual crop of the source (un-sharpened), on the same seed again
+    src = np.asarray(Image.open(tmp_path / "astro.png"))
+    hr0 = np.asarray(Image.open(out / "astro_0_hr.png"))
+    hits = [(y, x) for y in range(0, 385) for x in range(0, 385)
+            if src[y, x, 0] == hr0[0, 0, 0] and np.array_equal(src[y:y + 128, x:x + 128], hr0)]
+    assert hits
+    again = tmp_path / "again"
+    subprocess.run([*args[:-1], str(again)], capture_output=True, text=True)
+    assert (again / "params.jsonl").read_text() == (out / "params.jsonl").read_text()
+    assert (again / "astro_1_lq.png").read_bytes() == (out / "astro_1_lq.png").read_bytes()
+
+
+def test_degrade_rejects_bad_options(tmp_path, degsr_cmd):
+    r = subprocess.run([*degsr_cmd, "degrade", "x.png", "--crop", "130", "--scale", "4", "--out",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--crop 130" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_degradation_prints_json(degsr_cmd):
+    r = subprocess.run([*degsr_cmd, "bench", "degradation", "--size", "64", "--batch", "2",
+                        "--iters", "1", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["img_per_s"] > 0 and out["per_image_img_per_s"] > 0 and out["device"].startswith("cpu")
