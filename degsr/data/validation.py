@@ -1,0 +1,162 @@
+"""Validation sets: a fixed synthetic set (degraded once) and real LR/HR pairs from two folders.
+
+The synthetic set is the same every epoch and every run: ``val_crops`` crops cut from the first
+images of ``val_shards`` (read in order) or ``val_folder`` (sorted), cycling over the images when
+there are fewer of them than crops, at positions drawn from ``VAL_SEED`` (no flips); images smaller
+than the crop are reflect-padded. The crops are degraded once, on CPU, in chunks of
+``DEGRADE_CHUNK`` with a generator ``make_generator(VAL_SEED, chunk)``, so the result depends
+neither on ``val_batch_size`` nor on ``run.seed``: runs stay comparable.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from degsr import console
+from degsr.config.schema import DegradationConfig
+from degsr.data.config import DataConfig
+from degsr.data.shards import expand_shard_pattern
+from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
+from degsr.degradation.pipeline import Degrader
+from degsr.errors import UserError
+from degsr.io import IMAGE_SUFFIXES, read_image
+from degsr.seeding import make_generator
+
+VAL_SEED = 2024_0601
+DEGRADE_CHUNK = 8
+
+
+def _images_from_shards(pattern: str, limit: int) -> list[np.ndarray]:
+    images = []
+    for url in expand_shard_pattern(pattern):
+        try:
+            for key, parts in read_shard(url):
+                try:
+                    images.append(decode_image(parts))
+                except ValueError as e:
+                    console.log.warning("val: skipping %s in %s: %s", key, url, e)
+                if len(images) >= limit:
+                    return images
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            console.log.warning("val: shard %s is damaged, rest of it skipped: %s", url, e)
+    return images
+
+
+def _images_from_folder(folder: str, limit: int) -> list[np.ndarray]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.val_folder: {folder} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    return [read_image(p).permute(1, 2, 0).numpy() for p in files]
+
+
+def val_crops(images: list[np.ndarray], n: int, size: int, seed: int = VAL_SEED) -> torch.Tensor:
+    """``n`` crops (n, 3, size, size) uint8, crop i from image i % len(images), fixed positions."""
+    g = make_generator(seed)
+    out = [random_crop(reflect_pad(images[i % len(images)], size), size, g, flip=False)
+           for i in range(n)]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+class SyntheticValSet(Dataset):
+    """Fixed degraded crops; items are dicts of float tensors ``hr, gt, lr, lr_up, scores`` and
+    bool ``clean`` (as the training batches after degradation, one sample each)."""
+
+    def __init__(self, hr: torch.Tensor, degradation: DegradationConfig, seed: int = VAL_SEED):
+        if hr.dtype != torch.uint8 or hr.ndim != 4:
+            raise ValueError("hr must be a (N, 3, S, S) uint8 tensor")
+        degrader = Degrader(degradation)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("gt", "lr", "lr_up", "scores",
+                                                                  "clean")}
+        with torch.no_grad():
+            for c, start in enumerate(range(0, len(hr), DEGRADE_CHUNK)):
+                chunk = hr[start:start + DEGRADE_CHUNK].float() / 255.0
+                out = degrader(chunk, make_generator(seed, c))
+                for k in parts:
+                    parts[k].append(out[k])
+        t = {k: torch.cat(v) for k, v in parts.items()}
+        self.hr = hr  # uint8 keeps memory low: hr and lr are exact multiples of 1/255
+        self.lr = (t["lr"] * 255.0).round().to(torch.uint8)
+        self.gt = None if torch.equal(t["gt"], hr.float() / 255.0) else t["gt"]
+        self.lr_up, self.scores, self.clean = t["lr_up"], t["scores"], t["clean"]
+
+    @classmethod
+    def from_config(cls, data: DataConfig, degradation: DegradationConfig) -> "SyntheticValSet":
+        if data.val_shards:
+            images, source = _images_from_shards(data.val_shards, data.val_crops), "data.val_shards"
+        else:
+            images, source = _images_from_folder(data.val_folder, data.val_crops), "data.val_folder"
+        if not images:
+            where = data.val_shards or data.val_folder
+            raise UserError(f"{source}: no readable images in {where}")
+        return cls(val_crops(images, data.val_crops, data.crop_size), degradation)
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+    def __getitem__(self, i: int) -> dict:
+        hr = self.hr[i].float() / 255.0
+        return {"hr": hr, "gt": hr if self.gt is None else self.gt[i],
+                "lr": self.lr[i].float() / 255.0, "lr_up": self.lr_up[i],
+                "scores": self.scores[i], "clean": self.clean[i]}
+
+
+_SCALE_TAG = re.compile(r"[_-](hr|lr\d*|x\d+)$", re.IGNORECASE)
+
+
+def pair_key(stem: str) -> str:
+    """The name two paired files share: the stem less a trailing ``_HR``, ``_LR4`` or ``_x4``
+    tag (RealSR names ``Canon_001_HR.png`` / ``Canon_001_LR4.png``, DRealSR ``_x1`` / ``_x4``)."""
+    return _SCALE_TAG.sub("", stem)
+
+
+def _keyed(folder: str, key_name: str) -> dict[str, Path]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{key_name}: {folder} is not a folder")
+    out: dict[str, Path] = {}
+    for p in sorted(q for q in root.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
+        k = pair_key(p.stem)
+        if k in out:
+            raise UserError(f"{key_name}: {out[k].name} and {p.name} both match the name {k!r}")
+        out[k] = p
+    if not out:
+        raise UserError(f"{key_name}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return out
+
+
+class PairedFolders(Dataset):
+    """Real LR/HR pairs matched by file stem (see :func:`pair_key`); items are
+    ``{"lr", "hr": float (3, h, w) in [0, 1], "name": str}``. Sizes differ: batch size 1."""
+
+    def __init__(self, lr_folder: str, hr_folder: str):
+        lr = _keyed(lr_folder, "data.val_paired_lr")
+        hr = _keyed(hr_folder, "data.val_paired_hr")
+        only_lr, only_hr = sorted(lr.keys() - hr.keys()), sorted(hr.keys() - lr.keys())
+        if only_lr or only_hr:
+            def first(keys, files):
+                more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+                return ", ".join(files[k].name for k in keys[:5]) + more
+            problems = []
+            if only_lr:
+                problems.append(f"{len(only_lr)} LR file(s) in {lr_folder} without an HR match: "
+                                f"{first(only_lr, lr)}")
+            if only_hr:
+                problems.append(f"{len(only_hr)} HR file(s) in {hr_folder} without an LR match: "
+                                f"{first(only_hr, hr)}")
+            raise UserError("data.val_paired_lr/val_paired_hr: " + "; ".join(problems))
+        self.pairs = [(k, lr[k], hr[k]) for k in sorted(lr)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        name, lr, hr = self.pairs[i]
+        return {"lr": read_image(lr).float() / 255.0, "hr": read_image(hr).float() / 255.0,
+                "name": name}
