@@ -190,3 +190,19 @@ def test_realesrgan_target_is_sharpened():
     out = Degrader(preset("realesrgan"))(hr, gen(0))
     assert torch.equal(out["hr"], hr) and not torch.equal(out["gt"], hr)
     torch.testing.assert_close(out["gt"], ops.usm_sharpen(hr, 0.5, 10, 51, 8.0))
+
+
+def test_uint8_input_equals_float_input():
+    hr = (photos(2, 64) * 255).round().to(torch.uint8)
+    a = Degrader(preset())(hr, gen(0))
+    b = Degrader(preset())(hr.float() / 255, gen(0))
+    assert torch.equal(a["lr"], b["lr"])
+
+
+def test_rank_and_worker_streams_differ_and_repeat():
+    from degsr.seeding import make_generator
+
+    draw = lambda *k: torch.rand(8, generator=make_generator(7, *k))  # noqa: E731
+    assert torch.equal(draw(0, 1), draw(0, 1))
+    streams = [draw(r, w) for r in range(2) for w in range(2)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1:])

@@ -86,7 +86,7 @@ class Degrader:
                             f"scale {s}; got {tuple(hr.shape)}")
         if hr.device != g.device:
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
-        hr = hr.float() if not hr.is_floating_point() else hr
+        hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s

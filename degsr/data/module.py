@@ -1,0 +1,181 @@
+"""``SRDataModule``: training crops from shards, degraded per batch on the training device, and
+the validation sets of :mod:`degsr.data.validation`.
+
+Training batches leave the DataLoader as uint8 HR crops (cheap to pin and transfer);
+``on_after_batch_transfer`` turns them into the degradation engine's dict on the device
+(``hr, gt, lr, lr_up, scores, clean, params``) plus ``n_bad`` and ``keys``. Its generator is
+``make_generator(seed, 1000 + global_rank, epoch, device=...)``: distinct per rank, and a resumed
+run does not replay the first epoch's degradations. The LightningModule must not override
+``on_before/after_batch_transfer`` itself (Lightning would then skip these).
+
+Data quality: the module counts the samples the workers read and skipped
+(:meth:`data_quality`); once ``min_samples_for_bad_check`` samples were read (summed over ranks,
+synchronised every ``QUALITY_SYNC_EVERY`` batches under DDP so every rank stops at the same step),
+a corrupt fraction above ``max_bad_fraction`` stops training with a UserError.
+
+Validation: ``val_dataloader()`` returns ``[synthetic, paired]``, each only when configured
+(``val_names`` says which); synthetic batches carry ``scores``, paired ones ``name``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from degsr.config.schema import DegradationConfig
+from degsr.data.config import DataConfig
+from degsr.data.shards import expand_shard_pattern
+from degsr.data.stream import TrainStream
+from degsr.data.validation import PairedFolders, SyntheticValSet
+from degsr.degradation.pipeline import Degrader
+from degsr.errors import UserError
+from degsr.seeding import make_generator
+
+QUALITY_SYNC_EVERY = 25  # batches between all-reduces of the quality counts under DDP
+
+
+def _plain(cfg, cls):
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else (cfg or cls())
+
+
+def expand_pattern(key: str, pattern: str) -> list[str]:
+    """``expand_shard_pattern`` whose UserError names the config key."""
+    try:
+        return expand_shard_pattern(pattern)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+class SRDataModule(L.LightningDataModule):
+    def __init__(self, data: DataConfig, degradation: DegradationConfig, seed: int = 0):
+        super().__init__()
+        self.data: DataConfig = _plain(data, DataConfig)
+        self.degradation: DegradationConfig = _plain(degradation, DegradationConfig)
+        self.seed = int(seed)
+        self.degrader = Degrader(self.degradation)
+        self.train_urls: list[str] | None = None
+        self.val_set: SyntheticValSet | None = None
+        self.paired_set: PairedFolders | None = None
+        self._generator, self._generator_key = None, None
+        self._counts = {"read": 0, "bad": 0, "small": 0}  # this rank
+        self._batches = 0
+
+    # ----------------------------------------------------------------- setup and loaders
+    def setup(self, stage: str | None = None) -> None:
+        d, scale = self.data, self.degradation.scale
+        if d.crop_size % scale:
+            raise UserError(f"data.crop_size={d.crop_size} must be a multiple of "
+                            f"degradation.scale={scale}")
+        if stage in (None, "fit") and self.train_urls is None:
+            if not d.train_shards:
+                raise UserError("data.train_shards is not set: give the training shards (a .tar, "
+                                "glob, {000000..000009} pattern, folder or index.json written by "
+                                "`degsr shards`)")
+            self.train_urls = expand_pattern("data.train_shards", d.train_shards)
+        if stage in (None, "fit", "validate"):
+            if self.val_set is None and (d.val_shards or d.val_folder):
+                if d.val_shards:
+                    expand_pattern("data.val_shards", d.val_shards)
+                self.val_set = SyntheticValSet.from_config(d, self.degradation)
+            if self.paired_set is None and (d.val_paired_lr or d.val_paired_hr):
+                if not (d.val_paired_lr and d.val_paired_hr):
+                    raise UserError("data.val_paired_lr and data.val_paired_hr: set both or neither")
+                self.paired_set = PairedFolders(d.val_paired_lr, d.val_paired_hr)
+
+    def _pin(self) -> bool:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_urls is None:
+            self.setup("fit")
+        d, trainer = self.data, self.trainer
+        stream = TrainStream(
+            self.train_urls, crop_size=d.crop_size, batch_size=d.batch_size,
+            batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
+            small_images=d.small_images, seed=self.seed,
+            rank=None if trainer is None else trainer.global_rank,
+            start_epoch=0 if trainer is None else trainer.current_epoch,
+            stall_limit=max(1000, d.min_samples_for_bad_check))
+        return DataLoader(stream, batch_size=None, num_workers=d.num_workers,
+                          persistent_workers=d.num_workers > 0, pin_memory=self._pin())
+
+    @property
+    def val_names(self) -> list[str]:
+        return [n for n, s in (("synthetic", self.val_set), ("paired", self.paired_set)) if s]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        loaders = []
+        if self.val_set is not None:
+            loaders.append(DataLoader(self.val_set, batch_size=self.data.val_batch_size,
+                                      shuffle=False, pin_memory=self._pin()))
+        if self.paired_set is not None:
+            loaders.append(DataLoader(self.paired_set, batch_size=1, shuffle=False,
+                                      num_workers=min(self.data.num_workers, 2)))
+        return loaders
+
+    # ----------------------------------------------------------------- per-batch hooks
+    def _is_train_batch(self, batch) -> bool:
+        trainer = self.trainer
+        return (trainer is not None and trainer.training and isinstance(batch, dict)
+                and "n_bad" in batch and "hr" in batch)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self._is_train_batch(batch):  # counts are still CPU tensors here: no device sync
+            self._count(batch)
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not self._is_train_batch(batch):
+            return batch
+        hr = batch["hr"]
+        hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
+        out = self.degrader(hr, self._device_generator(hr.device))
+        out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
+        return out
+
+    def _device_generator(self, device: torch.device) -> torch.Generator:
+        trainer = self.trainer
+        key = (str(device), trainer.global_rank, trainer.current_epoch)
+        if self._generator_key != key:
+            self._generator = make_generator(self.seed, 1000 + key[1], key[2], device=device)
+            self._generator_key = key
+        return self._generator
+
+    # ----------------------------------------------------------------- data quality
+    def data_quality(self) -> dict:
+        """This rank's counts: samples ``read`` by its workers, ``bad`` (corrupt/unreadable),
+        ``small`` (skipped as smaller than the crop) and ``bad_fraction`` = bad / read."""
+        c = dict(self._counts)
+        c["bad_fraction"] = c["bad"] / c["read"] if c["read"] else 0.0
+        return c
+
+    def _count(self, batch) -> None:
+        c = self._counts
+        c["read"] += int(batch.get("n_read", batch["hr"].shape[0]))
+        c["bad"] += int(batch["n_bad"])
+        c["small"] += int(batch.get("n_small", 0))
+        self._batches += 1
+        trainer = self.trainer
+        if trainer.world_size > 1:  # every rank runs the same batch count: collectives line up
+            if self._batches % QUALITY_SYNC_EVERY:
+                return
+            local = torch.tensor([c["read"], c["bad"]], dtype=torch.float64,
+                                 device=trainer.strategy.root_device)
+            read, bad = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum").tolist())
+        else:
+            read, bad = c["read"], c["bad"]
+        self.check_quality(read, bad)
+
+    def check_quality(self, read: int, bad: int) -> None:
+        """UserError when enough samples were read and too many of them were corrupt."""
+        d = self.data
+        if read >= d.min_samples_for_bad_check and read and bad / read > d.max_bad_fraction:
+            raise UserError(
+                f"data: {bad} of {read} samples ({100 * bad / read:.1f}%) were corrupt or "
+                f"unreadable, above data.max_bad_fraction={d.max_bad_fraction}; check the shards: "
+                f"{d.train_shards} (rewrite them with `degsr shards`, which checks every image)")

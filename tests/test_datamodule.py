@@ -1,0 +1,356 @@
+"""The data layer: shard stream, synthetic/paired validation sets and SRDataModule, on real shards
+written by ``degsr shards`` from scikit-image photos (no network)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import degsr.cli
+from degsr.config.loader import validate
+from degsr.config.schema import DegradationConfig
+from degsr.data.config import DataConfig
+from degsr.data.module import SRDataModule
+from degsr.data.shards import expand_shard_pattern
+from degsr.data.stream import TrainStream, read_shard, reflect_pad
+from degsr.data.validation import PairedFolders, SyntheticValSet
+from degsr.errors import ConfigError, UserError
+
+CROP = 64
+ENGINE_KEYS = {"hr", "gt", "lr", "lr_up", "scores", "clean", "params", "n_bad"}
+
+
+def _save(arr, path):
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Real photos as PNG plus small generated images (one smaller than the crop)."""
+    src = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        _save(getattr(skimage.data, name)(), src / f"{name}.png")
+    _save(np.repeat(skimage.data.camera()[..., None], 3, axis=2), src / "camera.png")
+    rng = np.random.default_rng(0)
+    _save(rng.integers(0, 256, (96, 80, 3), np.uint8), src / "noise.png")
+    _save(rng.integers(0, 256, (40, 50, 3), np.uint8), src / "tiny.png")
+    return src
+
+
+@pytest.fixture(scope="module")
+def shards(photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "train"
+    rc = degsr.cli.main(["shards", str(photos), "--out", str(out), "--per-shard", "2",
+                         "--min-side", "16", "--min-bytes", "0"])
+    assert rc == 0
+    return out
+
+
+def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_shards(shards, tmp_path_factory) -> dict[str, Path]:
+    """A shard with one garbage image member and one good image; a shard cut in half."""
+    d = tmp_path_factory.mktemp("bad")
+    good = _png(skimage.data.chelsea())
+    meta = json.dumps({"source": "x"}).encode()
+    corrupt = _tar(d / "corrupt-000000.tar", [
+        ("00000000_garbage", {"png": b"\x89PNG this is not an image" * 50, "json": meta}),
+        ("00000001_chelsea", {"png": good, "json": meta})])
+    full = (shards / "train-000000.tar").read_bytes()
+    truncated = d / "cut-000000.tar"
+    truncated.write_bytes(full[: int(len(full) * 0.9)])
+    return {"corrupt": corrupt, "truncated": truncated, "dir": d}
+
+
+def fake_trainer(training=True, rank=0, world_size=1, epoch=0):
+    return SimpleNamespace(training=training, global_rank=rank, world_size=world_size,
+                           current_epoch=epoch, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+
+def stream(urls, **kw):
+    args = dict(crop_size=CROP, batch_size=2, batches_per_epoch=4, shuffle_buffer=4, seed=0)
+    return TrainStream([str(u) for u in urls], **{**args, **kw})
+
+
+def data_cfg(**kw) -> DataConfig:
+    args = dict(crop_size=CROP, batch_size=2, num_workers=0, shuffle_buffer=4,
+                batches_per_epoch=3, val_crops=6, val_batch_size=4)
+    return DataConfig(**{**args, **kw})
+
+
+# ------------------------------------------------------------------------------------ config
+def test_config_checks_name_their_keys():
+    validate(OmegaConf.structured(DataConfig()), DataConfig)
+    with pytest.raises(ConfigError) as e:
+        validate(OmegaConf.structured(DataConfig(batch_size=0, small_images="crop",
+                                                 max_bad_fraction=2.0, val_paired_lr="x")),
+                 DataConfig)
+    text = str(e.value)
+    for key in ("batch_size", "small_images", "max_bad_fraction", "val_paired_hr"):
+        assert key in text
+
+
+# ------------------------------------------------------------------------------------ stream
+def test_batch_through_datamodule_hooks(shards):
+    dm = SRDataModule(data_cfg(train_shards=str(shards)), DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3 == len(dm.train_dataloader())
+    raw = batches[0]
+    assert raw["hr"].dtype == torch.uint8 and raw["hr"].shape == (2, 3, CROP, CROP)
+    out = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+    assert ENGINE_KEYS <= set(out)
+    assert out["hr"].dtype == torch.float32 and out["hr"].shape == (2, 3, CROP, CROP)
+    assert out["lr"].shape == (2, 3, CROP // 4, CROP // 4)
+    assert out["lr_up"].shape == (2, 3, CROP, CROP) and out["scores"].shape == (2, 2)
+    assert out["clean"].shape == (2,)
+    assert torch.equal(out["hr"], raw["hr"].float() / 255)
+    q = dm.data_quality()
+    assert q["read"] >= 2 and q["bad"] == 0 and q["bad_fraction"] == 0.0
+    dm.trainer = fake_trainer(training=False)  # validation batches pass through untouched
+    assert dm.on_after_batch_transfer(raw, 0) is raw
+
+
+def test_small_images_pad_or_skip(shards):
+    padded = reflect_pad(np.arange(6, dtype=np.uint8).reshape(1, 2, 3), 5)
+    assert padded.shape == (5, 5, 3)
+    assert reflect_pad(np.zeros((1, 1, 3), np.uint8), 4).shape == (4, 4, 3)
+    tiny = [u for u in expand_shard_pattern(str(shards)) if "tiny" in read_shard_keys(u)]
+    s = stream(tiny, small_images="skip", stall_limit=10 ** 6, batches_per_epoch=2)
+    batches = list(s)
+    assert all("tiny" not in k for b in batches for k in b["keys"])
+    assert sum(int(b["n_small"]) for b in batches) > 0
+    assert sum(int(b["n_bad"]) for b in batches) == 0
+    padded = list(stream(tiny, small_images="pad", batches_per_epoch=8))
+    assert any("tiny" in k for b in padded for k in b["keys"])
+
+
+def read_shard_keys(url) -> str:
+    return " ".join(k for k, _ in read_shard(url))
+
+
+def _by_worker(urls, rank, num_workers, bpe):
+    """Run one simulated rank (RANK/WORLD_SIZE env, read by webdataset's pytorch_worker_info)."""
+    loader = DataLoader(stream(urls, batches_per_epoch=bpe), batch_size=None,
+                        num_workers=num_workers)
+    batches = list(loader)
+    return batches, [batches[w::num_workers] for w in range(num_workers)]
+
+
+def test_ranks_and_workers_get_distinct_seeded_streams(shards, monkeypatch):
+    urls = expand_shard_pattern(str(shards))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seqs = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        batches, per_worker = _by_worker(urls, rank, num_workers=2, bpe=5)
+        assert len(batches) == 5  # exactly batches_per_epoch per rank, odd split over 2 workers
+        for w, bs in enumerate(per_worker):
+            seqs[rank, w] = (tuple(k for b in bs for k in b["keys"]),
+                             torch.cat([b["hr"] for b in bs]))
+    assert len({s[0] for s in seqs.values()}) == 4 or all(
+        not torch.equal(a[1][:4], b[1][:4]) for i, a in enumerate(seqs.values())
+        for j, b in enumerate(seqs.values()) if i < j)
+    for (ra, wa), a in seqs.items():
+        for (rb, wb), b in seqs.items():
+            if (ra, wa) < (rb, wb):
+                assert not torch.equal(a[1][:4], b[1][:4]), f"{(ra, wa)} and {(rb, wb)} share crops"
+
+    # seeded: the same (rank, worker) in this process reproduces the DataLoader worker's stream
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORKER", "1")
+    monkeypatch.setenv("NUM_WORKERS", "2")
+    s = stream(urls, batches_per_epoch=5)
+    again = list(s)
+    assert len(again) == 2
+    assert tuple(k for b in again for k in b["keys"]) == seqs[1, 1][0]
+    assert torch.equal(torch.cat([b["hr"] for b in again]), seqs[1, 1][1])
+    second_epoch = torch.cat([b["hr"] for b in s])  # next iter() = next epoch: new crops
+    assert not torch.equal(second_epoch, seqs[1, 1][1])
+    explicit = stream(urls, batches_per_epoch=5, rank=0)  # the trainer's rank wins over RANK
+    assert not torch.equal(torch.cat([b["hr"] for b in explicit]), seqs[1, 1][1])
+
+
+# ------------------------------------------------------------------------------- bad samples
+def test_truncated_shard_yields_complete_samples_then_raises(bad_shards):
+    got = []
+    with pytest.raises(tarfile.ReadError):
+        for key, parts in read_shard(bad_shards["truncated"]):
+            got.append(key)
+            assert {"png", "json"} <= set(parts)
+    assert got == ["00000000_astronaut"]
+
+
+def test_bad_samples_are_counted_and_the_stream_goes_on(shards, bad_shards):
+    good = expand_shard_pattern(str(shards))[1]
+    urls = [good, bad_shards["corrupt"], bad_shards["truncated"]]
+    batches = list(stream(urls, batches_per_epoch=12))
+    assert len(batches) == 12
+    keys = [k for b in batches for k in b["keys"]]
+    assert "00000000_garbage" not in keys and "00000001_chelsea" in keys
+    bad, read = (sum(int(b[k]) for b in batches) for k in ("n_bad", "n_read"))
+    assert bad > 0 and read >= len(keys) + bad
+
+    # corrupt shard alone: each pass reads 1 garbage + 1 good sample
+    only = list(stream([bad_shards["corrupt"]], batches_per_epoch=6))
+    bad, read = (sum(int(b[k]) for b in only) for k in ("n_bad", "n_read"))
+    assert abs(bad - (read - bad)) <= 1 and bad >= 12 // 2
+
+    # nothing usable at all: a clear error instead of an endless loop
+    junk = bad_shards["dir"] / "junk.tar"
+    junk.write_bytes(b"not a tar file" * 100)
+    with pytest.raises(UserError, match="unusable"):
+        list(stream([junk], stall_limit=20))
+
+
+def test_bad_fraction_ceiling(bad_shards):
+    cfg = data_cfg(train_shards=str(bad_shards["corrupt"]), min_samples_for_bad_check=8,
+                   max_bad_fraction=0.2, batches_per_epoch=8)
+    dm = SRDataModule(cfg, DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    with pytest.raises(UserError, match=r"corrupt or unreadable, above data.max_bad_fraction=0.2"):
+        for batch in dm.train_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
+    assert dm.data_quality()["read"] >= 8
+
+    lenient = SRDataModule(data_cfg(train_shards=str(bad_shards["corrupt"]),
+                                    min_samples_for_bad_check=8, max_bad_fraction=0.6,
+                                    batches_per_epoch=8), DegradationConfig())
+    lenient.setup("fit")
+    lenient.trainer = fake_trainer()
+    for batch in lenient.train_dataloader():
+        lenient.on_before_batch_transfer(batch, 0)
+    assert 0.3 < lenient.data_quality()["bad_fraction"] <= 0.6
+
+
+# ---------------------------------------------------------------------------------- val sets
+def _val_items(ds):
+    return {k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in ds[0]}
+
+
+def test_synthetic_val_set_is_fixed(shards, photos):
+    deg = DegradationConfig()
+    a = SyntheticValSet.from_config(data_cfg(val_shards=str(shards)), deg)
+    b = SyntheticValSet.from_config(data_cfg(val_shards=str(shards), val_batch_size=1), deg)
+    assert len(a) == 6  # more crops than... cycles over images when needed
+    ia, ib = _val_items(a), _val_items(b)
+    assert set(ia) == {"hr", "gt", "lr", "lr_up", "scores", "clean"}
+    assert ia["lr"].shape == (6, 3, CROP // 4, CROP // 4) and ia["hr"].dtype == torch.float32
+    for k in ia:
+        assert torch.equal(ia[k], ib[k]), k
+    assert torch.equal(_val_items(a)["lr_up"], ia["lr_up"])  # every epoch: same tensors
+
+    many = SyntheticValSet.from_config(data_cfg(val_folder=str(photos), val_crops=10), deg)
+    again = SyntheticValSet.from_config(data_cfg(val_folder=str(photos), val_crops=10), deg)
+    assert len(many) == 10
+    for k, v in _val_items(many).items():
+        assert torch.equal(v, _val_items(again)[k]), k
+
+    with pytest.raises(UserError, match="data.val_folder"):
+        SyntheticValSet.from_config(data_cfg(val_folder=str(photos / "nope")), deg)
+
+
+def test_paired_folders(tmp_path):
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    img = skimage.data.astronaut()
+    _save(img[::4, ::4], lr / "Canon_001_LR4.png")
+    _save(img, hr / "Canon_001_HR.png")
+    _save(img[:128:4, :96:4], lr / "b.png")
+    _save(img[:128, :96], hr / "b.png")
+    ds = PairedFolders(str(lr), str(hr))
+    assert [ds[i]["name"] for i in range(len(ds))] == ["Canon_001", "b"]
+    assert ds[1]["lr"].shape == (3, 32, 24) and ds[1]["hr"].shape == (3, 128, 96)
+    assert ds[1]["hr"].dtype == torch.float32 and float(ds[1]["hr"].max()) <= 1.0
+
+    _save(img[:8, :8], lr / "extra_one.png")
+    _save(img[:8, :8], hr / "other.png")
+    with pytest.raises(UserError) as e:
+        PairedFolders(str(lr), str(hr))
+    assert "extra_one.png" in str(e.value) and "other.png" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- setup errors
+def test_setup_errors_name_key_and_pattern(tmp_path, shards):
+    deg = DegradationConfig()
+    with pytest.raises(UserError, match="data.train_shards is not set"):
+        SRDataModule(data_cfg(), deg).setup("fit")
+    pattern = str(tmp_path / "nothing-*.tar")
+    with pytest.raises(UserError) as e:
+        SRDataModule(data_cfg(train_shards=pattern), deg).setup("fit")
+    assert "data.train_shards" in str(e.value) and pattern in str(e.value)
+    with pytest.raises(UserError, match="data.val_shards"):
+        SRDataModule(data_cfg(train_shards=str(shards), val_shards=pattern), deg).setup("fit")
+    with pytest.raises(UserError, match="multiple of degradation.scale"):
+        SRDataModule(data_cfg(train_shards=str(shards), crop_size=66), deg).setup("fit")
+    SRDataModule(data_cfg(), deg).setup("validate")  # no training source needed to validate
+
+
+# ----------------------------------------------------------------------- a real Lightning fit
+class _Probe(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = {"train": [], "val": []}
+
+    def training_step(self, batch, batch_idx):
+        assert ENGINE_KEYS <= set(batch) and batch["lr"].shape[-1] == CROP // 4
+        self.seen["train"].append(batch["keys"])
+        return (batch["lr_up"].mean() - batch["hr"].mean() + self.w).pow(2)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.seen["val"].append(sorted(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_fit_with_workers_and_both_val_sets(shards, photos, tmp_path):
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    _save(skimage.data.coffee()[::4, ::4], lr / "c.png")
+    _save(skimage.data.coffee(), hr / "c.png")
+    cfg = data_cfg(train_shards=str(shards), val_folder=str(photos), num_workers=2,
+                   val_paired_lr=str(lr), val_paired_hr=str(hr))
+    dm, model = SRDataModule(cfg, DegradationConfig(), seed=3), _Probe()
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=1, accelerator="cpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert len(model.seen["train"]) == cfg.batches_per_epoch
+    assert dm.val_names == ["synthetic", "paired"]
+    assert ["clean", "gt", "hr", "lr", "lr_up", "scores"] in model.seen["val"]
+    assert ["hr", "lr", "name"] in model.seen["val"]
+    assert dm.data_quality()["read"] >= cfg.batches_per_epoch * cfg.batch_size
