@@ -206,3 +206,30 @@ def test_rank_and_worker_streams_differ_and_repeat():
     assert torch.equal(draw(0, 1), draw(0, 1))
     streams = [draw(r, w) for r in range(2) for w in range(2)]
     assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1:])
+
+
+def test_sample_then_apply_equals_call_and_allows_controlled_changes():
+    from degsr.degradation.kernels import gaussian_family_kernels, kernel_std
+
+    d, hr = Degrader(preset()), photos(4, 64)
+    draw = d.sample(4, gen(9))
+    g = gen(9)
+    d.sample(4, g)  # advance to where apply draws its noise
+    state = g.get_state()
+    torch.testing.assert_close(d.apply(hr, draw, g)["lr"], d(hr, gen(9))["lr"], rtol=0, atol=0)
+    # a ranking pair: the same draw and noise, only the first blur made stronger
+    sigma = torch.full((4,), 3.0)
+    strong = {"params": {**draw["params"], "blur1_applied": torch.ones(4, dtype=torch.bool),
+                         "blur1_std": kernel_std(gaussian_family_kernels(21, sigma, sigma, 0 * sigma)),
+                         "blur1_omega_c": torch.zeros(4)},
+              "kernels": {**draw["kernels"],
+                          "blur1": gaussian_family_kernels(21, sigma, sigma, 0 * sigma)}}
+    weak = {"params": {**draw["params"], "blur1_applied": torch.zeros(4, dtype=torch.bool)},
+            "kernels": draw["kernels"]}
+    g_weak, g_strong = torch.Generator(), torch.Generator()
+    g_weak.set_state(state)
+    g_strong.set_state(state)
+    a, b = d.apply(hr, weak, g_weak), d.apply(hr, strong, g_strong)
+    keep = ~draw["params"]["clean"]
+    assert (b["scores"][keep, 0] > a["scores"][keep, 0]).all()
+    assert torch.equal(a["scores"][:, 1], b["scores"][:, 1])
