@@ -90,9 +90,28 @@ class RunConfig:
                                         "(None = cuda if available, else cpu)")
 
 
+STAGES = ["estimator"]
+
+
+def _sections():
+    """Section schemas that live beside the code they configure (imported late: no cycles)."""
+    from degsr.data.config import DataConfig
+    from degsr.estimator.config import EstimatorConfig
+    from degsr.training.config import LoggerConfig, TrainerConfig
+    return DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig
+
+
+DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig = _sections()
+
+
 @dataclass
 class Config:
     """The whole config tree of one run."""
 
+    stage: str = choice("estimator", STAGES, "what `degsr fit` trains: estimator = stage 1")
     run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)

@@ -19,6 +19,8 @@ Validation: ``val_dataloader()`` returns ``[synthetic, paired]``, each only when
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -101,6 +103,9 @@ class SRDataModule(L.LightningDataModule):
             rank=None if trainer is None else trainer.global_rank,
             start_epoch=0 if trainer is None else trainer.current_epoch,
             stall_limit=max(1000, d.min_samples_for_bad_check))
+        # Lightning warns that __len__ may be wrong with several workers; here each worker
+        # yields its share of batches_per_epoch, so len() is exact.
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
         return DataLoader(stream, batch_size=None, num_workers=d.num_workers,
                           persistent_workers=d.num_workers > 0, pin_memory=self._pin())
 

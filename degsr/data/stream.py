@@ -15,7 +15,8 @@ decoded, cropped at a random position, flipped with probability 1/2 and shuffled
   started with ``spawn`` does not see the process group and would think it is rank 0;
 - its handler is only called with an exception, so a truncated shard cannot be told apart from a
   partial sample and counted once. Here a damaged shard counts 1 bad sample (the one being read),
-  an undecodable image or a sample without an image member counts 1, and reading goes on.
+  an undecodable image, a sample without an image member or an empty shard counts 1, and
+  reading goes on.
   Shard keys are split exactly as webdataset does (``base_plus_ext``).
 
 Every rank yields exactly ``batches_per_epoch`` batches, split as evenly as possible over its
@@ -116,7 +117,9 @@ class TrainStream(IterableDataset):
 
     Use with ``DataLoader(stream, batch_size=None)``. ``rank`` None = read it from the
     environment/process group (webdataset's ``pytorch_worker_info``). ``start_epoch`` is the
-    epoch of the first ``iter()``; each later ``iter()`` on the same object is the next epoch.
+    epoch of the first ``iter()``; each later ``iter()`` on the same object is the next epoch
+    (so with worker processes, use ``persistent_workers=True``: a fresh worker copy would replay
+    the first epoch's stream).
     """
 
     def __init__(self, urls: Sequence[str], *, crop_size: int, batch_size: int,
@@ -172,15 +175,18 @@ class TrainStream(IterableDataset):
 
         while True:
             url = self.urls[rng.randrange(len(self.urls))]
-            samples = read_shard(url)
+            samples, empty = read_shard(url), True
             while True:
                 try:
                     key, parts = next(samples)
                 except StopIteration:
+                    if empty:  # a valid but empty tar counts too, or this could spin forever
+                        skip("n_bad")
                     break
                 except Exception:  # noqa: BLE001 - damaged/unreadable shard: lose one sample
                     skip("n_bad")
                     break
+                empty = False
                 try:
                     img = decode_image(parts)
                 except ValueError:

@@ -6,10 +6,10 @@ Defaults reproduce MM-RealSR's ``DEResNet`` as S3Diff uses it (``num_feats [64, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
-from degsr.config.fields import plain, positive
+from degsr.config.fields import choice, number, plain, positive
 
 
 @dataclass
@@ -45,3 +45,29 @@ def tiny_net() -> EstimatorNetConfig:
     """A ~32k-parameter network with the same layout, for tests and smoke runs."""
     return EstimatorNetConfig(widths=[8, 8, 16, 16], blocks_per_stage=1, downscales=[1, 1, 2, 1],
                               head_hidden=32)
+
+
+OBJECTIVES = ["supervised", "ranking", "both"]
+
+
+@dataclass
+class EstimatorConfig:
+    """Stage 1: training the estimator (``estimator.*`` keys).
+
+    ``supervised`` regresses the engine's scores; ``ranking`` is MM-RealSR's objective: pairs of
+    the same crop differing only in the blur draws (or only in the noise+JPEG draws), a
+    margin-ranking loss on each pair, plus anchors (clean -> 0, worst case of the preset -> 1).
+    MM-RealSR weighs ranking 0.01 and anchors 1e-4 next to an SR loss; alone, only their ratio
+    matters, kept here as 1 : 0.01.
+    """
+
+    net: EstimatorNetConfig = field(default_factory=EstimatorNetConfig)
+    objective: str = choice("supervised", OBJECTIVES, "training objective (an ablation)")
+    supervised_weight: float = number(1.0, "weight of the MSE to the engine's scores", lo=0)
+    ranking_weight: float = number(1.0, "weight of the margin-ranking loss", lo=0)
+    anchor_weight: float = number(0.01, "weight of the clean->0 / worst->1 anchors (MSE)", lo=0)
+    margin: float = number(0.05, "ranking margin", lo=0)
+    min_gap: float = number(0.05, "pairs whose engine scores differ by less are not ranked", lo=0)
+    lr: float = positive(2e-4, "AdamW learning rate")
+    weight_decay: float = number(0.0, "AdamW weight decay", lo=0)
+    export_dir: str = plain("export", "export folder, relative to the run directory")

@@ -1,0 +1,126 @@
+"""Stage 1: the degradation estimator as a LightningModule (METHOD.md, "Stage 1").
+
+Training batches arrive degraded by the DataModule (``lr``, ``scores``, ``hr``, ...). The
+objective (``estimator.objective``) is ``supervised`` (MSE to the engine's scores), ``ranking``
+(margin ranking on pairs made here from ``hr``, plus clean/worst anchors) or ``both``.
+Validation reports per-score Spearman and Pearson correlation on the fixed synthetic set.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+from degsr.config.schema import DegradationConfig
+from degsr.degradation.pipeline import Degrader
+from degsr.estimator.config import EstimatorConfig
+from degsr.estimator.losses import anchor_loss, margin_ranking
+from degsr.estimator.network import SCORES, DegradationEstimator
+from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
+from degsr.seeding import make_generator
+
+
+def _plain(cfg, cls):
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
+class EstimatorModule(L.LightningModule):
+    def __init__(self, cfg: EstimatorConfig, degradation: DegradationConfig, seed: int = 0):
+        super().__init__()
+        self.cfg: EstimatorConfig = _plain(cfg, EstimatorConfig)
+        self.degradation: DegradationConfig = _plain(degradation, DegradationConfig)
+        self.seed = seed
+        self.net = DegradationEstimator(self.cfg.net)
+        self.degrader = Degrader(self.degradation)
+        self._gen: torch.Generator | None = None
+        self.val_metrics = torch.nn.ModuleDict({
+            f"{kind}_{name}": cls() for name in SCORES
+            for kind, cls in (("spearman", SpearmanCorrCoef), ("pearson", PearsonCorrCoef))})
+        self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.net(lr)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = make_generator(self.seed, 2000 + self.global_rank, device=device)
+        return self._gen
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every term of the configured objective (unweighted), on one degraded batch."""
+        cfg, out = self.cfg, {}
+        if cfg.objective in ("supervised", "both"):
+            out["supervised"] = F.mse_loss(self.net(batch["lr"]), batch["scores"])
+        if cfg.objective in ("ranking", "both"):
+            hr = batch["hr"]
+            g = self._generator(hr.device)
+            terms = []
+            for i, (name, (a, b)) in enumerate(ranking_batches(self.degrader, hr, g).items()):
+                pa, pb = self.net(torch.cat([a["lr"], b["lr"]])).chunk(2)
+                terms.append(margin_ranking(pa[:, i], pb[:, i], a["scores"][:, i],
+                                            b["scores"][:, i], cfg.margin, cfg.min_gap))
+            out["ranking"] = sum(terms)
+            worst = self.degrader.apply(hr, worst_draw(self.degrader, hr.shape[0], g), g)["lr"]
+            pred_clean, pred_worst = self.net(
+                torch.cat([clean_lr(batch["hr"], self.degradation.scale), worst])).chunk(2)
+            out["anchor"] = anchor_loss(pred_clean, pred_worst)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.losses(batch)
+        weights = {"supervised": self.cfg.supervised_weight, "ranking": self.cfg.ranking_weight,
+                   "anchor": self.cfg.anchor_weight}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        bs = batch["lr"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "scores" not in batch:  # paired real-world folders carry no labels
+            return
+        pred = self.net(batch["lr"])
+        for i, name in enumerate(SCORES):
+            for kind in ("spearman", "pearson"):
+                self.val_metrics[f"{kind}_{name}"].update(pred[:, i], batch["scores"][:, i])
+        self.log("val/mse", F.mse_loss(pred, batch["scores"]), batch_size=pred.shape[0],
+                 add_dataloader_idx=False, sync_dist=True)
+        self._val_pairs.append((pred.detach().cpu(), batch["scores"].detach().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_pairs:
+            return
+        for key, metric in self.val_metrics.items():
+            self.log(f"val/{key}", metric.compute())
+            metric.reset()
+        pred, true = (torch.cat(x) for x in zip(*self._val_pairs))
+        self._val_pairs.clear()
+        self._log_scatter(pred, true)
+
+    def _log_scatter(self, pred: torch.Tensor, true: torch.Tensor) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not isinstance(self.logger, WandbLogger) or self.trainer.sanity_checking:
+            return
+        import wandb
+
+        for i, name in enumerate(SCORES):
+            table = wandb.Table(data=torch.stack([true[:, i], pred[:, i]], 1).tolist(),
+                                columns=["true", "predicted"])
+            self.logger.experiment.log({
+                f"val/scatter_{name}": wandb.plot.scatter(table, "true", "predicted"),
+                f"val/hist_{name}": wandb.Histogram(pred[:, i].numpy()),
+                "trainer/global_step": self.global_step})
+
+    def export(self, path) -> None:
+        """Write ``estimator.safetensors`` + ``estimator.json`` (what stage 2 and inference load)."""
+        from degsr.estimator.export import save_estimator
+
+        save_estimator(self.net, path)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr,
+                                 weight_decay=self.cfg.weight_decay)

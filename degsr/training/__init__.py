@@ -1,0 +1,1 @@
+"""Running a stage: Trainer, logger, checkpoints and exports from the config (``degsr fit``)."""
