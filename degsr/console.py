@@ -28,6 +28,15 @@ def setup(verbose: bool = False) -> None:
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    if not verbose:  # library chatter that says nothing actionable to a degsr user
+        import warnings
+
+        for pattern in (r".*will save all targets and predictions in the buffer.*",
+                        r".*LeafSpec.*is deprecated.*", r".*does not have many workers.*",
+                        r".*The number of training batches.*is smaller than the logging interval.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def show_progress() -> bool:

@@ -79,7 +79,8 @@ def _png(arr) -> bytes:
 
 @pytest.fixture(scope="module")
 def bad_shards(shards, tmp_path_factory) -> dict[str, Path]:
-    """A shard with one garbage image member and one good image; a shard cut in half."""
+    """A shard with one garbage image member and one good image; a shard cut short (90%, inside
+    its second sample) and one cut in half (inside its first)."""
     d = tmp_path_factory.mktemp("bad")
     good = _png(skimage.data.chelsea())
     meta = json.dumps({"source": "x"}).encode()
@@ -89,12 +90,14 @@ def bad_shards(shards, tmp_path_factory) -> dict[str, Path]:
     full = (shards / "train-000000.tar").read_bytes()
     truncated = d / "cut-000000.tar"
     truncated.write_bytes(full[: int(len(full) * 0.9)])
-    return {"corrupt": corrupt, "truncated": truncated, "dir": d}
+    (d / "half-000000.tar").write_bytes(full[: len(full) // 2])
+    return {"corrupt": corrupt, "truncated": truncated, "half": d / "half-000000.tar", "dir": d}
 
 
 def fake_trainer(training=True, rank=0, world_size=1, epoch=0):
     return SimpleNamespace(training=training, global_rank=rank, world_size=world_size,
-                           current_epoch=epoch, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+                           current_epoch=epoch,
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 def stream(urls, **kw):
@@ -147,7 +150,7 @@ def test_small_images_pad_or_skip(shards):
     assert padded.shape == (5, 5, 3)
     assert reflect_pad(np.zeros((1, 1, 3), np.uint8), 4).shape == (4, 4, 3)
     urls = expand_shard_pattern(str(shards))
-    tiny = [u for u in urls if "tiny" in read_shard_keys(u)] + [urls[0]]
+    tiny = [u for u in urls if any("tiny" in k for k, _ in read_shard(u))] + [urls[0]]
     with pytest.raises(UserError, match="smaller than data.crop_size=64"):
         list(stream(tiny[:1], small_images="skip", stall_limit=50))
     s = stream(tiny, small_images="skip", batches_per_epoch=6)
@@ -159,27 +162,17 @@ def test_small_images_pad_or_skip(shards):
     assert any("tiny" in k for b in padded for k in b["keys"])
 
 
-def read_shard_keys(url) -> str:
-    return " ".join(k for k, _ in read_shard(url))
-
-
-def _by_worker(urls, rank, num_workers, bpe):
-    """Run one simulated rank (RANK/WORLD_SIZE env, read by webdataset's pytorch_worker_info)."""
-    loader = DataLoader(stream(urls, batches_per_epoch=bpe), batch_size=None,
-                        num_workers=num_workers)
-    batches = list(loader)
-    return batches, [batches[w::num_workers] for w in range(num_workers)]
-
-
 def test_ranks_and_workers_get_distinct_seeded_streams(shards, monkeypatch):
     urls = expand_shard_pattern(str(shards))
     monkeypatch.setenv("WORLD_SIZE", "2")
     seqs = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        batches, per_worker = _by_worker(urls, rank, num_workers=2, bpe=5)
+        # rank from RANK/WORLD_SIZE (webdataset's pytorch_worker_info), 2 worker processes
+        batches = list(DataLoader(stream(urls, batches_per_epoch=5), batch_size=None,
+                                  num_workers=2))
         assert len(batches) == 5  # exactly batches_per_epoch per rank, odd split over 2 workers
-        for w, bs in enumerate(per_worker):
+        for w, bs in enumerate((batches[0::2], batches[1::2])):  # workers take turns
             seqs[rank, w] = (tuple(k for b in bs for k in b["keys"]),
                              torch.cat([b["hr"] for b in bs]))
     for (ra, wa), a in seqs.items():
@@ -210,11 +203,13 @@ def test_truncated_shard_yields_complete_samples_then_raises(bad_shards):
             got.append(key)
             assert {"png", "json"} <= set(parts)
     assert got == ["00000000_astronaut"]
+    with pytest.raises(tarfile.ReadError):
+        list(read_shard(bad_shards["half"]))
 
 
 def test_bad_samples_are_counted_and_the_stream_goes_on(shards, bad_shards):
     good = expand_shard_pattern(str(shards))[1]
-    urls = [good, bad_shards["corrupt"], bad_shards["truncated"]]
+    urls = [good, bad_shards["corrupt"], bad_shards["truncated"], bad_shards["half"]]
     batches = list(stream(urls, batches_per_epoch=12))
     assert len(batches) == 12
     keys = [k for b in batches for k in b["keys"]]

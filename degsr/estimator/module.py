@@ -8,6 +8,8 @@ Validation reports per-score Spearman and Pearson correlation on the fixed synth
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -36,9 +38,11 @@ class EstimatorModule(L.LightningModule):
         self.net = DegradationEstimator(self.cfg.net)
         self.degrader = Degrader(self.degradation)
         self._gen: torch.Generator | None = None
-        self.val_metrics = torch.nn.ModuleDict({
-            f"{kind}_{name}": cls() for name in SCORES
-            for kind, cls in (("spearman", SpearmanCorrCoef), ("pearson", PearsonCorrCoef))})
+        with warnings.catch_warnings():  # "Spearman keeps every value": the val set is fixed and small
+            warnings.simplefilter("ignore", UserWarning)
+            self.val_metrics = torch.nn.ModuleDict({
+                f"{kind}_{name}": cls() for name in SCORES
+                for kind, cls in (("spearman", SpearmanCorrCoef), ("pearson", PearsonCorrCoef))})
         self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Stage 1: losses against their formulas, pairs, anchors, training reduces the loss, degsr fit."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from degsr.config import load_config
+from degsr.degradation.pipeline import Degrader
+from degsr.degradation.scores import degradation_scores
+from degsr.estimator.losses import anchor_loss, margin_ranking
+from degsr.estimator.module import EstimatorModule
+from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/estimator_tiny.yaml"
+
+
+def hr_batch(n=4, size=64, seed=0):
+    from degsr.data.photos import load_photo
+    img = torch.from_numpy(load_photo("astronaut")).permute(2, 0, 1).float() / 255
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = (torch.randint(0, 512 - size, (n,), generator=g).tolist() for _ in range(2))
+    return torch.stack([img[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+def test_margin_ranking_matches_formula_on_hand_built_pairs():
+    pa, pb = torch.tensor([0.30, 0.50, 0.2]), torch.tensor([0.20, 0.52, 0.9])
+    ta, tb = torch.tensor([0.9, 0.1, 0.40]), torch.tensor([0.1, 0.8, 0.42])  # third: gap < min_gap
+    # pair 1: y=+1, max(0, 0.05 - 0.10) = 0;  pair 2: y=-1, max(0, 0.05 - 0.02) = 0.03
+    loss = margin_ranking(pa, pb, ta, tb, margin=0.05, min_gap=0.05)
+    assert loss.item() == pytest.approx((0.0 + 0.03) / 2, abs=1e-7)
+    none = margin_ranking(pa[2:], pb[2:], ta[2:], tb[2:], 0.05, 0.05)
+    assert none.item() == 0.0
+
+
+def test_anchor_loss_formula():
+    c, w = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.7, 1.0]])
+    assert anchor_loss(c, w).item() == pytest.approx((0.01 + 0.04) / 2 + (0.09 + 0) / 2)
+
+
+def test_pairs_change_only_their_group():
+    cfg = load_config([TINY]).degradation
+    d = Degrader(cfg)
+    pairs = ranking_batches(d, hr_batch(8), torch.Generator().manual_seed(1))
+    (a, b), (_, c) = pairs["blur"], pairs["noise"]
+    assert torch.equal(a["scores"][:, 1], b["scores"][:, 1])  # blur pair: same noise score
+    assert torch.equal(a["scores"][:, 0], c["scores"][:, 0])  # noise pair: same blur score
+    assert (a["scores"][:, 0] != b["scores"][:, 0]).any() and (a["scores"][:, 1] != c["scores"][:, 1]).any()
+    assert not a["clean"].any()
+
+
+def test_worst_draw_scores_one_and_clean_lr_matches_engine():
+    cfg = load_config([TINY]).degradation
+    d = Degrader(cfg)
+    draw = worst_draw(d, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(degradation_scores(draw["params"], cfg), torch.ones(3, 2))
+    hr = hr_batch(2)
+    clean = Degrader(load_config([TINY], ["degradation.no_degradation_prob=1"]).degradation)(
+        hr, torch.Generator().manual_seed(0))
+    assert torch.equal(clean_lr(hr, 4), clean["lr"])
+
+
+@pytest.mark.parametrize("objective,lr,steps,factor", [
+    ("supervised", 3e-3, 20, 0.8), ("both", 3e-3, 20, 0.8), ("ranking", 1e-3, 40, 0.97)])
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(objective, lr, steps, factor, monkeypatch):
+    import degsr.estimator.module as mod
+
+    torch.manual_seed(0)
+    cfg = load_config([TINY], [f"estimator.objective={objective}", f"estimator.lr={lr}"])
+    module = EstimatorModule(cfg.estimator, cfg.degradation, seed=0)
+    batch = Degrader(cfg.degradation)(hr_batch(8), torch.Generator().manual_seed(0))
+    pairs = ranking_batches(module.degrader, batch["hr"], torch.Generator().manual_seed(1))
+    monkeypatch.setattr(mod, "ranking_batches", lambda *a: pairs)  # a fixed batch: fixed pairs
+    opt = module.configure_optimizers()
+    weights = {"supervised": 1.0, "ranking": 1.0, "anchor": 0.01}
+
+    def loss():
+        module._gen = None
+        return sum(weights[k] * v for k, v in module.losses(batch).items())
+
+    first = loss().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < factor * first
+
+
+def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd):
+    from degsr.data.photos import write_photos
+
+    write_photos(tmp_path / "train", ("astronaut", "rocket", "coins"))
+    write_photos(tmp_path / "val", ("chelsea",))
+    subprocess.run([*degsr_cmd, "shards", str(tmp_path / "train"), "--out", str(tmp_path / "shards"),
+                    "--min-side", "64", "--min-bytes", "0"], check=True, capture_output=True)
+    common = [str(TINY), f"data.train_shards={tmp_path}/shards", f"data.val_folder={tmp_path}/val",
+              f"run.dir={tmp_path}/runs", "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
+              "data.val_crops=8", "data.val_batch_size=8", "data.batches_per_epoch=3",
+              "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "logger.wandb=false"]
+    r = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    run = Path(out["run_dir"])
+    assert out["global_step"] == 4 and (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "config.yaml").is_file() and "val/spearman_blur" in out["metrics"]
+    from degsr.estimator.export import load_estimator
+    net = load_estimator(run / "export")
+    assert net(torch.rand(1, 3, 16, 16)).shape == (1, 2)
+    r2 = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=6"], capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert json.loads(r2.stdout.strip().splitlines()[-1])["global_step"] == 6
+    assert "resuming from" in r2.stderr
