@@ -102,13 +102,26 @@ def test_gaussian_noise_statistics_on_flat_images():
 def test_poisson_noise_mean_and_variance(level):
     v = level / 255
     x = torch.full((2, 3, 256, 256), v)
+    x[:, :, 0, :200] = torch.arange(200) / 255  # > 128 distinct values: the reference's 256 levels
     scale = torch.tensor([1.0, 2.0])
     n = ops.poisson_noise(gen(0), x, scale, torch.tensor([False, False]))
     for b in range(2):
         s = scale[b].item()
+        flat = n[b, :, 1:]
         expected_var = s ** 2 * v / 256  # Var(Poisson(256 v)/256) = v/256, times scale²
-        assert abs(n[b].var().item() / expected_var - 1) < 0.03
-        assert abs(n[b].mean().item()) < 4 * math.sqrt(expected_var / n[b].numel())
+        assert abs(flat.var().item() / expected_var - 1) < 0.03
+        assert abs(flat.mean().item()) < 4 * math.sqrt(expected_var / flat.numel())
+
+
+def test_poisson_levels_follow_distinct_value_count():
+    from degsr.degradation.ops import poisson_levels
+
+    imgs = torch.zeros(3, 3, 16, 16)
+    imgs[0].view(-1)[:200] = torch.arange(200).float()  # 200 distinct -> 256
+    imgs[1].view(-1)[:40] = torch.arange(40).float()  # 40 distinct -> 64
+    # imgs[2]: one value -> 1
+    expected = [2 ** math.ceil(math.log2(len(torch.unique(im)))) for im in imgs]
+    assert poisson_levels(imgs).view(-1).tolist() == expected == [256, 64, 1]
 
 
 def test_jpeg_uses_each_samples_quality():

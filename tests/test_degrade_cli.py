@@ -55,3 +55,17 @@ def test_bench_degradation_prints_json(degsr_cmd):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["img_per_s"] > 0 and out["per_image_img_per_s"] > 0 and out["device"].startswith("cpu")
+
+
+def test_bench_loader_prints_json(tmp_path, degsr_cmd):
+    from degsr.data.photos import write_photos
+
+    write_photos(tmp_path / "img", ("astronaut", "coins"))
+    subprocess.run([*degsr_cmd, "shards", str(tmp_path / "img"), "--out", str(tmp_path / "sh"),
+                    "--min-side", "64", "--min-bytes", "0"], check=True, capture_output=True)
+    r = subprocess.run([*degsr_cmd, "bench", "loader", "--shards", str(tmp_path / "sh"), "--folder",
+                        str(tmp_path / "img"), "--workers", "0", "--crop", "64", "--batch", "2",
+                        "--batches", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["shard_samples_per_s"] > 0 and out["folder_samples_per_s"] > 0 and out["images"] == 2

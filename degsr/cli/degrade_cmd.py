@@ -36,16 +36,11 @@ def argparse_note() -> str:
 
 def random_crops(img: torch.Tensor, k: int, size: int, g: torch.Generator) -> torch.Tensor:
     """(k, 3, size, size) crops at random positions; images smaller than ``size`` are reflect-padded."""
-    _, h, w = img.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    if ph or pw:
-        arr = np.pad(img.numpy(), ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)),
-                     mode="reflect" if min(h, w) > 1 else "edge")
-        img = torch.from_numpy(arr)
-        h, w = img.shape[1:]
-    ys = torch.randint(0, h - size + 1, (k,), generator=g).tolist()
-    xs = torch.randint(0, w - size + 1, (k,), generator=g).tolist()
-    return torch.stack([img[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+    from degsr.data.stream import random_crop, reflect_pad
+
+    arr = reflect_pad(img.permute(1, 2, 0).numpy(), size)
+    crops = [random_crop(arr, size, g, flip=False) for _ in range(k)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 
 def _plain(key: str, v: torch.Tensor):

@@ -14,7 +14,7 @@ from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
-POISSON_LEVELS = 256.0  # the reference's 2**ceil(log2(#distinct values)) for any 8-bit photo crop
+POISSON_LEVELS = 256.0  # typical level count of a photo crop (> 128 distinct values): scores use it
 
 
 def uniform(g: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
@@ -47,14 +47,29 @@ def gaussian_noise(g: torch.Generator, x: Tensor, sigma: Tensor, gray: Tensor) -
     return noise * (sigma.view(-1, 1, 1, 1).to(x.dtype) / 255.0)
 
 
-def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
-    """Signal-dependent noise: (Poisson(256 v) / 256 - v) * scale, v the image on the 1/255 grid.
+def poisson_levels(v255: Tensor) -> Tensor:
+    """The reference's per-sample level count: 2**ceil(log2(#distinct values)), vectorised.
 
-    ``gray`` samples draw it once on the luma and repeat it over the channels.
+    ``v255`` holds integers 0..255 (B, C, H, W); returns (B, 1, 1, 1).
+    """
+    b = v255.shape[0]
+    flat = v255.reshape(b, -1).long()
+    hist = torch.zeros(b, 256, device=v255.device, dtype=torch.int32)
+    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    distinct = (hist > 0).sum(1).clamp(min=1).to(v255.dtype)
+    return torch.exp2(torch.ceil(torch.log2(distinct))).view(b, 1, 1, 1)
+
+
+def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
+    """Signal-dependent noise: (Poisson(L v) / L - v) * scale, v the image on the 1/255 grid and
+    L = 2**ceil(log2(#distinct values of v)) per sample (256 for most photo crops), as the
+    reference. ``gray`` samples draw it once on the luma and repeat it over the channels.
     """
     def shot(v: Tensor) -> Tensor:
-        v = (v * 255.0).round().clamp(0, 255) / 255.0
-        return torch.poisson(v * POISSON_LEVELS, generator=g) / POISSON_LEVELS - v
+        q = (v * 255.0).round().clamp(0, 255)
+        levels = poisson_levels(q)
+        v = q / 255.0
+        return torch.poisson(v * levels, generator=g) / levels - v
 
     noise = torch.where(gray.view(-1, 1, 1, 1), shot(rgb_to_grayscale(x)).expand_as(x), shot(x))
     return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
