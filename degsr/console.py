@@ -35,6 +35,13 @@ def setup(verbose: bool = False) -> None:
                         r".*LeafSpec.*is deprecated.*", r".*does not have many workers.*",
                         r".*The number of training batches.*is smaller than the logging interval.*"):
             warnings.filterwarnings("ignore", message=pattern)
+        quiet_lightning()
+
+
+def quiet_lightning() -> None:
+    """Lightning's info lines (GPU available, tips) only with --verbose. Lightning sets its
+    logger levels when first imported, so callers run this again after importing it."""
+    if not _verbose:
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.WARNING)
 

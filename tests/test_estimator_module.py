@@ -99,7 +99,7 @@ def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd
     common = [str(TINY), f"data.train_shards={tmp_path}/shards", f"data.val_folder={tmp_path}/val",
               f"run.dir={tmp_path}/runs", "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
               "data.val_crops=8", "data.val_batch_size=8", "data.batches_per_epoch=3",
-              "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "logger.wandb=false"]
+              "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2"]
     r = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -113,3 +113,9 @@ def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert json.loads(r2.stdout.strip().splitlines()[-1])["global_step"] == 6
     assert "resuming from" in r2.stderr
+    # W&B offline: one run directory (the resumed job logs into the same run id), with the
+    # validation scatter tables and example images
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert runs and all(r.name.endswith(runs[0].name.split("-")[-1]) for r in runs)
+    media = [p.name for p in (run / "wandb").rglob("*") if p.is_file()]
+    assert any("scatter_blur" in m for m in media) and any("examples" in m for m in media)

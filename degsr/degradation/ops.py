@@ -1,4 +1,6 @@
-"""Per-sample random draws and the pixel operations of the degradation: noise, JPEG, sharpening.
+"""Per-sample random draws and the pixel operations of the degradation: noise, sharpening.
+
+(JPEG lives in :mod:`degsr.degradation.jpeg`.)
 
 Every draw takes an explicit ``torch.Generator`` and happens on its device; parameters are (B,)
 tensors so each sample gets its own.
@@ -10,7 +12,6 @@ import math
 
 import torch
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
@@ -73,16 +74,6 @@ def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) ->
 
     noise = torch.where(gray.view(-1, 1, 1, 1), shot(rgb_to_grayscale(x)).expand_as(x), shot(x))
     return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
-
-
-def jpeg(x: Tensor, quality: Tensor) -> Tensor:
-    """JPEG-compress each sample at its own quality (kornia's codec; input clamped to [0, 1]).
-
-    kornia's codec rounds DCT coefficients with a differentiable polynomial (round(z) + (z -
-    round(z))³), not plain rounding: its quantisation error has ~0.86x the RMS of a real
-    encoder's. Recorded in docs/degradation.md.
-    """
-    return jpeg_codec_differentiable(x.clamp(0, 1), quality.to(x.dtype))
 
 
 def usm_sharpen(x: Tensor, weight: float, threshold: float, radius: int, sigma: float) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from degsr.config.schema import DegradationConfig
 from degsr.degradation import ops
+from degsr.degradation.jpeg import jpeg
 from degsr.degradation.kernels import filter_per_sample, sample_blur_kernels, sample_sinc_kernels
 from degsr.degradation.resize import RESIZE_MODES, resize_batch
 from degsr.degradation.scores import degradation_scores
@@ -122,17 +123,17 @@ class Degrader:
 
         # first order: blur -> resize (relative to HR) -> noise -> JPEG
         x, size = self._resize(self._blur(gt, draw, "blur1"), p, "1", cfg.first, size, (h, w))
-        x = ops.jpeg(self._noise(x, p, "1", g), p["jpeg1_quality"])
+        x = jpeg(self._noise(x, p, "1", g), p["jpeg1_quality"])
         # second order: blur -> resize (relative to the LR size, as the reference) -> noise
         x, size = self._resize(self._blur(x, draw, "blur2"), p, "2", cfg.second, size, (lr_h, lr_w))
         x = self._noise(x, p, "2", g)
         # final: [resize to LR + sinc] and JPEG, in a random order per sample
         first = p["final_jpeg_first"].view(-1, 1, 1, 1)
-        x = torch.where(first, ops.jpeg(x, p["jpeg2_quality"]), x)
+        x = torch.where(first, jpeg(x, p["jpeg2_quality"]), x)
         lr_size = (torch.full_like(size[0], lr_h), torch.full_like(size[1], lr_w))
         x = resize_batch(x, *size, *lr_size, p["final_mode"], (lr_h, lr_w))
         x = filter_per_sample(x, draw["kernels"]["final"])
-        lr = quantize(torch.where(first, x, ops.jpeg(x, p["jpeg2_quality"])))
+        lr = quantize(torch.where(first, x, jpeg(x, p["jpeg2_quality"])))
 
         # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
         clean_lr = quantize(F.interpolate(hr, size=(lr_h, lr_w), mode="bicubic", antialias=True,

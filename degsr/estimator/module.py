@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -93,6 +94,8 @@ class EstimatorModule(L.LightningModule):
         self.log("val/mse", F.mse_loss(pred, batch["scores"]), batch_size=pred.shape[0],
                  add_dataloader_idx=False, sync_dist=True)
         self._val_pairs.append((pred.detach().cpu(), batch["scores"].detach().cpu()))
+        if batch_idx == 0:
+            self._log_examples(batch["lr"][:8], pred[:8], batch["scores"][:8])
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_pairs:
@@ -104,19 +107,33 @@ class EstimatorModule(L.LightningModule):
         self._val_pairs.clear()
         self._log_scatter(pred, true)
 
-    def _log_scatter(self, pred: torch.Tensor, true: torch.Tensor) -> None:
+    def _wandb(self):
         from lightning.pytorch.loggers import WandbLogger
 
-        if not isinstance(self.logger, WandbLogger) or self.trainer.sanity_checking:
+        ok = isinstance(self.logger, WandbLogger) and not self.trainer.sanity_checking
+        return self.logger if ok else None
+
+    def _log_examples(self, lr: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> None:
+        """A few validation LR crops captioned with true and predicted (blur, noise)."""
+        if (logger := self._wandb()) is None:
+            return
+        captions = [f"true {t[0]:.2f}/{t[1]:.2f} pred {p[0]:.2f}/{p[1]:.2f}"
+                    for t, p in zip(true.tolist(), pred.tolist())]
+        logger.log_image("val/examples", [x.float().cpu() for x in lr], step=self.global_step,
+                         caption=captions)
+
+    def _log_scatter(self, pred: torch.Tensor, true: torch.Tensor) -> None:
+        if (logger := self._wandb()) is None:
             return
         import wandb
 
         for i, name in enumerate(SCORES):
             table = wandb.Table(data=torch.stack([true[:, i], pred[:, i]], 1).tolist(),
                                 columns=["true", "predicted"])
-            self.logger.experiment.log({
+            logger.experiment.log({
                 f"val/scatter_{name}": wandb.plot.scatter(table, "true", "predicted"),
-                f"val/hist_{name}": wandb.Histogram(pred[:, i].numpy()),
+                f"val/hist_{name}": wandb.Histogram(
+                    np_histogram=np.histogram(pred[:, i].numpy(), bins=20, range=(0.0, 1.0))),
                 "trainer/global_step": self.global_step})
 
     def export(self, path) -> None:

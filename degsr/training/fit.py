@@ -63,6 +63,7 @@ class ExportOnEnd(Callback):
 
 def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
+    console.quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
                            save_last=True, save_top_k=1, filename="step{step:07d}",
                            auto_insert_metric_name=False)

@@ -1,0 +1,397 @@
+"""Stage-2 modulated LoRA: layer maths, injection counts on the full SD-Turbo layout, merge path."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from degsr.sr.config import UNET_TARGETS, VAE_TARGETS, LoraConfig
+from degsr.sr.lora import (ModulatedLoRA, clear_modulation, inject_modulated_lora, lora_parameters,
+                           lora_targets, merged, modulated_layers, set_modulation, use_modulation)
+from degsr.sr.modulation import (UNET_BLOCKS, VAE_BLOCKS, DegradationModulation, FourierFeatures,
+                                 unet_block_id, vae_block_id)
+
+diffusers = pytest.importorskip("diffusers")
+
+# stabilityai/sd-turbo unet/config.json and vae/config.json (the SD 2.1 layout)
+SD_TURBO_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32)
+SD_TURBO_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], norm_num_groups=32, scaling_factor=0.18215)
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64],
+    attention_head_dim=8, cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[32, 64], norm_num_groups=8)
+
+TINY_CFG = LoraConfig(vae_rank=4, unet_rank=8)
+
+
+def _randomize_B(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in modulated_layers(model):
+            w = layer.lora_B.weight
+            w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * std)
+
+
+def _trained_looking(mod: DegradationModulation) -> DegradationModulation:
+    """C of a useful size that depends on d: the 1e-5 init would make some checks vacuous."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for net in (mod.vae, mod.unet):
+            for lin in (net.deg_mlp[0], net.fuse):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.1)
+            net.fuse.bias.copy_(torch.randn(net.fuse.bias.shape, generator=g) * 0.3)
+    return mod
+
+
+def _tiny_models(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    vae = diffusers.AutoencoderKL(**TINY_VAE).eval()
+    return unet, vae
+
+
+def _adapt(unet, vae, cfg=TINY_CFG):
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    lu = inject_modulated_lora(unet, cfg.unet_targets, cfg.unet_rank, cfg.alpha, unet_block_id,
+                               modulated=cfg.modulated)
+    lv = inject_modulated_lora(vae.encoder, cfg.vae_targets, cfg.vae_rank, cfg.alpha,
+                               vae_block_id, modulated=cfg.modulated)
+    return lu, lv
+
+
+# ----------------------------------------------------------------------------- layer maths
+
+def test_linear_layer_matches_explicit_per_sample_float64():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = ModulatedLoRA(base, rank=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 12)
+    C = torch.randn(3, 4, 4)
+    layer.C = C
+    y = layer(x)
+
+    W0, b = base.weight.double(), base.bias.double()
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    s = 8.0 / 4
+    ref = torch.empty(3, 5, 10, dtype=torch.float64)
+    for n in range(3):
+        for t in range(5):
+            v = x[n, t].double()
+            ref[n, t] = W0 @ v + b + s * (B @ (C[n].double().T @ (A @ v)))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+    layer.C = C[:1]                      # one C for the whole batch broadcasts
+    shared = layer(x)
+    layer.C = C[:1].expand(3, 4, 4)
+    torch.testing.assert_close(shared, layer(x))
+    layer.C = torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="C must be"):
+        layer(x)
+    layer.C = None
+    with pytest.raises(RuntimeError, match="set_modulation"):
+        layer(x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (3, 1, 1), (1, 1, 0), (4, 2, 2)])
+def test_conv_layer_matches_explicit_per_sample_float64(kernel, stride, padding):
+    torch.manual_seed(1)
+    base = nn.Conv2d(6, 8, kernel, stride=stride, padding=padding)
+    layer = ModulatedLoRA(base, rank=5, alpha=8.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 6, 9, 11)
+    C = torch.randn(2, 5, 5)
+    layer.C = C
+    y = layer(x)
+
+    W0, b = base.weight.double(), base.bias.double()
+    A = layer.lora_A.weight.double()                     # (r, in, k, k)
+    B = layer.lora_B.weight.double().reshape(8, 5)        # (out, r)
+    s = 8.0 / 5
+    for n in range(2):
+        xn = x[n:n + 1].double()
+        base_out = F.conv2d(xn, W0, b, stride=stride, padding=padding)[0]     # (out, H, W)
+        a = F.conv2d(xn, A, stride=stride, padding=padding)[0]                # (r, H, W)
+        h, w = a.shape[1:]
+        mixed = C[n].double().T @ a.reshape(5, h * w)                         # C^T per pixel
+        ref = base_out + s * (B @ mixed).reshape(8, h, w)
+        torch.testing.assert_close(y[n].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unmodulated_layer_is_plain_lora():
+    torch.manual_seed(2)
+    base = nn.Linear(7, 6)
+    layer = ModulatedLoRA(base, rank=3, alpha=6.0, modulated=False)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 7)
+    ref = base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_init_is_peft_gaussian_and_zero_B():
+    torch.manual_seed(3)
+    layer = ModulatedLoRA(nn.Linear(4096, 512), rank=32, alpha=8.0)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert layer.lora_A.weight.mean().abs() < 1e-3
+    assert layer.lora_A.weight.std().item() == pytest.approx(1 / 32, rel=0.02)
+    assert layer.scaling == 8.0 / 32
+
+
+def test_fourier_features_and_modulation_shapes():
+    cfg = LoraConfig()
+    mod = DegradationModulation(cfg, seed=7)
+    assert "fourier.W" in mod.state_dict() and "fourier.W" not in dict(mod.named_parameters())
+    assert torch.equal(mod.fourier.W, DegradationModulation(cfg, seed=7).fourier.W)
+    assert not torch.equal(mod.fourier.W, DegradationModulation(cfg, seed=8).fourier.W)
+    d = torch.tensor([[0.2, 0.7], [0.0, 1.0], [0.5, 0.5]])
+    e = mod.fourier(d)
+    W = mod.fourier.W.double()
+    for n in range(3):
+        pb, pn = 2 * math.pi * d[n, 0].double() * W, 2 * math.pi * d[n, 1].double() * W
+        ref = torch.cat([pb.sin(), pb.cos(), pn.sin(), pn.cos()])
+        torch.testing.assert_close(e[n].double(), ref, rtol=1e-5, atol=1e-5)
+    Cv, Cu = mod(d)
+    assert Cv.shape == (3, VAE_BLOCKS, 16, 16) and Cu.shape == (3, UNET_BLOCKS, 32, 32)
+    # kaiming x 1e-5 on every MLP Linear, zero biases; embeddings keep N(0, 1)
+    for net in (mod.vae, mod.unet):
+        for lin in (net.deg_mlp[0], net.block_mlp[0], net.fuse):
+            assert torch.count_nonzero(lin.bias) == 0
+            std = 1e-5 * math.sqrt(2 / lin.in_features)
+            assert lin.weight.std().item() == pytest.approx(std, rel=0.25)
+        assert net.block_embeddings.weight.std().item() == pytest.approx(1.0, rel=0.3)
+
+
+def test_block_ids():
+    assert vae_block_id("conv_in") == 5 and vae_block_id("encoder.conv_out") == 5
+    assert vae_block_id("down_blocks.3.resnets.1.conv2") == 3
+    assert vae_block_id("encoder.mid_block.attentions.0.to_q") == 4
+    assert unet_block_id("down_blocks.2.downsamplers.0.conv") == 2
+    assert unet_block_id("mid_block.resnets.1.conv1") == 4
+    assert unet_block_id("up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2") == 8
+    assert unet_block_id("conv_out") == 9
+
+
+def test_config_defaults_and_checks():
+    cfg = LoraConfig()
+    assert (cfg.vae_rank, cfg.unet_rank, cfg.alpha, cfg.fourier_dim, cfg.mlp_dim,
+            cfg.block_embed_dim, cfg.modulated) == (16, 32, 8.0, 64, 256, 64, True)
+    assert cfg.vae_targets == VAE_TARGETS and cfg.unet_targets == UNET_TARGETS
+    assert cfg.vae_targets is not LoraConfig().vae_targets
+    assert cfg.problems() == []
+    bad = LoraConfig(unet_rank=0, vae_targets=[])
+    assert {p.split(":")[0] for p in bad.problems()} == {"unet_rank", "vae_targets"}
+
+
+# ----------------------------------------------------------------------------- whole models
+
+def test_fresh_adapters_leave_the_model_unchanged():
+    unet, vae = _tiny_models()
+    base_unet, base_vae = copy.deepcopy(unet), copy.deepcopy(vae)
+    _adapt(unet, vae)
+    mod = DegradationModulation(TINY_CFG)
+    Cv, Cu = mod(torch.tensor([[0.3, 0.8], [0.9, 0.1]]))
+    torch.manual_seed(5)
+    x, z, ctx = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    t = torch.tensor([999, 999])
+    with torch.no_grad(), use_modulation(unet, Cu), use_modulation(vae.encoder, Cv):
+        assert torch.equal(unet(z, t, ctx).sample, base_unet(z, t, ctx).sample)
+        assert torch.equal(vae.encode(x).latent_dist.mean, base_vae.encode(x).latent_dist.mean)
+        assert torch.equal(vae.decode(z).sample, base_vae.decode(z).sample)
+
+
+def test_merged_matches_unmerged_and_restores_weights_exactly():
+    unet, vae = _tiny_models(1)
+    base_unet = copy.deepcopy(unet)
+    _adapt(unet, vae)
+    _randomize_B(unet, 1)
+    _randomize_B(vae, 2)
+    mod = _trained_looking(DegradationModulation(TINY_CFG))
+    torch.manual_seed(6)
+    x, z, ctx = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    t = torch.tensor([999, 999])
+    d = torch.tensor([[0.4, 0.6]]).expand(2, 2)            # one degradation, two images
+    Cv, Cu = mod(d)
+    before_u = {k: v.clone() for k, v in unet.state_dict().items()}
+    before_v = {k: v.clone() for k, v in vae.state_dict().items()}
+    with torch.no_grad():
+        with use_modulation(unet, Cu), use_modulation(vae.encoder, Cv):
+            ref_u = unet(z, t, ctx).sample
+            ref_v = vae.encode(x).latent_dist.mean
+        with merged(unet, Cu), merged(vae.encoder, Cv[:1]):
+            assert all(layer.is_merged for _, layer in modulated_layers(unet))
+            assert not torch.equal(unet.conv_out.base_layer.weight, before_u["conv_out.base_layer.weight"])
+            out_u = unet(z, t, ctx).sample
+            out_v = vae.encode(x).latent_dist.mean
+        base_u = base_unet(z, t, ctx).sample
+    # the LoRA term is not negligible next to the tolerance
+    assert (ref_u - base_u).abs().max() > 1e-2
+    torch.testing.assert_close(out_u, ref_u, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_v, ref_v, rtol=1e-4, atol=1e-4)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before_u[k]), k
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, before_v[k]), k
+    assert not any(layer.is_merged for _, layer in modulated_layers(unet))
+
+    # different degradations in one batch cannot be merged; weights stay untouched
+    Cv2, Cu2 = mod(torch.tensor([[0.4, 0.6], [0.1, 0.2]]))
+    with pytest.raises(ValueError, match="one degradation vector"):
+        with merged(unet, Cu2):
+            pass
+    # an exception inside the context still restores (offloaded copies too)
+    with pytest.raises(KeyError):
+        with merged(unet, Cu[:1], offload=True):
+            raise KeyError("boom")
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before_u[k]), k
+
+
+def test_merged_conv_fold_is_exact_for_strided_padded_conv():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.ReLU(), nn.Linear(4, 3))
+    inject_modulated_lora(net, ["0", "2"], rank=3, alpha=8.0)
+    _randomize_B(net, 3, std=0.3)
+    C = {0: torch.randn(1, 3, 3)}
+    x = torch.randn(2, 5, 8, 8)
+    with torch.no_grad(), use_modulation(net, C):
+        ref = net(x)
+    with torch.no_grad(), merged(net, C):
+        out = net(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_full_sd_turbo_counts_on_meta_device():
+    cfg = LoraConfig()
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**SD_TURBO_UNET)
+        vae = diffusers.AutoencoderKL(**SD_TURBO_VAE)
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+    # the names agree with peft's own matching rule (the reference's tool)
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    vae_names = lora_targets(vae.encoder, cfg.vae_targets)
+    unet_names = lora_targets(unet, cfg.unet_targets)
+    for net, names, targets in ((vae.encoder, vae_names, cfg.vae_targets),
+                                (unet, unet_names, cfg.unet_targets)):
+        pc = PeftLoraConfig(r=8, target_modules=list(targets))
+        assert names == [n for n, _ in net.named_modules() if n and check_target_module_exists(pc, n)]
+    # the reference's regex on the whole VAE picks the same encoder layers
+    regex = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
+    assert lora_targets(vae, regex) == ["encoder." + n for n in vae_names]
+    assert len(vae_names) == 31, vae_names
+    assert len(unet_names) == 257
+
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    lv = inject_modulated_lora(vae.encoder, cfg.vae_targets, cfg.vae_rank, cfg.alpha, vae_block_id)
+    lu = inject_modulated_lora(unet, cfg.unet_targets, cfg.unet_rank, cfg.alpha, unet_block_id)
+    assert [n for n, _ in lv] == vae_names and [n for n, _ in lu] == unet_names
+    assert sorted({layer.block_id for _, layer in lv}) == list(range(VAE_BLOCKS))
+    assert sorted({layer.block_id for _, layer in lu}) == list(range(UNET_BLOCKS))
+    assert lora_targets(unet, cfg.unet_targets) == []          # already adapted: nothing new
+    unet.conv_in.requires_grad_(True)
+    mod = DegradationModulation(cfg)
+
+    # independent count of the LoRA weights: r * (fan_in + out) per layer, from the base shapes
+    def lora_count(layers, r):
+        total = 0
+        for _, layer in layers:
+            w = layer.base_layer.weight
+            total += r * (w[0].numel() + w.shape[0])
+        return total
+
+    n_vae, n_unet = lora_count(lv, 16), lora_count(lu, 32)
+    n_conv_in = 320 * 4 * 9 + 320
+    n_mod = sum(p.numel() for p in mod.parameters())
+    expected = n_vae + n_unet + n_conv_in + n_mod
+    trainable = (sum(p.numel() for p in vae.parameters() if p.requires_grad)
+                 + sum(p.numel() for p in unet.parameters() if p.requires_grad)
+                 + sum(p.numel() for p in mod.parameters() if p.requires_grad))
+    breakdown = (f"VAE LoRA {n_vae:,} + UNet LoRA {n_unet:,} + UNet conv_in {n_conv_in:,} + "
+                 f"modulation {n_mod:,} = {expected:,} (trainable {trainable:,})")
+    assert trainable == expected, breakdown
+    assert sum(p.numel() for p in lora_parameters(vae)) == n_vae, breakdown
+    assert abs(trainable - 34.5e6) / 34.5e6 < 0.03, breakdown
+    # modulation: 2 x (256*256+256) + 6*64 + 10*64 + 2 x (64*64+64) + 320*257 + 320*1025
+    assert n_mod == 2 * 65_792 + 1_024 + 2 * 4_160 + 82_176 + 328_704, breakdown
+
+
+def test_tiny_forward_per_sample_modulation_and_gradients():
+    unet, vae = _tiny_models(2)
+    lu, lv = _adapt(unet, vae)
+    unet.conv_in.requires_grad_(True)
+    _randomize_B(unet, 4)           # a trained-looking B, so that A and the MLPs get gradients
+    _randomize_B(vae, 5)
+    mod = DegradationModulation(TINY_CFG)
+    d = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    torch.manual_seed(7)
+    x, ctx = torch.randn(2, 3, 32, 32), torch.randn(2, 7, 32)
+    t = torch.tensor([999, 999])
+
+    Cv, Cu = mod(d)
+    set_modulation(vae.encoder, Cv)
+    set_modulation(unet, Cu)
+    z = vae.encode(x).latent_dist.mean
+    out = unet(z, t, ctx).sample
+    out.square().mean().backward()
+    clear_modulation(vae.encoder)
+    clear_modulation(unet)
+
+    trainable = ([p for p in mod.parameters()] + list(lora_parameters(unet))
+                 + list(lora_parameters(vae)) + list(unet.conv_in.parameters()))
+    ids = {id(p) for p in trainable}
+    for p in trainable:
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+    for name, p in list(unet.named_parameters()) + list(vae.named_parameters()):
+        if id(p) not in ids:
+            assert not p.requires_grad and p.grad is None, name
+    assert mod.fourier.W.grad is None
+
+    # per sample: each image's output only depends on its own d
+    _trained_looking(mod)
+    with torch.no_grad():
+        Cv, Cu = mod(d)
+        with use_modulation(vae.encoder, Cv), use_modulation(unet, Cu):
+            out = unet(vae.encode(x).latent_dist.mean, t, ctx).sample
+        for n in range(2):
+            Cv1, Cu1 = mod(d[n:n + 1])
+            with use_modulation(vae.encoder, Cv1), use_modulation(unet, Cu1):
+                single = unet(vae.encode(x[n:n + 1]).latent_dist.mean, t[:1], ctx[n:n + 1]).sample
+            torch.testing.assert_close(single[0], out[n].detach(), rtol=1e-4, atol=1e-5)
+        with use_modulation(vae.encoder, Cv.flip(0)), use_modulation(unet, Cu.flip(0)):
+            swapped = unet(vae.encode(x).latent_dist.mean, t, ctx).sample
+        assert not torch.allclose(swapped, out.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_plain_lora_ablation_needs_no_modulation():
+    cfg = LoraConfig(vae_rank=4, unet_rank=8, modulated=False)
+    unet, vae = _tiny_models(3)
+    _adapt(unet, vae, cfg)
+    _randomize_B(unet, 6)
+    z, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32), torch.tensor([999])
+    with torch.no_grad():
+        ref = unet(z, t, ctx).sample
+        with merged(unet):
+            torch.testing.assert_close(unet(z, t, ctx).sample, ref, rtol=1e-4, atol=1e-4)
