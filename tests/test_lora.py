@@ -13,7 +13,7 @@ from torch import nn
 from degsr.sr.config import UNET_TARGETS, VAE_TARGETS, LoraConfig
 from degsr.sr.lora import (ModulatedLoRA, clear_modulation, inject_modulated_lora, lora_parameters,
                            lora_targets, merged, modulated_layers, set_modulation, use_modulation)
-from degsr.sr.modulation import (UNET_BLOCKS, VAE_BLOCKS, DegradationModulation, FourierFeatures,
+from degsr.sr.modulation import (UNET_BLOCKS, VAE_BLOCKS, DegradationModulation,
                                  unet_block_id, vae_block_id)
 
 diffusers = pytest.importorskip("diffusers")
@@ -239,7 +239,8 @@ def test_merged_matches_unmerged_and_restores_weights_exactly():
             ref_v = vae.encode(x).latent_dist.mean
         with merged(unet, Cu), merged(vae.encoder, Cv[:1]):
             assert all(layer.is_merged for _, layer in modulated_layers(unet))
-            assert not torch.equal(unet.conv_out.base_layer.weight, before_u["conv_out.base_layer.weight"])
+            assert not torch.equal(unet.conv_out.base_layer.weight,
+                                   before_u["conv_out.base_layer.weight"])
             out_u = unet(z, t, ctx).sample
             out_v = vae.encode(x).latent_dist.mean
         base_u = base_unet(z, t, ctx).sample
@@ -296,9 +297,11 @@ def test_full_sd_turbo_counts_on_meta_device():
     for net, names, targets in ((vae.encoder, vae_names, cfg.vae_targets),
                                 (unet, unet_names, cfg.unet_targets)):
         pc = PeftLoraConfig(r=8, target_modules=list(targets))
-        assert names == [n for n, _ in net.named_modules() if n and check_target_module_exists(pc, n)]
+        assert names == [n for n, _ in net.named_modules()
+                         if n and check_target_module_exists(pc, n)]
     # the reference's regex on the whole VAE picks the same encoder layers
-    regex = r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)$"
+    regex = (r"^encoder\..*(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v"
+             r"|to_out\.0)$")
     assert lora_targets(vae, regex) == ["encoder." + n for n in vae_names]
     assert len(vae_names) == 31, vae_names
     assert len(unet_names) == 257

@@ -47,7 +47,7 @@ class LoraConfig:
                 yield key, f"must be a non-empty list of module names, got {value!r}"
 
     def problems(self) -> list[str]:
-        """Every failed check, one line each naming its key (for configs built outside the loader)."""
+        """Every failed check, one line each naming its key (configs built outside the loader)."""
         from dataclasses import fields
         out = [f"{f.name}: {msg}" for f in fields(self)
                if "check" in f.metadata and (msg := f.metadata["check"](getattr(self, f.name)))]

@@ -7,7 +7,8 @@ METHOD.md, "Stage 2", with the reference S3Diff layout (``src/s3diff.py``):
   ``e = [sin p_blur, cos p_blur, sin p_noise, cos p_noise]`` -> ``(B, 4F)`` (the reference order);
 - per network (VAE encoder, UNet): ``h = ReLU(Linear(4F, mlp_dim)(e))``;
 - per block id: a learned embedding -> ``ReLU(Linear(block_embed_dim, block_embed_dim))``;
-- fuse: ``Linear(mlp_dim + block_embed_dim, r * r)`` on ``[h, block]`` -> ``C`` ``(B, blocks, r, r)``.
+- fuse: ``Linear(mlp_dim + block_embed_dim, r * r)`` on ``[h, block]`` -> ``C``
+  ``(B, blocks, r, r)``.
 
 Every Linear of the three MLPs starts as Kaiming-normal x 1e-5 with zero bias (the reference's
 ``default_init_weights(..., 1e-5)``); the block embeddings keep ``nn.Embedding``'s N(0, 1).
@@ -86,7 +87,7 @@ def _small_init(module: nn.Module, scale: float = INIT_SCALE) -> None:
 
 
 class FourierFeatures(nn.Module):
-    """``d (B, S)`` in [0, 1] -> ``[sin 2 pi d_s W, cos 2 pi d_s W]`` for each score s: ``(B, 2 S F)``."""
+    """``d (B, S)`` in [0, 1] -> ``[sin 2 pi d_s W, cos 2 pi d_s W]`` per score s: ``(B, 2SF)``."""
 
     def __init__(self, dim: int = 64, seed: int = 0):
         super().__init__()
@@ -127,7 +128,8 @@ class BlockModulation(nn.Module):
 
 
 class DegradationModulation(nn.Module):
-    """Both networks' modulation: ``d (B, 2)`` -> ``(C_vae (B, 6, rv, rv), C_unet (B, 10, ru, ru))``.
+    """Both networks' modulation: ``d (B, 2)`` -> ``(C_vae (B, 6, rv, rv), C_unet (B, 10, ru, ru))``
+    (``rv``, ``ru``: the VAE and UNet ranks).
 
     Pass ``C_vae`` / ``C_unet`` to :func:`degsr.sr.lora.set_modulation` (or ``merged``) of the VAE
     encoder / UNet: block id ``k`` uses ``C[:, k]``.
