@@ -138,8 +138,24 @@ def test_resolved_config_written_to_run_dir(tmp_path):
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
-def test_every_shipped_yaml_validates(path):
-    load_config([path])
+def test_every_shipped_yaml_validates(path, tmp_path):
+    """Each file validates; the keys it marks '???' (user paths) are its only problems."""
+    import re
+
+    try:
+        load_config([path])
+    except ConfigError as e:
+        keys = [re.fullmatch(r"config error: missing required value '([\w.]+)' .*", p) for p in e.problems]
+        assert all(keys), e.problems
+        load_config([path], [f"{m.group(1)}={tmp_path}" for m in keys])
+
+
+def test_required_marker_in_file_and_its_override(tmp_path):
+    f = write(tmp_path / "req.yaml", "model:\n  pretrained: ???\n")
+    assert "missing required value 'model.pretrained'" in problems([f])[0]
+    later = write(tmp_path / "later.yaml", f"model:\n  pretrained: {tmp_path}\n")
+    assert load_config([f, later]).model.pretrained == str(tmp_path)
+    assert load_config([f], [f"model.pretrained={tmp_path}"]).model.pretrained == str(tmp_path)
 
 
 def test_presets_match_method_table():

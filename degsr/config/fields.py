@@ -15,6 +15,30 @@ from typing import Any, Callable, Sequence
 Check = Callable[[Any], "str | None"]
 
 
+def problems_of(obj: Any, prefix: str = "") -> list[str]:
+    """Every failed field check and ``check()`` rule of a config dataclass, recursively, as
+    ``"dotted.key: problem"`` lines."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.extend(problems_of(value, key + "."))
+        elif "check" in f.metadata and (msg := f.metadata["check"](value)):
+            out.append(f"{key}: {msg}")
+    out.extend(f"{prefix}{sub}: {msg}" for sub, msg in getattr(obj, "check", lambda: ())())
+    return out
+
+
+class Checked:
+    """Base of config dataclasses used outside the loader: ``problems()`` lists what is wrong."""
+
+    def check(self):
+        return ()
+
+    def problems(self) -> list[str]:
+        return problems_of(self)
+
+
 def _field(default: Any, check: Check | None, doc: str) -> Any:
     meta = {"doc": doc}
     if check is not None:

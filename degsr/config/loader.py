@@ -1,6 +1,7 @@
 """Load, merge and validate a run's config tree.
 
 Merge order: schema defaults -> each YAML file given (in order) -> ``key=value`` overrides.
+A value of ``???`` in a file marks a key the user must set (later files or the command line).
 A YAML file may start with ``include: [other.yaml, ...]`` (paths relative to that file): the
 included files are merged first, in order, and the including file's own keys win. That is the only
 composition mechanism. Every problem is reported as one line naming its dotted key.
@@ -20,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from degsr.config.fields import problems_of
 from degsr.config.schema import Config
 from degsr.errors import ConfigError
 
@@ -144,24 +146,9 @@ def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
                 for k in sorted(OmegaConf.missing_keys(cfg))]
     if problems:
         raise ConfigError(problems)
-    obj = OmegaConf.to_object(cfg)
-    problems.extend(_run_checks(obj, ""))
+    problems.extend(f"config error: {p}" for p in problems_of(OmegaConf.to_object(cfg)))
     if problems:
         raise ConfigError(problems)
-
-
-def _run_checks(obj: Any, prefix: str) -> list[str]:
-    problems = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = prefix + f.name
-        if dataclasses.is_dataclass(value):
-            problems.extend(_run_checks(value, key + "."))
-        elif "check" in f.metadata and (msg := f.metadata["check"](value)):
-            problems.append(f"config error: {key}: {msg}")
-    for sub, msg in getattr(obj, "check", lambda: ())():
-        problems.append(f"config error: {prefix}{sub}: {msg}")
-    return problems
 
 
 def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
@@ -169,9 +156,15 @@ def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str
     """Schema defaults <- YAML files (with includes) <- ``key=value`` overrides, validated."""
     schema = _schema_keys(schema_cls)
     cfg = OmegaConf.structured(schema_cls)
-    for f in files:
-        cfg = _merge(cfg, _read_yaml(Path(f)), schema, str(f))
-    cfg = _merge(cfg, _parse_overrides(list(overrides)), schema, "the command line")
+    required: set[str] = set()  # keys a file marks '???' (the user must set them)
+    sources = [(_read_yaml(Path(f)), str(f)) for f in files]
+    for data, origin in [*sources, (_parse_overrides(list(overrides)), "the command line")]:
+        for key, value in _flatten(data):
+            (required.add if value == "???" else required.discard)(key)
+        cfg = _merge(cfg, data, schema, origin)
+    if required:
+        raise ConfigError([f"config error: missing required value '{k}' (set it in a YAML file or "
+                           f"as {k}=...)" for k in sorted(required)])
     validate(cfg, schema_cls)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -86,32 +86,49 @@ class RunConfig:
                                "requeued job finds its own checkpoints)")
     dir: str = plain("runs", "parent folder of run directories")
     seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0)
+    export_dir: str = plain("export", "where the stage's export goes, relative to the run directory")
     device: Optional[str] = plain(None, "torch device for tools that run outside Lightning "
                                         "(None = cuda if available, else cpu)")
 
 
-STAGES = ["estimator"]
+STAGES = ["estimator", "sr"]
 
 
 def _sections():
     """Section schemas that live beside the code they configure (imported late: no cycles)."""
     from degsr.data.config import DataConfig
     from degsr.estimator.config import EstimatorConfig
+    from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
     from degsr.training.config import LoggerConfig, TrainerConfig
-    return DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig
+    return (DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig, ModelConfig, LoraConfig,
+            DiscConfig, SRConfig)
 
 
-DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig = _sections()
+(DataConfig, EstimatorConfig, LoggerConfig, TrainerConfig, ModelConfig, LoraConfig, DiscConfig,
+ SRConfig) = _sections()
 
 
 @dataclass
 class Config:
     """The whole config tree of one run."""
 
-    stage: str = choice("estimator", STAGES, "what `degsr fit` trains: estimator = stage 1")
+    stage: str = choice("estimator", STAGES, "what `degsr fit` trains: estimator = stage 1, "
+                                             "sr = stage 2")
     run: RunConfig = field(default_factory=RunConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
+
+    def check(self):
+        if self.stage == "sr" and self.trainer.precision == "16-mixed":
+            yield "trainer.precision", ("stage sr steps its discriminator outside Lightning's "
+                                        "loss scaler: use bf16-mixed or 32-true, not 16-mixed")
+        if self.stage == "sr" and self.sr.lpips_weight > 0 and not self.sr.lpips_vgg:
+            yield "sr.lpips_vgg", ("required when sr.lpips_weight > 0: the path of torchvision's "
+                                   "VGG16 weights (vgg16-397923af.pth), or set sr.lpips_weight=0")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from degsr.config.fields import choice, number, plain, positive
+from degsr.config.fields import Checked, choice, number, plain, positive
 
 
 @dataclass
-class EstimatorNetConfig:
+class EstimatorNetConfig(Checked):
     """Two independent ResNet-without-BN branches (blur, noise), each ending in a sigmoid score."""
 
     in_channels: int = positive(3, "input channels (RGB)")
@@ -32,13 +32,6 @@ class EstimatorNetConfig:
         if any(d not in (1, 2) for d in self.downscales):
             yield "downscales", f"each factor must be 1 or 2, got {list(self.downscales)}"
 
-    def problems(self) -> list[str]:
-        """Every failed check, one line each naming its key (for configs built outside the loader)."""
-        from dataclasses import fields
-        out = [f"{f.name}: {msg}" for f in fields(self)
-               if "check" in f.metadata and (msg := f.metadata["check"](getattr(self, f.name)))]
-        out += [f"{key}: {msg}" for key, msg in self.check()]
-        return out
 
 
 def tiny_net() -> EstimatorNetConfig:
@@ -51,7 +44,7 @@ OBJECTIVES = ["supervised", "ranking", "both"]
 
 
 @dataclass
-class EstimatorConfig:
+class EstimatorConfig(Checked):
     """Stage 1: training the estimator (``estimator.*`` keys).
 
     ``supervised`` regresses the engine's scores; ``ranking`` is MM-RealSR's objective: pairs of
@@ -70,4 +63,3 @@ class EstimatorConfig:
     min_gap: float = number(0.05, "pairs whose engine scores differ by less are not ranked", lo=0)
     lr: float = positive(2e-4, "AdamW learning rate")
     weight_decay: float = number(0.0, "AdamW weight decay", lo=0)
-    export_dir: str = plain("export", "export folder, relative to the run directory")

@@ -10,9 +10,9 @@ inside ``vae.encoder`` only (the decoder stays frozen and un-adapted).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
-from degsr.config.fields import plain, positive
+from degsr.config.fields import Checked, choice, existing_path, number, plain, positive, prob
 
 VAE_TARGETS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_q", "to_k",
                "to_v", "to_out.0"]
@@ -21,7 +21,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "c
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Checked):
     """Stage-2 adapters: modulated LoRA on the VAE encoder and the UNet (``lora.*`` keys)."""
 
     vae_rank: int = positive(16, "LoRA rank r of the VAE-encoder layers")
@@ -46,10 +46,114 @@ class LoraConfig:
                     or any(not isinstance(t, str) or not t for t in value)):
                 yield key, f"must be a non-empty list of module names, got {value!r}"
 
-    def problems(self) -> list[str]:
-        """Every failed check, one line each naming its key (configs built outside the loader)."""
-        from dataclasses import fields
-        out = [f"{f.name}: {msg}" for f in fields(self)
-               if "check" in f.metadata and (msg := f.metadata["check"](getattr(self, f.name)))]
-        out += [f"{key}: {msg}" for key, msg in self.check()]
-        return out
+
+
+POS_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and "
+              "natural lighting.")
+NEG_PROMPT = ("oil painting, cartoon, blur, dirty, messy, low quality, deformation, "
+              "low resolution, oversmooth")
+ARCH_NAMES = ["tiny", "sd-turbo"]
+
+
+@dataclass
+class ModelConfig(Checked):
+    """Stage-2 base model (``model.*`` keys): SD-Turbo from a local diffusers folder.
+
+    With ``pretrained`` unset, ``arch`` builds the architecture from :mod:`degsr.sr.arch` with
+    random (seeded) weights -- for tests and smoke runs only.
+    """
+
+    pretrained: Optional[str] = existing_path(None, "local diffusers folder of SD-Turbo (unet/, "
+                                              "vae/, text_encoder/, tokenizer/, scheduler/, "
+                                              "model_index.json); None = random weights of arch")
+    arch: str = choice("tiny", ARCH_NAMES, "architecture built with random weights when "
+                       "pretrained is None")
+    timestep: int = number(999, "the single UNet timestep t", lo=0)
+    pos_prompt: str = plain(POS_PROMPT, "positive prompt (encoded once, then the text encoder is "
+                            "dropped)")
+    neg_prompt: str = plain(NEG_PROMPT, "negative prompt: online negatives in training, the "
+                            "unconditional branch of classifier-free guidance at inference")
+    guidance_scale: float = number(1.07, "inference CFG: eps = eps_neg + g (eps_pos - eps_neg); "
+                                   "1 = positive prompt only (no second branch)", lo=0)
+    seed: int = plain(0, "seed of the random weights when pretrained is None")
+
+    def check(self):
+        if not isinstance(self.timestep, int) or isinstance(self.timestep, bool):
+            yield "timestep", f"must be an integer, got {self.timestep!r}"
+        for key in ("pos_prompt", "neg_prompt"):
+            if not isinstance(getattr(self, key), str):
+                yield key, f"must be a string, got {getattr(self, key)!r}"
+
+
+
+
+DIFFAUG_OPS = ["color", "translation", "cutout"]
+
+
+@dataclass
+class DiscConfig(Checked):
+    """Stage-2 vision-aided discriminator (``disc.*`` keys; METHOD.md "Stage 2").
+
+    Defaults are the reference (vision-aided-gan ``cv_type='dino'``, ``conv_multi_level``,
+    ``multilevel_sigmoid_s``): a frozen DINO ViT-B/16 at 224², the LayerNorm-ed outputs of
+    transformer blocks 5, 9 and 12 (1-based; the reference's ``get_intermediate_layers(n=8)[0, 4,
+    -1]``), spectral-normed heads of width 128, real label 0.8, DiffAugment
+    ``color,translation,cutout``. The GAN loss weight lives in the stage config.
+    """
+
+    backbone: Optional[str] = plain(None, "local transformers folder of a ViT (e.g. "
+                                    "facebook/dino-vitb16 saved with save_pretrained); None = "
+                                    "random weights of `arch` (tests / benchmarks only)")
+    arch: str = choice("tiny", ["tiny", "dino-vitb16"], "backbone built when `backbone` is None: "
+                       "tiny (random 32-wide ViT) or dino-vitb16 (the ViT-B/16 layout, random)")
+    levels: List[int] = plain([5, 9, 12], "1-based transformer blocks whose (final-LayerNorm-ed) "
+                              "outputs feed the heads: all but the last give patch-token grids "
+                              "(conv heads), the last gives its CLS token (MLP head)")
+    input_size: int = positive(224, "images are resized (area) to this square size; a multiple "
+                               "of the patch size, at least 4 patches")
+    diffaug: str = plain("color,translation,cutout", "DiffAugment policy applied to each batch "
+                         "before the backbone ('' = off)")
+    real_label: float = prob(0.8, "BCE target of real images (and of the generator's fakes); "
+                             "fakes are 0 in the D loss")
+    head_channels: int = positive(128, "hidden width of each head")
+    norm: str = choice("imagenet", ["imagenet", "reference"], "input normalisation: ImageNet "
+                       "mean/std (DINO's own) or the reference's CLIP mean with ImageNet std")
+
+    def check(self):
+        ops = [p.strip() for p in str(self.diffaug).split(",") if p.strip()]
+        bad = [p for p in ops if p not in DIFFAUG_OPS]
+        if bad:
+            yield "diffaug", f"unknown DiffAugment ops {bad}; choose from {DIFFAUG_OPS}"
+        lv = self.levels
+        if (not isinstance(lv, (list, tuple)) or not lv
+                or any(not isinstance(i, int) or i < 1 for i in lv)
+                or any(b <= a for a, b in zip(lv, lv[1:]))):
+            yield "levels", f"must be a non-empty increasing list of block numbers >= 1, got {lv!r}"
+
+
+
+@dataclass
+class SRConfig(Checked):
+    """Stage 2 training (``sr.*`` keys; METHOD.md "Stage 2", the reference's recipe)."""
+
+    estimator: Optional[str] = existing_path(None, "stage-1 export (folder or .safetensors) that "
+                                             "scores each LR; None = the engine's true scores "
+                                             "(an oracle ablation)")
+    mse_weight: float = number(2.0, "weight of the MSE to the target", lo=0)
+    lpips_weight: float = number(5.0, "weight of LPIPS(VGG) to the target", lo=0)
+    gan_weight: float = number(0.5, "weight of the generator GAN loss and of the D loss", lo=0)
+    lpips_vgg: Optional[str] = existing_path(None, "torchvision VGG16 weights file for LPIPS "
+                                             "(vgg16-397923af.pth); needed when lpips_weight > 0")
+    neg_prob: float = prob(0.05, "online negatives: per-sample probability of the negative prompt "
+                           "with the sample's own upsampled LR as target")
+    lr: float = positive(2e-5, "AdamW learning rate of the generator (LoRA, conv_in, modulation)")
+    disc_lr: float = positive(2e-5, "AdamW learning rate of the discriminator heads")
+    betas: List[float] = plain([0.9, 0.999], "AdamW betas")
+    weight_decay: float = number(1e-2, "AdamW weight decay", lo=0)
+    grad_clip: float = number(1.0, "clip the generator's gradient norm (0 = off)", lo=0)
+    accumulate: int = positive(1, "batches per optimizer step (manual optimisation)")
+    gradient_checkpointing: bool = plain(False, "UNet/VAE gradient checkpointing (less memory)")
+
+    def check(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            yield "betas", f"must be two numbers in [0, 1), got {list(self.betas)}"

@@ -28,6 +28,10 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     if cfg.stage == "estimator":
         from degsr.estimator.module import EstimatorModule
         return EstimatorModule(cfg.estimator, cfg.degradation, seed=cfg.run.seed)
+    if cfg.stage == "sr":
+        from degsr.sr.module import SRModule
+        return SRModule(cfg.model, cfg.lora, cfg.disc, cfg.sr, cfg.degradation, seed=cfg.run.seed,
+                        images_every_n_steps=cfg.logger.images_every_n_steps)
     raise ValueError(f"unknown stage {cfg.stage}")  # the schema's choice() rules this out
 
 
@@ -91,7 +95,7 @@ def fit(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
     data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
-    export = root / cfg.estimator.export_dir
+    export = root / cfg.run.export_dir
     trainer = make_trainer(cfg, root, make_logger(cfg, root), [ExportOnEnd(export)])
     last = root / "checkpoints" / "last.ckpt"
     resume = str(last) if last.is_file() else None

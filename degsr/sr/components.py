@@ -1,0 +1,373 @@
+"""The frozen base of Stage 2: SD-Turbo's UNet, VAE, scheduler and two prompt embeddings.
+
+:func:`load_components` reads a **local diffusers folder** (``unet/ vae/ text_encoder/ tokenizer/
+scheduler/ model_index.json``), after checking that it is one SD-Turbo-like model (every problem
+is a one-line :class:`~degsr.errors.UserError` naming the file, key and value), or -- with no
+folder -- builds the architecture ``model.arch`` of :mod:`degsr.sr.arch` with seeded random weights.
+
+Prompts. The text encoder only ever sees the positive and the negative prompt, so both are encoded
+once, exactly as diffusers' ``StableDiffusionPipeline.encode_prompt`` does with ``clip_skip=None``
+(what S3Diff does too): tokenizer with ``padding="max_length"`` (77 tokens, SD 2.x pads with
+``"!"``), ``truncation=True``, no attention mask (CLIP's causal mask only; a mask is passed only if
+the text config sets ``use_attention_mask``), and the text model's ``last_hidden_state`` (after its
+final layer norm). SD 2.x's "penultimate layer" is already built into the folder: its OpenCLIP-H
+text tower has 23 of the 24 layers. The embeddings (``(1, 77, D)`` each) are computed on the CPU in
+float32, then the text encoder and tokenizer are deleted (about 1.4 GB for OpenCLIP-H) -- the
+components never hold them.
+
+The random path (``model.pretrained`` unset) goes through the same :func:`encode_prompts` with a
+tiny random CLIP text model whose width is the UNet's ``cross_attention_dim``: the embeddings are
+meaningless, but the code path is the one users take.
+
+:func:`save_tiny_pretrained` writes the ``tiny`` architecture in the real folder layout (a CLIP
+tokenizer from a hand-written byte-level vocab.json / merges.txt), for tests and the quickstart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from degsr.errors import UserError
+from degsr.sr.arch import arch_configs
+from degsr.sr.config import ModelConfig
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LATENT_CHANNELS = 4
+
+
+class SRComponents(nn.Module):
+    """UNet + VAE (submodules), scheduler, prompt embeddings (non-persistent buffers).
+
+    ``pos_embeds`` / ``neg_embeds``: ``(1, L, D)``; they follow ``.to(device, dtype)`` with the
+    networks but are not saved in a state dict (they come from the base folder). ``alpha_bar_t`` is
+    a Python float (ᾱ at ``timestep``), so a half-precision ``.to()`` cannot round it.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, pos_embeds: torch.Tensor,
+                 neg_embeds: torch.Tensor, *, timestep: int = 999):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.register_buffer("pos_embeds", pos_embeds, persistent=False)
+        self.register_buffer("neg_embeds", neg_embeds, persistent=False)
+        self.timestep = int(timestep)
+        from degsr.sr.onestep import alpha_bar
+        self.alpha_bar_t = alpha_bar(scheduler, self.timestep)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def extra_repr(self) -> str:
+        return (f"timestep={self.timestep}, alpha_bar_t={self.alpha_bar_t:.6g}, "
+                f"vae_scale_factor={self.vae_scale_factor}, scaling_factor={self.scaling_factor}, "
+                f"prompt_embeds={tuple(self.pos_embeds.shape)}")
+
+
+# --------------------------------------------------------------------------- prompts
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str]
+                   ) -> torch.Tensor:
+    """``(N, L, D)`` last hidden states of ``prompts``, as diffusers' ``encode_prompt``
+    (``clip_skip=None``): padded to ``max_length``, truncated, no attention mask unless the text
+    config asks for one."""
+    max_len = min(int(tokenizer.model_max_length),
+                  int(text_encoder.config.max_position_embeddings))
+    tok = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tok.attention_mask.to(device)
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable character table."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_tokenizer(folder: str | Path, max_length: int = 77,
+                         words: Sequence[str] | None = None) -> Path:
+    """A CLIP tokenizer folder as SD 2.x ships it (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) with a byte-level vocabulary: ids 0-255 the bytes (GPT-2 table),
+    256-511 their end-of-word forms, 512 ``<|startoftext|>``, 513 ``<|endoftext|>``, then the
+    merged tokens. The merges are built left to right from the lower-case words of ``words``
+    (default: those of the two default prompts; BPE ranks split a few), so the prompts take 25
+    and 33 tokens, not ~100 bytes, and fit in 77 untruncated; other text falls back to single
+    bytes. Pads with ``"!"`` (id 0) as SD 2.x does."""
+    from degsr.sr.config import NEG_PROMPT, POS_PROMPT
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    merges: list[str] = []
+    text = " ".join(words) if words is not None else POS_PROMPT + " " + NEG_PROMPT
+    for word in dict.fromkeys(re.findall(r"[a-z]+", text.lower())):
+        if len(word) < 2:
+            continue
+        left = word[0]
+        for i, c in enumerate(word[1:], start=1):
+            right = c + ("</w>" if i == len(word) - 1 else "")
+            merged = left + right
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(f"{left} {right}")
+            left = merged
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges),
+                                       encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "!"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        dict(special, tokenizer_class="CLIPTokenizer", model_max_length=max_length,
+             do_lower_case=True, add_prefix_space=False, errors="replace"), indent=2))
+    return folder
+
+
+# --------------------------------------------------------------------------- building
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the body, leaving the global RNG state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_unet(config: dict) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(**config)
+
+
+def build_vae(config: dict) -> nn.Module:
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(**config)
+
+
+def build_text_encoder(config: dict) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def build_scheduler(config: dict) -> Any:
+    """DDPM from a config dict; keys DDPM lacks (sd-turbo's ``set_alpha_to_one``) are ignored, as
+    when diffusers loads a folder's scheduler config."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler.from_config(config)
+
+
+def save_tiny_pretrained(folder: str | Path, seed: int = 0) -> Path:
+    """Write the ``tiny`` architecture (random weights from ``seed``) as a diffusers folder:
+    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``. Returns the folder."""
+    import diffusers
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = arch_configs("tiny")
+    with _seeded(seed):
+        unet, vae = build_unet(cfg["unet"]), build_vae(cfg["vae"])
+        text_encoder = build_text_encoder(cfg["text"])
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    write_tiny_tokenizer(folder / "tokenizer", cfg["text"]["max_position_embeddings"])
+    build_scheduler(cfg["scheduler"]).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+# --------------------------------------------------------------------------- checking a folder
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"model.pretrained: {path} is missing (a diffusers model folder has a "
+                        f"config file in every subfolder)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.pretrained: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"model.pretrained: {path} is not a JSON object")
+    return data
+
+
+def _bad(path: Path, key: str, value: Any, want: str) -> UserError:
+    return UserError(f"model.pretrained: {path}: {key} is {value!r}, expected {want} "
+                     f"(is this an SD-Turbo / SD 2.1 folder?)")
+
+
+def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str, dict]:
+    """Check that ``folder`` is one SD-Turbo-like diffusers model; return the subfolders' configs
+    (``unet``, ``vae``, ``text_encoder``, ``scheduler``). Raises a one-line :class:`UserError`."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"model.pretrained: folder not found: {folder}")
+    expected = ", ".join(s + "/" for s in SUBFOLDERS)
+    for sub in SUBFOLDERS:
+        if not (root / sub).is_dir():
+            raise UserError(f"model.pretrained: {root} has no {sub}/ subfolder; a diffusers "
+                            f"SD-Turbo folder holds {expected} and model_index.json")
+    index_path = root / "model_index.json"
+    if index_path.is_file():
+        index = _read_json(index_path)
+        extra = [k for k in ("text_encoder_2", "tokenizer_2") if k in index]
+        if extra:
+            raise UserError(f"model.pretrained: {index_path} lists {', '.join(extra)} "
+                            f"({index.get('_class_name')}): an SDXL-style model with two text "
+                            f"encoders, not SD-Turbo")
+
+    unet_path, vae_path = root / "unet" / "config.json", root / "vae" / "config.json"
+    text_path = root / "text_encoder" / "config.json"
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    unet, vae = _read_json(unet_path), _read_json(vae_path)
+    text, sched = _read_json(text_path), _read_json(sched_path)
+
+    if unet.get("_class_name") != "UNet2DConditionModel":
+        raise _bad(unet_path, "_class_name", unet.get("_class_name"), "'UNet2DConditionModel'")
+    if vae.get("_class_name") != "AutoencoderKL":
+        raise _bad(vae_path, "_class_name", vae.get("_class_name"), "'AutoencoderKL'")
+    archs = text.get("architectures") or []
+    if text.get("model_type") != "clip_text_model" or (archs and "CLIPTextModel" not in archs):
+        got = archs[0] if archs else text.get("model_type")
+        raise _bad(text_path, "architectures" if archs else "model_type", got,
+                   "'CLIPTextModel' (model_type 'clip_text_model')")
+    tok = root / "tokenizer"
+    if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+            or (tok / "tokenizer.json").is_file()):
+        raise UserError(f"model.pretrained: {tok} holds neither vocab.json + merges.txt nor "
+                        f"tokenizer.json (a CLIP tokenizer)")
+
+    if unet.get("addition_embed_type") is not None:
+        raise _bad(unet_path, "addition_embed_type", unet["addition_embed_type"],
+                   "None (SDXL-style added conditioning is not supported)")
+    for key in ("in_channels", "out_channels"):
+        if unet.get(key, 4) != LATENT_CHANNELS:
+            raise _bad(unet_path, key, unet.get(key), str(LATENT_CHANNELS))
+    if vae.get("latent_channels", 4) != LATENT_CHANNELS:
+        raise _bad(vae_path, "latent_channels", vae.get("latent_channels"), str(LATENT_CHANNELS))
+    for key in ("in_channels", "out_channels"):
+        if vae.get(key, 3) != 3:
+            raise _bad(vae_path, key, vae.get(key), "3 (RGB)")
+    cross = unet.get("cross_attention_dim", 1280)
+    hidden = text.get("hidden_size")
+    if cross != hidden:
+        raise UserError(f"model.pretrained: {unet_path}: cross_attention_dim is {cross!r} but "
+                        f"{text_path}: hidden_size is {hidden!r}; they must match (SD-Turbo: 1024)")
+    pred = sched.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise _bad(sched_path, "prediction_type", pred, "'epsilon' (one-step x0 = (z - "
+                   "sqrt(1 - a) eps) / sqrt(a))")
+    n = sched.get("num_train_timesteps", 1000)
+    if not 0 <= timestep < n:
+        raise UserError(f"model.timestep: {timestep} is outside the scheduler's "
+                        f"[0, {n - 1}] ({sched_path}: num_train_timesteps {n})")
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
+
+
+# --------------------------------------------------------------------------- loading
+
+def _load(what: str, root: Path, fn, **kw):
+    try:
+        return fn(str(root), subfolder=what, local_files_only=True, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.pretrained: cannot load {what}/ from {root}: {first}") from None
+
+
+def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(model.pretrained).expanduser()
+    check_pretrained_folder(root, model.timestep)
+    tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
+    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained).float().eval()
+    embeds = encode_prompts(tokenizer, text_encoder, [model.pos_prompt, model.neg_prompt])
+    del text_encoder, tokenizer                       # only the two embeddings are ever needed
+    # DDPM from the folder's config whatever its class (sd-turbo ships Euler's): only the
+    # training schedule (alphas_cumprod) is used.
+    scheduler = _load("scheduler", root, DDPMScheduler.from_pretrained)
+    unet = _load("unet", root, UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
+    vae = _load("vae", root, AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    return unet, vae, scheduler, embeds
+
+
+def _build_random(model: ModelConfig, device: torch.device):
+    from transformers import CLIPTokenizer
+
+    cfg = arch_configs(model.arch)
+    with _seeded(model.seed):
+        # a tiny text model as wide as the UNet's cross-attention: random embeddings through the
+        # same encode path as a real folder
+        text_cfg = arch_configs("tiny")["text"]
+        width = cfg["unet"]["cross_attention_dim"]
+        text_cfg.update(hidden_size=width, intermediate_size=2 * width, projection_dim=width)
+        text_encoder = build_text_encoder(text_cfg).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(
+                str(write_tiny_tokenizer(tmp, text_cfg["max_position_embeddings"])))
+        embeds = encode_prompts(tokenizer, text_encoder, [model.pos_prompt, model.neg_prompt])
+        del text_encoder, tokenizer
+        with torch.device(device) if device.type == "meta" else contextlib.nullcontext():
+            unet, vae = build_unet(cfg["unet"]), build_vae(cfg["vae"])
+    return unet, vae, build_scheduler(cfg["scheduler"]), embeds
+
+
+def load_components(model: Optional[ModelConfig] = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> SRComponents:
+    """SD-Turbo's frozen parts for Stage 2 (see the module docstring).
+
+    ``model.pretrained`` set: check and load the local folder (``local_files_only``); otherwise
+    build ``model.arch`` with random weights seeded by ``model.seed`` (``device="meta"`` builds it
+    without memory). UNet and VAE are in eval mode with ``requires_grad=False``; the caller
+    unfreezes what it trains.
+    """
+    model = model or ModelConfig()
+    device = torch.device(device)
+    if model.pretrained:
+        unet, vae, scheduler, embeds = _load_pretrained(model, dtype)
+    else:
+        if model.arch not in ("tiny", "sd-turbo"):
+            raise UserError(f"model.arch: must be 'tiny' or 'sd-turbo', got {model.arch!r}")
+        n = build_scheduler(arch_configs(model.arch)["scheduler"]).config.num_train_timesteps
+        if not 0 <= model.timestep < n:
+            raise UserError(f"model.timestep: {model.timestep} is outside [0, {n - 1}]")
+        unet, vae, scheduler, embeds = _build_random(model, device)
+    embeds = embeds.detach()
+    comp = SRComponents(unet, vae, scheduler, embeds[:1].clone(), embeds[1:].clone(),
+                        timestep=model.timestep)
+    comp.requires_grad_(False)
+    comp.eval()
+    return comp.to(device=device, dtype=dtype)

@@ -1,0 +1,123 @@
+"""The stage-2 generator: SD-Turbo + degradation-guided LoRA, one step (METHOD.md "Stage 2").
+
+``SRModel`` is what training optimises and inference runs: the frozen base (VAE, UNet, the two
+prompt embeddings), the modulated LoRA on the VAE encoder and the UNet, the UNet's ``conv_in``
+(trained fully) and the modulation MLPs. Its **adapter** (``adapter.safetensors`` +
+``adapter.json``) holds only what training changed; ``load_adapter`` puts it back on a base
+folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from degsr.errors import UserError
+from degsr.io import atomic_write_bytes
+from degsr.sr.components import load_components
+from degsr.sr.config import LoraConfig, ModelConfig
+from degsr.sr.lora import inject_modulated_lora, set_modulation
+from degsr.sr.modulation import DegradationModulation, unet_block_id, vae_block_id
+from degsr.sr.onestep import decode, denoise, encode_lr
+
+ADAPTER_FORMAT = "degsr-adapter"
+
+
+class SRModel(nn.Module):
+    def __init__(self, model: ModelConfig, lora: LoraConfig, device="cpu", dtype=torch.float32):
+        super().__init__()
+        self.model_cfg, self.lora_cfg = model, lora
+        self.comp = load_components(model, device=device, dtype=dtype)
+        vae_enc, unet = self.comp.vae.encoder, self.comp.unet
+        kw = {"modulated": lora.modulated}
+        self.vae_lora = inject_modulated_lora(vae_enc, lora.vae_targets, lora.vae_rank, lora.alpha,
+                                              vae_block_id, **kw)
+        self.unet_lora = inject_modulated_lora(unet, lora.unet_targets, lora.unet_rank, lora.alpha,
+                                               unet_block_id, **kw)
+        unet.conv_in.requires_grad_(True)
+        self.modulation = DegradationModulation(lora, seed=model.seed) if lora.modulated else None
+        self.to(device)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The adapter: every trainable tensor plus the (fixed, saved) Fourier W."""
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.named_buffers() if n.startswith("modulation.")}
+        return {k: v for k, v in self.state_dict().items() if k in keep}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_degradation(self, d: torch.Tensor) -> None:
+        """Modulate every LoRA layer for a batch of degradation vectors d (B, 2) [blur, noise]."""
+        if self.modulation is not None:
+            c_vae, c_unet = self.modulation(d.float())
+            set_modulation(self.comp.vae.encoder, c_vae)
+            set_modulation(self.comp.unet, c_unet)
+
+    def forward(self, lr_up: torch.Tensor, d: torch.Tensor, *, negative=None,
+                guidance_scale=None, generator=None) -> torch.Tensor:
+        """LR upsampled to the output size, in [-1, 1] -> SR in [-1, 1], one UNet step."""
+        self.set_degradation(d)
+        z = encode_lr(self.comp, lr_up, generator=generator)
+        return decode(self.comp, denoise(self.comp, z, guidance_scale=guidance_scale,
+                                         negative=negative))
+
+
+def save_adapter(model: SRModel, path, extra: dict | None = None) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` into folder ``path`` (atomically)."""
+    from safetensors.torch import save
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
+    meta = {"format": ADAPTER_FORMAT, "format_version": 1, "lora": dataclasses.asdict(model.lora_cfg),
+            "model": {k: v for k, v in dataclasses.asdict(model.model_cfg).items()
+                      if k != "pretrained"}, **(extra or {})}
+    atomic_write_bytes(folder / "adapter.safetensors", save(tensors))
+    atomic_write_bytes(folder / "adapter.json", json.dumps(meta, indent=2).encode())
+    return folder
+
+
+def read_adapter_meta(path) -> tuple[Path, dict]:
+    folder = Path(path)
+    folder = folder.parent if folder.suffix in (".json", ".safetensors") else folder
+    meta_path = folder / "adapter.json"
+    if not meta_path.is_file() or not (folder / "adapter.safetensors").is_file():
+        raise UserError(f"{folder}: not an adapter export (needs adapter.json and adapter.safetensors)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path}: unreadable ({e})")
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{meta_path}: format is {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    return folder, meta
+
+
+def load_adapter(path, pretrained: str | None = None, device="cpu", dtype=torch.float32) -> tuple[SRModel, dict]:
+    """An SRModel on the base ``pretrained`` folder (None: the adapter's random ``arch``) with the
+    adapter's weights; returns it (eval, frozen) and the adapter's metadata."""
+    from safetensors.torch import load_file
+
+    folder, meta = read_adapter_meta(path)
+    model_cfg = ModelConfig(**{**meta["model"], "pretrained": pretrained})
+    net = SRModel(model_cfg, LoraConfig(**meta["lora"]), device=device, dtype=dtype)
+    try:
+        tensors = load_file(str(folder / "adapter.safetensors"), device=str(device))
+    except Exception as e:  # noqa: BLE001 - any safetensors failure means a damaged file
+        raise UserError(f"{folder / 'adapter.safetensors'}: unreadable ({type(e).__name__}: {e})")
+    expected = set(net.trainable_state())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise UserError(f"{folder / 'adapter.safetensors'}: does not match the base model "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    try:
+        net.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{folder / 'adapter.safetensors'}: shapes do not match the base model "
+                        f"({str(e).splitlines()[-1].strip()})")
+    net.eval().requires_grad_(False)
+    return net, meta

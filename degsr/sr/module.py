@@ -1,0 +1,184 @@
+"""Stage 2: the degradation-guided LoRA on SD-Turbo as a LightningModule (METHOD.md "Stage 2").
+
+Manual optimisation with two AdamW optimisers: the generator (LoRA, UNet ``conv_in``, modulation)
+on ``mse_weight·MSE + lpips_weight·LPIPS + gan_weight·GAN_G`` and the discriminator heads on
+``gan_weight·D``. The generator's GAN term runs inside ``disc.frozen_heads()``, so no gradient of
+it reaches the discriminator (the reference's open bug #25). Online negatives (``sr.neg_prob``)
+get the negative prompt and their own upsampled LR as target; they are left out of the GAN term,
+which judges positive-prompt outputs only. The degradation vector comes from the frozen stage-1
+estimator on the model's own LR (clean samples: the clean LR), or from the engine (oracle).
+Checkpoints hold only the trainable tensors (adapter + discriminator heads + optimisers).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from degsr.degradation.negatives import online_negatives
+from degsr.metrics.fidelity import psnr_y, ssim_y
+from degsr.seeding import make_generator
+from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
+from degsr.sr.model import SRModel, save_adapter
+
+
+def _plain(cfg):
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
+def _q(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] on the 8-bit grid (what a saved PNG holds)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
+class SRModule(L.LightningModule):
+    def __init__(self, model: ModelConfig, lora: LoraConfig, disc: DiscConfig, sr: SRConfig,
+                 degradation, seed: int = 0, images_every_n_steps: int = 500):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable tensors only
+        self.cfg: SRConfig = _plain(sr)
+        self.degradation = _plain(degradation)
+        self.seed, self.images_every = seed, images_every_n_steps
+        self.net = SRModel(_plain(model), _plain(lora))
+        if self.cfg.gradient_checkpointing:
+            self.net.comp.unet.enable_gradient_checkpointing()
+            self.net.comp.vae.enable_gradient_checkpointing()
+        self.estimator = None
+        if self.cfg.estimator:
+            from degsr.estimator.export import load_estimator
+            self.estimator = load_estimator(self.cfg.estimator)
+        self.lpips = None
+        if self.cfg.lpips_weight > 0:
+            from degsr.metrics.lpips import LPIPS
+            self.lpips = LPIPS.from_files(self.cfg.lpips_vgg)
+        self.disc = None
+        if self.cfg.gan_weight > 0:
+            from degsr.sr.discriminator import build_discriminator
+            self.disc = build_discriminator(_plain(disc))
+        self._gen: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ pieces
+    def _generator(self, device) -> torch.Generator:
+        if self._gen is None or self._gen.device != torch.device(device):
+            self._gen = make_generator(self.seed, 3000 + self.global_rank, device=device)
+        return self._gen
+
+    @torch.no_grad()
+    def degradation_vector(self, batch: dict) -> torch.Tensor:
+        """(B, 2) [blur, noise]: the frozen estimator on the LR the model sees, or the oracle."""
+        if self.estimator is None:
+            return batch["scores"]
+        self.estimator.eval()
+        return self.estimator(batch["lr"]).to(batch["lr"].dtype)
+
+    def reconstruction_losses(self, sr: torch.Tensor, target: torch.Tensor) -> dict:
+        out = {"mse": F.mse_loss(sr.float(), target.float())}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips(sr.float(), target.float()).mean()
+        return out
+
+    # ------------------------------------------------------------------ training
+    def generator_loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
+        """The generator's weighted loss, its terms, and the batch (with negatives and ``sr``)."""
+        cfg = self.cfg
+        batch = online_negatives(batch, g, cfg.neg_prob)
+        d = self.degradation_vector(batch)
+        sr = self.net(batch["lr_up"] * 2 - 1, d, negative=batch["negative"], generator=g)
+        terms = self.reconstruction_losses(sr, batch["target"] * 2 - 1)
+        positive = ~batch["negative"]
+        if self.disc is not None and bool(positive.any()):
+            with self.disc.frozen_heads():  # no GAN gradient into the heads (reference bug #25)
+                terms["gan_g"] = self.disc.loss_g(sr[positive], generator=g)
+        weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "gan_g": cfg.gan_weight}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        return loss, terms, {**batch, "sr": sr}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.cfg
+        g = self._generator(batch["lr"].device)
+        loss, terms, batch = self.generator_loss(batch, g)
+        sr = batch["sr"]
+        opt_g, opt_d = self._optimizers()
+        step_now = (batch_idx + 1) % cfg.accumulate == 0
+        self.manual_backward(loss / cfg.accumulate)
+        if step_now:
+            if cfg.grad_clip > 0:
+                self.clip_gradients(opt_g, gradient_clip_val=cfg.grad_clip,
+                                    gradient_clip_algorithm="norm")
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+        if self.disc is not None:
+            loss_d = cfg.gan_weight * self.disc.loss_d(batch["gt"] * 2 - 1, sr.detach(), generator=g)
+            self.manual_backward(loss_d / cfg.accumulate)
+            if step_now:  # the raw optimizer: Lightning counts every LightningOptimizer.step()
+                opt_d.optimizer.step()  # as a global step, and max_steps means generator steps
+                opt_d.zero_grad(set_to_none=True)
+            terms["disc"] = loss_d
+        bs = sr.shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/negatives", batch["negative"].float().mean(), batch_size=bs)
+        if self.global_step % self.images_every == 0 and batch_idx % cfg.accumulate == 0:
+            self._log_panel("train/panel", batch["lr_up"], _q(sr.detach()), batch["gt"])
+
+    def _optimizers(self):
+        opts = self.optimizers()
+        return (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt_g = torch.optim.AdamW(self.net.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  weight_decay=cfg.weight_decay)
+        if self.disc is None:
+            return opt_g
+        opt_d = torch.optim.AdamW(list(self.disc.head_parameters()), lr=cfg.disc_lr,
+                                  betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return [opt_g, opt_d]
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "scores" not in batch:  # real paired folders: no engine scores, estimator required
+            if self.estimator is None:
+                return
+            lr_up = F.interpolate(batch["lr"], size=batch["hr"].shape[-2:], mode="bicubic",
+                                  align_corners=False).clamp(0, 1)
+            batch = {**batch, "lr_up": lr_up, "gt": batch["hr"]}
+        d = self.degradation_vector(batch)
+        sr = _q(self.net(batch["lr_up"] * 2 - 1, d, guidance_scale=self.net.model_cfg.guidance_scale,
+                         generator=self._generator(batch["lr"].device)))
+        name = "val" if dataloader_idx == 0 else "val_real"
+        bs = sr.shape[0]
+        metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100).mean(),
+                   "ssim_y": ssim_y(sr, batch["gt"]).mean()}
+        if self.lpips is not None:
+            metrics["lpips"] = self.lpips(sr, batch["gt"], normalize=True).mean()
+        self.log_dict({f"{name}/{k}": v.float() for k, v in metrics.items()}, batch_size=bs,
+                      add_dataloader_idx=False, sync_dist=True)
+        if batch_idx == 0:
+            self._log_panel(f"{name}/panel", batch["lr_up"], sr, batch["gt"])
+
+    def _log_panel(self, key: str, lr_up, sr, hr, n: int = 4) -> None:
+        """LR-up | SR | HR side by side, a few samples, to W&B."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not isinstance(self.logger, WandbLogger) or self.trainer.sanity_checking:
+            return
+        rows = [torch.cat([a, b, c], dim=-1).float().cpu() for a, b, c in zip(lr_up[:n], sr[:n], hr[:n])]
+        self.logger.log_image(key, rows, step=self.global_step)
+
+    # ------------------------------------------------------------------ checkpoints / export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"net.{k}" for k in self.net.trainable_state()}
+        if self.disc is not None:
+            keep |= {f"disc.{n}" for n, _ in self.disc.named_parameters()
+                     if not n.startswith("backbone.")}
+            keep |= {f"disc.{n}" for n, _ in self.disc.named_buffers() if not n.startswith("backbone.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def export(self, path) -> None:
+        save_adapter(self.net, path, extra={
+            "scale": self.degradation.scale, "upsample_mode": self.degradation.upsample_mode,
+            "estimator": self.cfg.estimator})

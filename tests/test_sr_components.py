@@ -1,0 +1,248 @@
+"""Stage-2 base: loading a diffusers folder, prompt encoding, the one-step x0 and CFG."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from degsr.errors import UserError
+from degsr.sr.arch import SD_TURBO_SCHEDULER, SD_TURBO_TEXT, SD_TURBO_UNET, SD_TURBO_VAE
+from degsr.sr.components import (SUBFOLDERS, SRComponents, build_scheduler, load_components,
+                                 save_tiny_pretrained)
+from degsr.sr.config import NEG_PROMPT, POS_PROMPT, ModelConfig
+from degsr.sr.onestep import (alpha_bar, decode, denoise, encode_lr, one_step_sr, predict_eps,
+                              x0_from_eps)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_pretrained(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="module")
+def comp(tiny_folder):
+    return load_components(ModelConfig(pretrained=str(tiny_folder)))
+
+
+def _image(b=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g) * 2 - 1
+
+
+# --------------------------------------------------------------------------- loading
+
+def test_tiny_folder_layout(tiny_folder):
+    for sub in SUBFOLDERS:
+        assert (tiny_folder / sub).is_dir()
+    index = json.loads((tiny_folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert (tiny_folder / "tokenizer" / "vocab.json").is_file()
+    assert (tiny_folder / "tokenizer" / "merges.txt").is_file()
+
+
+def test_load_pretrained_embeddings_match_direct_encoding(tiny_folder, comp):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from safetensors.torch import load_file
+
+    tok = CLIPTokenizer.from_pretrained(str(tiny_folder / "tokenizer"))
+    te = CLIPTextModel.from_pretrained(str(tiny_folder / "text_encoder")).float().eval()
+    ids = tok([POS_PROMPT, NEG_PROMPT], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    assert ids.shape == (2, 77)
+    assert ids[0, 0].item() == tok.bos_token_id and ids[0, -1].item() == tok.pad_token_id
+    with torch.no_grad():
+        want = te(ids).last_hidden_state
+    assert comp.pos_embeds.shape == comp.neg_embeds.shape == (1, 77, 32)
+    torch.testing.assert_close(comp.pos_embeds, want[:1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(comp.neg_embeds, want[1:], rtol=0, atol=1e-6)
+    assert not torch.allclose(comp.pos_embeds, comp.neg_embeds)
+
+    # the text encoder is dropped: only unet and vae are modules; embeddings are not saved
+    assert {name for name, _ in comp.named_children()} == {"unet", "vae"}
+    assert not any(type(m).__name__.startswith("CLIP") for m in comp.modules())
+    assert all(k.startswith(("unet.", "vae.")) for k in comp.state_dict())
+    # the weights are the saved ones, frozen
+    saved = load_file(str(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    torch.testing.assert_close(comp.unet.conv_in.weight, saved["conv_in.weight"], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in comp.parameters())
+    assert comp.vae_scale_factor == 8 and comp.scaling_factor == pytest.approx(0.18215)
+    assert comp.timestep == 999 and comp.alpha_bar_t == pytest.approx(0.00466, abs=1e-5)
+
+
+def test_random_arch_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = load_components(ModelConfig(seed=3))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = load_components(ModelConfig(seed=3))
+    assert isinstance(a, SRComponents) and a.pos_embeds.shape == (1, 77, 32)
+    assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
+    assert torch.equal(a.pos_embeds, b.pos_embeds)
+
+
+def _edit(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+BAD_FOLDERS = {
+    "missing vae": (lambda f: shutil.rmtree(f / "vae"),
+                    ["vae/", "unet/", "text_encoder/", "tokenizer/", "scheduler/"]),
+    "unet class": (lambda f: _edit(f / "unet" / "config.json", _class_name="UNet2DModel"),
+                   ["unet", "_class_name", "UNet2DModel", "UNet2DConditionModel"]),
+    "vae class": (lambda f: _edit(f / "vae" / "config.json", _class_name="AutoencoderTiny"),
+                  ["vae", "_class_name", "AutoencoderTiny"]),
+    "text class": (lambda f: _edit(f / "text_encoder" / "config.json",
+                                   architectures=["CLIPTextModelWithProjection"]),
+                   ["text_encoder", "CLIPTextModelWithProjection"]),
+    "cross dim": (lambda f: _edit(f / "unet" / "config.json", cross_attention_dim=2048),
+                  ["cross_attention_dim", "2048", "hidden_size", "32"]),
+    "sdxl": (lambda f: _edit(f / "unet" / "config.json", addition_embed_type="text_time"),
+             ["addition_embed_type", "text_time"]),
+    "in channels": (lambda f: _edit(f / "unet" / "config.json", in_channels=9),
+                    ["in_channels", "9"]),
+    "latent": (lambda f: _edit(f / "vae" / "config.json", latent_channels=16),
+               ["latent_channels", "16"]),
+    "v-pred": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
+                               prediction_type="v_prediction"),
+               ["prediction_type", "v_prediction"]),
+    "no weights": (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+                   ["cannot load unet/"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
+def test_bad_folders_give_one_line_user_errors(tiny_folder, tmp_path, case):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    mutate, words = BAD_FOLDERS[case]
+    mutate(folder)
+    with pytest.raises(UserError) as err:
+        load_components(ModelConfig(pretrained=str(folder)))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained:")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="folder not found: .*nowhere"):
+        load_components(ModelConfig(pretrained=str(tmp_path / "nowhere")))
+    assert any("pretrained" in p for p in ModelConfig(pretrained=str(tmp_path / "x")).problems())
+
+
+# --------------------------------------------------------------------------- the one step
+
+def test_x0_from_eps_closed_form():
+    z = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    eps = torch.tensor([0.5, 1.0, -3.0], dtype=torch.float64)
+    # ᾱ = 0.25: sqrt(ᾱ) = 0.5, sqrt(1 - ᾱ) = sqrt(3)/2
+    want = torch.tensor([2 - math.sqrt(3) / 2, -4 - math.sqrt(3), 1 + 3 * math.sqrt(3)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(x0_from_eps(z, eps, 0.25), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x0_from_eps(z, eps, torch.tensor(0.25, dtype=torch.float64)),
+                               want, rtol=0, atol=1e-12)
+
+
+def test_alpha_bar_999_of_the_sd_schedule():
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    want = np.cumprod(1.0 - betas)
+    sched = build_scheduler(SD_TURBO_SCHEDULER)
+    assert alpha_bar(sched, 999) == pytest.approx(want[999], rel=1e-5)
+    assert alpha_bar(sched, 500) == pytest.approx(want[500], rel=1e-5)
+    assert want[999] == pytest.approx(0.00466, abs=1e-5)
+    with pytest.raises(ValueError):
+        alpha_bar(sched, 1000)
+
+
+class _Counter:
+    def __init__(self, unet):
+        self.unet, self.batches = unet, []
+        self.forward = unet.forward
+
+    def __enter__(self):
+        def counted(sample, *a, **k):
+            self.batches.append(sample.shape[0])
+            return self.forward(sample, *a, **k)
+        self.unet.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.unet.forward
+
+
+@torch.no_grad()
+def test_cfg_is_one_batched_call_and_matches_the_formula(comp):
+    x, g = _image(b=2), 1.07
+    z = encode_lr(comp, x, generator=torch.Generator().manual_seed(1))
+    with _Counter(comp.unet) as c:
+        out = one_step_sr(comp, x, guidance_scale=g, generator=torch.Generator().manual_seed(1))
+    assert c.batches == [4]
+
+    t = torch.full((2,), 999)
+    e_pos = comp.unet(z, t, encoder_hidden_states=comp.pos_embeds.expand(2, -1, -1)).sample
+    e_neg = comp.unet(z, t, encoder_hidden_states=comp.neg_embeds.expand(2, -1, -1)).sample
+    eps = e_neg + g * (e_pos - e_neg)
+    ab = comp.alpha_bar_t
+    x0 = (z - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    want = comp.vae.decode(x0 / comp.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+    # g = 1 is the positive branch alone, one call of batch B
+    with _Counter(comp.unet) as c:
+        e1 = predict_eps(comp, z, guidance_scale=1.0)
+    assert c.batches == [2]
+    torch.testing.assert_close(e1, e_pos, rtol=1e-5, atol=1e-5)
+
+    # per-sample negative prompt without CFG
+    e_mix = predict_eps(comp, z, negative=torch.tensor([True, False]))
+    torch.testing.assert_close(e_mix[0], e_neg[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e_mix[1], e_pos[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        predict_eps(comp, z, guidance_scale=g, negative=torch.tensor([True, False]))
+
+
+@torch.no_grad()
+def test_output_shape_and_range(comp):
+    x = _image(b=2, size=64, seed=2) * 3            # out-of-range input must still give [-1, 1]
+    z = encode_lr(comp, x)
+    assert z.shape == (2, 4, 8, 8)
+    y = decode(comp, denoise(comp, z))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert one_step_sr(comp, _image(b=1, size=128)).shape == (1, 3, 128, 128)
+    with pytest.raises(ValueError, match="multiple of the VAE factor 8"):
+        encode_lr(comp, _image(b=1, size=60))
+
+
+def test_sd_turbo_sizes_on_meta():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD_TURBO_UNET)
+        vae = AutoencoderKL(**SD_TURBO_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**SD_TURBO_TEXT))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(unet) == pytest.approx(866e6, rel=2e-3)
+    assert count(vae) == pytest.approx(83.65e6, rel=2e-3)
+    assert count(text) == pytest.approx(340.4e6, rel=2e-3)     # OpenCLIP-H text, 23 layers
+
+    comp = load_components(ModelConfig(arch="sd-turbo"), device="meta")
+    assert comp.unet.device.type == "meta"
+    assert count(comp.unet) == count(unet) and count(comp.vae) == count(vae)
+    assert comp.pos_embeds.shape == (1, 77, 1024) and comp.vae_scale_factor == 8
+
+
+def test_euler_scheduler_config_loads_as_ddpm(tiny_folder, tmp_path):
+    """sd-turbo's folder ships an EulerDiscreteScheduler config: only its schedule is used."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    _edit(folder / "scheduler" / "scheduler_config.json", _class_name="EulerDiscreteScheduler",
+          interpolation_type="linear", use_karras_sigmas=False, set_alpha_to_one=False)
+    comp = load_components(ModelConfig(pretrained=str(folder)))
+    assert type(comp.scheduler).__name__ == "DDPMScheduler"
+    assert comp.alpha_bar_t == pytest.approx(0.00466, abs=1e-5)
