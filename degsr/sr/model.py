@@ -51,17 +51,18 @@ class SRModel(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def set_degradation(self, d: torch.Tensor) -> None:
-        """Modulate every LoRA layer for a batch of degradation vectors d (B, 2) [blur, noise]."""
+    def set_degradation(self, d: torch.Tensor, cfg_batch: bool = False) -> None:
+        """Modulate every LoRA layer for a batch of degradation vectors d (B, 2) [blur, noise].
+        ``cfg_batch``: the UNet runs [positive; negative] halves, each sample twice."""
         if self.modulation is not None:
             c_vae, c_unet = self.modulation(d.float())
             set_modulation(self.comp.vae.encoder, c_vae)
-            set_modulation(self.comp.unet, c_unet)
+            set_modulation(self.comp.unet, torch.cat([c_unet, c_unet]) if cfg_batch else c_unet)
 
     def forward(self, lr_up: torch.Tensor, d: torch.Tensor, *, negative=None,
                 guidance_scale=None, generator=None) -> torch.Tensor:
         """LR upsampled to the output size, in [-1, 1] -> SR in [-1, 1], one UNet step."""
-        self.set_degradation(d)
+        self.set_degradation(d, cfg_batch=guidance_scale is not None and guidance_scale != 1)
         z = encode_lr(self.comp, lr_up, generator=generator)
         return decode(self.comp, denoise(self.comp, z, guidance_scale=guidance_scale,
                                          negative=negative))

@@ -1,0 +1,139 @@
+"""Stage 2 module: no GAN leak, training reduces the loss, adapter round trip, degsr fit."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from degsr.config import load_config
+from degsr.degradation.pipeline import Degrader
+from degsr.sr.model import load_adapter, save_adapter
+from degsr.sr.module import SRModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/sr_tiny.yaml"
+
+
+def module(*overrides):
+    cfg = load_config([TINY], list(overrides))
+    torch.manual_seed(0)
+    return SRModule(cfg.model, cfg.lora, cfg.disc, cfg.sr, cfg.degradation, seed=0), cfg
+
+
+def batch(cfg, n=2, size=64):
+    from degsr.data.photos import load_photo
+    img = torch.from_numpy(load_photo("astronaut")).permute(2, 0, 1).float() / 255
+    hr = torch.stack([img[:, 100 + 40 * i:100 + 40 * i + size, 200:200 + size] for i in range(n)])
+    return Degrader(cfg.degradation)(hr, torch.Generator().manual_seed(0))
+
+
+def test_generator_step_puts_no_gradient_into_the_discriminator():
+    m, cfg = module("sr.neg_prob=0")
+    loss, terms, _ = m.generator_loss(batch(cfg), torch.Generator().manual_seed(0))
+    assert "gan_g" in terms
+    loss.backward()
+    assert all(p.grad is None for p in m.disc.head_parameters())
+    assert all(p.requires_grad for p in m.disc.head_parameters())  # restored after the G step
+    lora = [p for n, p in m.net.named_parameters() if "lora_B" in n]
+    assert all(p.grad is not None for p in lora)
+    assert all(p.grad is None for p in m.disc.backbone.parameters())
+
+
+def test_negatives_use_negative_prompt_and_own_lr_target_and_skip_gan():
+    m, cfg = module("sr.neg_prob=1")
+    _, terms, out = m.generator_loss(batch(cfg), torch.Generator().manual_seed(0))
+    assert out["negative"].all() and torch.equal(out["target"], out["lr_up"])
+    assert "gan_g" not in terms
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_the_reconstruction_loss():
+    m, cfg = module("sr.gan_weight=0", "sr.neg_prob=0", "sr.lr=1e-3")
+    b = batch(cfg)
+    opt = torch.optim.AdamW(m.net.trainable_parameters(), lr=1e-3)
+
+    def loss():
+        return m.generator_loss(b, torch.Generator().manual_seed(0))[0]
+
+    first = loss().item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.9 * first
+
+
+def test_fresh_adapter_is_the_base_model_and_export_load_is_identical(tmp_path):
+    from degsr.sr.components import load_components
+    from degsr.sr.onestep import one_step_sr
+
+    m, cfg = module()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    d = torch.tensor([[0.2, 0.7], [0.9, 0.1]])
+    base = load_components(cfg.model)
+    with torch.no_grad():
+        ref = one_step_sr(base, x, generator=torch.Generator().manual_seed(1))
+        ours = m.net(x, d, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # B = 0: LoRA adds nothing yet
+    with torch.no_grad():  # give the adapter something to carry
+        for p in m.net.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        before = m.net(x, d, generator=torch.Generator().manual_seed(1))
+    save_adapter(m.net, tmp_path / "adapter", extra={"scale": 4})
+    net, meta = load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        after = net(x, d, generator=torch.Generator().manual_seed(1))
+    assert meta["scale"] == 4 and not torch.allclose(before, ref)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    size = (tmp_path / "adapter/adapter.safetensors").stat().st_size
+    assert size < 4 * sum(p.numel() for p in m.net.trainable_parameters()) + 200_000
+
+
+def test_adapter_errors_name_the_file(tmp_path):
+    from degsr.errors import UserError
+    with pytest.raises(UserError, match="not an adapter export"):
+        load_adapter(tmp_path)
+    (tmp_path / "adapter.json").write_text('{"format": "other"}')
+    (tmp_path / "adapter.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="adapter.json"):
+        load_adapter(tmp_path)
+
+
+def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path, degsr_cmd):
+    """The real loading paths: a diffusers folder, a stage-1 export, torchvision-format VGG16
+    weights for LPIPS, a local ViT folder for the critic; then resume from last.ckpt."""
+    from degsr.data.photos import write_photos
+    from degsr.estimator.config import tiny_net
+    from degsr.estimator.export import save_estimator
+    from degsr.estimator.network import DegradationEstimator
+    from degsr.metrics.lpips import VGG16Features
+    from degsr.sr.components import save_tiny_pretrained
+    from degsr.sr.discriminator import save_tiny_backbone
+
+    save_tiny_pretrained(tmp_path / "base")
+    save_estimator(DegradationEstimator(tiny_net()), tmp_path / "est")
+    torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")
+    save_tiny_backbone(tmp_path / "vit")
+    write_photos(tmp_path / "train", ("astronaut", "coins"))
+    write_photos(tmp_path / "val", ("chelsea",))
+    subprocess.run([*degsr_cmd, "shards", str(tmp_path / "train"), "--out", str(tmp_path / "sh"),
+                    "--min-side", "64", "--min-bytes", "0"], check=True, capture_output=True)
+    common = [str(TINY), f"model.pretrained={tmp_path}/base", f"sr.estimator={tmp_path}/est",
+              f"sr.lpips_vgg={tmp_path}/vgg16.pth", "sr.lpips_weight=5", f"disc.backbone={tmp_path}/vit",
+              f"data.train_shards={tmp_path}/sh", f"data.val_folder={tmp_path}/val", f"run.dir={tmp_path}/runs",
+              "data.batch_size=2", "data.num_workers=0", "data.val_crops=2", "data.val_batch_size=2",
+              "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "sr.neg_prob=0.5"]
+    r = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    run = Path(out["run_dir"])
+    assert out["global_step"] == 2 and "val/psnr_y" in out["metrics"] and "val/lpips" in out["metrics"]
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(".backbone." in k or "base_layer" in k for k in ckpt["state_dict"])  # trainable only
+    assert any(k.startswith("disc.heads.") for k in ckpt["state_dict"])
+    net, meta = load_adapter(run / "export", pretrained=str(tmp_path / "base"))
+    assert meta["scale"] == 4 and meta["estimator"] == f"{tmp_path}/est"
+    r2 = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=3"], capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads(r2.stdout.strip().splitlines()[-1])["global_step"] == 3
