@@ -142,7 +142,7 @@ def _hand_params(**over):
          "noise1_poisson_scale": z, "noise2_gaussian": torch.tensor([True]),
          "noise2_sigma": torch.tensor([4.0]), "noise2_poisson_scale": z,
          "jpeg1_quality": torch.tensor([90.0]), "jpeg2_quality": torch.tensor([80.0]),
-         "clean": torch.tensor([False])}
+         "clean": torch.tensor([False]), "final_jpeg_first": torch.tensor([False])}
     p.update({k: torch.tensor([v]) for k, v in over.items()})
     return p
 

@@ -24,7 +24,7 @@ def linear(n_in, n_out):
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = DegradationEstimator(tiny_net())
-    model.reset_parameters(scale=1.0)  # outputs spread over (0, 1) rather than all near 0.5
+    model.reset_parameters(residual_scale=1.0)  # outputs spread over (0, 1), not all near 0.5
     return model.eval()
 
 

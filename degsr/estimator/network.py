@@ -78,13 +78,19 @@ class DegradationEstimator(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, scale: float = 0.1) -> None:
-        """Kaiming-normal weights scaled by 0.1, zero biases (the reference's initialisation)."""
+    def reset_parameters(self, residual_scale: float = 0.1) -> None:
+        """Kaiming-normal weights and zero biases; the convs inside residual blocks scaled by 0.1
+        (BasicSR's ResidualBlockNoBN init). Scaling *every* layer by 0.1 leaves the output flat:
+        a network trained from it kept predicting the mean."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
-                m.weight.mul_(scale)
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                for conv in m.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.weight.mul_(residual_scale)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
