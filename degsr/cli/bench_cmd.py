@@ -8,7 +8,8 @@ import json
 NAME = "bench"
 HELP = "run a benchmark and print its numbers as one JSON object"
 BENCHES = {"degradation": "the degradation engine: batched vs one image at a time",
-           "loader": "the shard stream vs a folder-of-images loader (samples/s)"}
+           "loader": "the shard stream vs a folder-of-images loader (samples/s)",
+           "train": "a stage-2 training step: img/s and peak memory"}
 
 
 def add_arguments(p) -> None:

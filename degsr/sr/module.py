@@ -105,9 +105,9 @@ class SRModule(L.LightningModule):
         step_now = (batch_idx + 1) % cfg.accumulate == 0
         self.manual_backward(loss / cfg.accumulate)
         if step_now:
-            if cfg.grad_clip > 0:
-                self.clip_gradients(opt_g, gradient_clip_val=cfg.grad_clip,
-                                    gradient_clip_algorithm="norm")
+            norm = torch.nn.utils.clip_grad_norm_(self.net.trainable_parameters(),
+                                                  cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            terms["grad_norm"] = norm
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
         if self.disc is not None:

@@ -1,4 +1,4 @@
-"""``degsr degrade`` and ``degsr bench degradation`` as a user runs them."""
+"""User-facing tools run as subprocesses: degsr degrade and the benchmarks."""
 
 import json
 import subprocess
@@ -69,3 +69,11 @@ def test_bench_loader_prints_json(tmp_path, degsr_cmd):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["shard_samples_per_s"] > 0 and out["folder_samples_per_s"] > 0 and out["images"] == 2
+
+
+def test_bench_train_prints_json(degsr_cmd):
+    r = subprocess.run([*degsr_cmd, "bench", "train", "--arch", "tiny", "--batch", "1", "--size", "64",
+                        "--steps", "1", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["img_per_s"] > 0 and out["peak_mem_gib"] > 0 and out["trainable_params"] > 0
