@@ -13,7 +13,7 @@ import sys
 from degsr import __version__, console
 from degsr.errors import UserError
 
-SUBCOMMANDS = ["config", "shards", "degrade", "fit", "estimate", "bench"]
+SUBCOMMANDS = ["config", "shards", "degrade", "fit", "estimate", "sr", "eval", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ NAME = "bench"
 HELP = "run a benchmark and print its numbers as one JSON object"
 BENCHES = {"degradation": "the degradation engine: batched vs one image at a time",
            "loader": "the shard stream vs a folder-of-images loader (samples/s)",
-           "train": "a stage-2 training step: img/s and peak memory"}
+           "train": "a stage-2 training step: img/s and peak memory",
+           "infer": "bare one-step SD-Turbo vs ours merged + CFG vs unmerged (ms/image)"}
 
 
 def add_arguments(p) -> None:

@@ -1,6 +1,17 @@
-"""Typed, validated run configuration (OmegaConf structured configs)."""
+"""Typed, validated run configuration (OmegaConf structured configs).
 
-from degsr.config.loader import load_config, save_config, to_yaml, validate
-from degsr.config.schema import Config
+Names load lazily: section schemas live beside their code (``degsr/*/config.py``) and import
+``degsr.config.fields``, which must not pull in the whole schema first.
+"""
 
 __all__ = ["Config", "load_config", "save_config", "to_yaml", "validate"]
+
+
+def __getattr__(name: str):
+    if name == "Config":
+        from degsr.config.schema import Config
+        return Config
+    if name in __all__:
+        from degsr.config import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module 'degsr.config' has no attribute {name!r}")

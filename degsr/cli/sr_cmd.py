@@ -1,0 +1,94 @@
+"""``degsr sr``: upscale images with a trained adapter on a base SD-Turbo folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from degsr import console
+from degsr.errors import UserError
+
+NAME = "sr"
+HELP = "super-resolve images with a stage-2 adapter (one diffusion step, merged LoRA, CFG)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--adapter", required=True, help="stage-2 export (folder with adapter.json)")
+    p.add_argument("--pretrained", default=None, help="base SD-Turbo diffusers folder (default: "
+                   "the adapter's random arch, for tests only)")
+    p.add_argument("--out", required=True, help="output folder: <stem>.png per input")
+    p.add_argument("--estimator", default=None, help="stage-1 export (default: the adapter's)")
+    p.add_argument("--scale", type=int, default=None, help="must match the adapter's (default)")
+    p.add_argument("--guidance", type=float, default=1.07, help="CFG scale (1 = positive only)")
+    p.add_argument("--blur", type=float, default=None, help="override the estimated blur score "
+                   "(0..1): the fidelity <-> generation dial")
+    p.add_argument("--noise", type=float, default=None, help="override the estimated noise score")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    p.add_argument("--tile", type=int, default=96, help="latent tile size (latent pixels)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
+    p.add_argument("--batch", type=int, default=1, help="images per call (1: merged LoRA path)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+
+
+def _check(args) -> None:
+    for name in ("blur", "noise"):
+        v = getattr(args, name)
+        if v is not None and not 0 <= v <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {v}")
+    if args.tile < 8 or not 0 <= args.tile_overlap < args.tile:
+        raise UserError(f"--tile {args.tile} / --tile-overlap {args.tile_overlap}: need tile >= 8 "
+                        f"and 0 <= overlap < tile")
+    if args.batch != 1:
+        raise UserError("--batch > 1 is not supported yet: images are processed one at a time "
+                        "(the merged-LoRA path)")
+
+
+def run(args) -> int:
+    from degsr.inference.upscale import Upscaler, UpscaleOptions
+    from degsr.io import expand_inputs, read_image, save_png
+
+    _check(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    paths, problems = expand_inputs(args.inputs)
+    precision = args.precision or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    up = Upscaler.load(args.adapter, args.pretrained, args.estimator, args.device, precision,
+                       args.compile)
+    if args.scale is not None and args.scale != up.scale:
+        raise UserError(f"--scale {args.scale} does not match the adapter's scale {up.scale}")
+    opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
+                          color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {p.resolve() for p in paths}
+    done = skipped = 0
+    for path in console.progress(paths, desc="sr", unit="img"):
+        target = out / f"{path.stem}.png"
+        if target.resolve() in inputs:
+            problems.append(f"{path}: output {target} would overwrite an input; choose another --out")
+            continue
+        if target.exists() and not args.overwrite:
+            skipped += 1
+            continue
+        try:
+            lr = read_image(path).float()[None] / 255.0
+            sr, d = up(lr, opts)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        save_png(sr[0], target)
+        done += 1
+        console.log.debug(json.dumps({"path": str(path), "blur": round(float(d[0, 0]), 4),
+                                      "noise": round(float(d[0, 1]), 4)}))
+    for msg in problems:
+        print(f"error: {msg}", file=sys.stderr)
+    console.log.info(f"{done} written, {skipped} already there, {len(problems)} failed -> {out}")
+    return 1 if problems else 0

@@ -1,0 +1,221 @@
+"""Full-reference evaluation of a folder of super-resolved images against a folder of ground truth.
+
+Used by ``degsr eval`` and callable from other code (e.g. the quickstart)::
+
+    rows, summary, problems = evaluate("out/sr", "data/hr", crop_border=4)
+
+Conventions (chosen here, tested in ``tests/test_eval.py``):
+
+* **Pairing** is by exact file stem: ``pred/x.png`` pairs with ``gt/x.<any image suffix>``
+  (:data:`degsr.io.IMAGE_SUFFIXES`). Only the top level of each folder is read (no recursion);
+  hidden files (name starting with ``.``) are ignored. No tag stripping: ``x`` does not pair with
+  ``x_HR``. Any image without a partner on the other side, or two images with one stem in the same
+  folder, is a :class:`~degsr.errors.UserError` (one line, naming the first few on each side).
+* **Per-pair problems** (different sizes, an unreadable file, an image too small for
+  ``crop_border``) do not stop the run: the pair is skipped and described in ``problems``; the
+  other pairs are still scored.
+* **Metrics** are computed on the 8-bit images exactly as loaded (RGB, value / 255, no resizing):
+  ``psnr_y`` and ``ssim_y`` on the BT.601 Y channel with ``crop_border`` pixels removed from every
+  edge (BasicSR's ``test_y_channel=True`` convention, see :mod:`degsr.metrics.fidelity`), and
+  ``lpips`` (v0.1, VGG16, lin; on the full, uncropped RGB images) when an LPIPS model or the path
+  of torchvision's VGG16 weights is given.
+* **Identical images** have ``psnr_y = inf`` (as in BasicSR). The per-image rows keep ``inf`` (the
+  CSV writes ``inf``); the summary's ``psnr_y`` is the mean over the *finite* values only and
+  ``psnr_inf`` counts the pairs left out of it (``psnr_y`` is ``None`` when no value is finite).
+  SSIM and LPIPS means are over all scored pairs (identical images: SSIM 1, LPIPS 0).
+
+Future work: DISTS (Ding et al. 2020) is not offered, because its weights are not shipped with any
+installed package and cannot be downloaded offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from degsr import console
+from degsr.errors import UserError
+from degsr.io import IMAGE_SUFFIXES, atomic_write_bytes, read_image
+
+__all__ = ["pair_images", "score_pair", "summarize", "evaluate", "rows_to_csv", "write_csv",
+           "format_table", "METRIC_COLUMNS"]
+
+#: CSV / row metric columns, in order (``lpips`` only when LPIPS is computed).
+METRIC_COLUMNS = ("psnr_y", "ssim_y", "lpips")
+_SHOW = 5  # unmatched / duplicate names shown per side in an error message
+
+
+def _images_by_stem(folder: Path, flag: str) -> dict[str, Path]:
+    if not folder.exists():
+        raise UserError(f"{flag} {folder}: no such folder")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: not a folder")
+    found: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(p.stem, []).append(p)
+    if not found:
+        raise UserError(f"{flag} {folder}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    dupes = {s: ps for s, ps in found.items() if len(ps) > 1}
+    if dupes:
+        shown = "; ".join(" and ".join(p.name for p in ps) for _, ps in sorted(dupes.items())[:_SHOW])
+        more = f" (+{len(dupes) - _SHOW} more)" if len(dupes) > _SHOW else ""
+        raise UserError(f"{flag} {folder}: images share a file stem, pairing is ambiguous: "
+                        f"{shown}{more}")
+    return {s: ps[0] for s, ps in found.items()}
+
+
+def _names(stems: list[str]) -> str:
+    shown = ", ".join(stems[:_SHOW])
+    return shown + (f", ... (+{len(stems) - _SHOW} more)" if len(stems) > _SHOW else "")
+
+
+def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """``[(stem, pred_path, gt_path), ...]`` sorted by stem; UserError (one line) when the folders
+    are missing or empty, a folder has two images with one stem, or any stem is unmatched."""
+    pred = _images_by_stem(Path(pred_dir), "--pred")
+    gt = _images_by_stem(Path(gt_dir), "--gt")
+    only_pred = sorted(set(pred) - set(gt))
+    only_gt = sorted(set(gt) - set(pred))
+    if only_pred or only_gt:
+        parts = []
+        if only_pred:
+            parts.append(f"{len(only_pred)} in --pred without a --gt image of the same stem: "
+                         f"{_names(only_pred)}")
+        if only_gt:
+            parts.append(f"{len(only_gt)} in --gt without a --pred image of the same stem: "
+                         f"{_names(only_gt)}")
+        raise UserError("pred and gt images do not pair up by file stem: " + "; ".join(parts))
+    return [(s, pred[s], gt[s]) for s in sorted(pred)]
+
+
+def _fidelity_device(device: torch.device) -> torch.device:
+    # PSNR/SSIM run in float64, which MPS lacks.
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+@torch.no_grad()
+def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
+               device: str | torch.device = "cpu") -> dict[str, float]:
+    """Metrics of one pair: ``{"psnr_y", "ssim_y"[, "lpips"]}``. Raises UserError (naming the files)
+    when a file can't be read, the sizes differ, or the image is too small for ``crop_border``."""
+    from degsr.metrics import psnr_y, ssim_y
+
+    device = torch.device(device)
+    pred, gt = read_image(pred_path), read_image(gt_path)
+    if pred.shape != gt.shape:
+        raise UserError(f"{pred_path.name}: size {pred.shape[2]}x{pred.shape[1]} (WxH) differs from "
+                        f"{gt_path} {gt.shape[2]}x{gt.shape[1]}; pair skipped")
+    h, w = pred.shape[-2:]
+    if min(h, w) - 2 * crop_border < 11:
+        raise UserError(f"{pred_path.name}: {w}x{h} image with --crop-border {crop_border} leaves "
+                        f"less than the 11x11 pixels SSIM needs; pair skipped")
+    fdev = _fidelity_device(device)
+    p64 = pred.to(fdev, torch.float64).unsqueeze(0) / 255.0
+    g64 = gt.to(fdev, torch.float64).unsqueeze(0) / 255.0
+    out = {"psnr_y": float(psnr_y(p64, g64, crop_border)[0]),
+           "ssim_y": float(ssim_y(p64, g64, crop_border)[0])}
+    del p64, g64
+    if lpips is not None:
+        p32 = pred.to(device, torch.float32).unsqueeze(0) / 255.0
+        g32 = gt.to(device, torch.float32).unsqueeze(0) / 255.0
+        out["lpips"] = float(lpips(p32, g32, normalize=True)[0])
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], pred_dir, gt_dir, crop_border: int) -> dict:
+    """Means of the per-image rows. ``psnr_y`` averages the finite values only (``psnr_inf``
+    counts identical pairs left out); a mean with no value to average is ``None``."""
+    psnr = [r["psnr_y"] for r in rows]
+    finite = [v for v in psnr if math.isfinite(v)]
+    summary: dict = {"psnr_y": _mean(finite), "ssim_y": _mean([r["ssim_y"] for r in rows])}
+    if rows and all("lpips" in r for r in rows):
+        summary["lpips"] = _mean([r["lpips"] for r in rows])
+    summary.update({"n": len(rows), "psnr_inf": len(psnr) - len(finite), "pred": str(pred_dir),
+                    "gt": str(gt_dir), "crop_border": int(crop_border)})
+    return summary
+
+
+def _resolve_lpips(lpips, device: torch.device):
+    if lpips is None:
+        return None
+    if isinstance(lpips, (str, os.PathLike)):
+        from degsr.metrics import LPIPS
+
+        lpips = LPIPS.from_files(lpips)
+    return lpips.to(device)
+
+
+def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, crop_border: int = 0,
+             lpips=None, device: str | torch.device = "cpu") -> tuple[list[dict], dict, list[str]]:
+    """Score every ``pred_dir`` image against the ``gt_dir`` image of the same file stem.
+
+    ``lpips``: ``None`` (no LPIPS), a :class:`degsr.metrics.LPIPS` model, or the path of
+    torchvision's VGG16 weights (``LPIPS.from_files``). Returns ``(rows, summary, problems)``:
+    ``rows`` are ``{"name": stem, "psnr_y", "ssim_y"[, "lpips"]}`` per scored pair (sorted by
+    stem), ``summary`` as :func:`summarize`, ``problems`` one line per skipped pair.
+    Pairing problems raise UserError (see the module docstring)."""
+    if int(crop_border) != crop_border or crop_border < 0:
+        raise UserError(f"--crop-border must be a non-negative integer, got {crop_border}")
+    crop_border = int(crop_border)
+    device = torch.device(device)
+    pairs = pair_images(pred_dir, gt_dir)
+    model = _resolve_lpips(lpips, device)
+    rows, problems = [], []
+    for stem, p, g in console.progress(pairs, desc="eval", unit="img"):
+        try:
+            scores = score_pair(p, g, crop_border, model, device)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        rows.append({"name": stem, **scores})
+    return rows, summarize(rows, pred_dir, gt_dir, crop_border), problems
+
+
+def rows_to_csv(rows: list[dict], with_lpips: bool) -> str:
+    """CSV text: header ``name,psnr_y,ssim_y[,lpips]``, values with 6 decimals, ``inf`` as ``inf``."""
+    cols = ["psnr_y", "ssim_y"] + (["lpips"] if with_lpips else [])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", *cols])
+    for r in rows:
+        writer.writerow([r["name"], *(f"{r[c]:.6f}" for c in cols)])
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], with_lpips: bool) -> Path:
+    """Write :func:`rows_to_csv` atomically (creating the parent folder); UserError if impossible."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, rows_to_csv(rows, with_lpips).encode())
+    except OSError as e:
+        raise UserError(f"--csv {path}: cannot write ({e.strerror or e})")
+    return path
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def format_table(summary: dict) -> str:
+    """A short human-readable summary table."""
+    lines = [f"{'metric':<8}{'mean':>10}",
+             f"{'psnr_y':<8}{_fmt(summary['psnr_y'], 4):>10}  dB (Y, crop_border={summary['crop_border']})",
+             f"{'ssim_y':<8}{_fmt(summary['ssim_y'], 4):>10}"]
+    if "lpips" in summary:
+        lines.append(f"{'lpips':<8}{_fmt(summary['lpips'], 4):>10}")
+    note = f"n={summary['n']} pairs  pred={summary['pred']}  gt={summary['gt']}"
+    if summary.get("psnr_inf"):
+        note += f"  ({summary['psnr_inf']} identical pair(s): PSNR inf, left out of the PSNR mean)"
+    lines.append(note)
+    return "\n".join(lines) + "\n"

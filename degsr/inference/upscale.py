@@ -1,0 +1,111 @@
+"""Upscaling one image with a trained adapter: the fast path of METHOD.md "Inference".
+
+Per image: the estimator scores the raw LR (or the user dials ``blur``/``noise``); the LR is
+upsampled to ``scale ×`` its size, reflect-padded to a multiple of 64; with one degradation vector
+for the call the modulated LoRA is **merged** into the weights (no unmerged LoRA cost), the VAE
+encodes (tiled when large), the UNet predicts ε once with CFG as one batched call (latent tiles
+with Gaussian blending when large), x0 is decoded (tiled), cropped back and colour-fixed against
+the upsampled LR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from degsr.errors import UserError
+from degsr.inference.colorfix import color_fix
+from degsr.inference.tiling import crop_to, pad_to_multiple, tiled_decode, tiled_encode, tiled_latent_apply
+from degsr.sr.lora import merged
+from degsr.sr.model import load_adapter
+from degsr.sr.onestep import denoise
+
+PAD_MULTIPLE = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class UpscaleOptions:
+    guidance: float = 1.07
+    blur: float | None = None
+    noise: float | None = None
+    color_fix: str = "wavelet"
+    tile: int = 96
+    tile_overlap: int = 32
+    vae_tile: int = 1024  # pixels per VAE tile side (encoder input / decoder output)
+
+
+class Upscaler:
+    """A loaded adapter on its base model, ready to upscale images one call at a time."""
+
+    def __init__(self, net, meta: dict, estimator=None, compile: bool = False, merge: bool = True):
+        self.net, self.meta, self.merge = net, meta, merge
+        first = next(net.comp.unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.scale = int(meta.get("scale", 4))
+        self.upsample_mode = meta.get("upsample_mode", "bicubic")
+        self.estimator = estimator
+        if compile:
+            self.net.comp.unet = torch.compile(self.net.comp.unet)
+
+    @classmethod
+    def load(cls, adapter, pretrained=None, estimator=None, device="cpu", precision="fp32",
+             compile: bool = False) -> "Upscaler":
+        """An adapter export on its base folder, with its stage-1 estimator (or ``estimator``)."""
+        device = torch.device(device)
+        net, meta = load_adapter(adapter, pretrained, device=device, dtype=DTYPES[precision])
+        est = estimator or meta.get("estimator")
+        if est:
+            from degsr.estimator.export import load_estimator
+            est = load_estimator(est, device=device)
+        return cls(net, meta, est, compile)
+
+    def degradation(self, lr: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
+        """(1, 2) [blur, noise]: the user's dial where given, the estimator's score otherwise."""
+        need = opts.blur is None or opts.noise is None
+        if need and self.estimator is None:
+            raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "
+                            "both --blur and --noise")
+        est = self.estimator(lr.float()) if need else torch.zeros(1, 2, device=lr.device)
+        blur = est[:, 0] if opts.blur is None else torch.full_like(est[:, 0], opts.blur)
+        noise = est[:, 1] if opts.noise is None else torch.full_like(est[:, 1], opts.noise)
+        return torch.stack([blur, noise], 1)
+
+    @torch.no_grad()
+    def __call__(self, lr: torch.Tensor, opts: UpscaleOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, h, w) LR in [0, 1] -> (SR (1, 3, s·h, s·w) in [0, 1], d (1, 2))."""
+        comp, net = self.net.comp, self.net
+        lr = lr.to(self.device)
+        h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
+        kw = {} if self.upsample_mode == "nearest" else {"align_corners": False}
+        lr_up = F.interpolate(lr.float(), size=(h, w), mode=self.upsample_mode, **kw).clamp(0, 1)
+        d = self.degradation(lr, opts)
+        x, _ = pad_to_multiple(lr_up * 2 - 1, PAD_MULTIPLE)
+        f = comp.vae_scale_factor
+        with self._modulated(d, cfg_batch=opts.guidance != 1):
+            z = tiled_encode(lambda t: comp.vae.encode(t.to(self.dtype)).latent_dist.mode()
+                             * comp.scaling_factor, x, opts.vae_tile, opts.vae_tile // 4, f)
+            g = None if opts.guidance == 1 else opts.guidance
+            x0 = tiled_latent_apply(lambda zt: denoise(comp, zt.to(self.dtype), guidance_scale=g),
+                                    z, opts.tile, opts.tile_overlap)
+            out = tiled_decode(lambda zt: comp.vae.decode(zt.to(self.dtype) / comp.scaling_factor).sample,
+                               x0, opts.vae_tile // f, opts.vae_tile // f // 4, f)
+        out = crop_to(out.float().clamp(-1, 1), h, w) * 0.5 + 0.5
+        return color_fix(out, lr_up, opts.color_fix).clamp(0, 1), d
+
+    def _modulated(self, d: torch.Tensor, cfg_batch: bool):
+        """Fold the LoRA, modulated by d, into the weights for this call (``merge``), or set the
+        per-sample modulation and run the LoRA layers unmerged."""
+        net = self.net
+        if net.modulation is None or not self.merge:
+            if net.modulation is not None:
+                net.set_degradation(d, cfg_batch=cfg_batch)
+            return contextlib.ExitStack()
+        c_vae, c_unet = net.modulation(d.float())
+        stack = contextlib.ExitStack()
+        stack.enter_context(merged(net.comp.vae.encoder, c_vae))
+        stack.enter_context(merged(net.comp.unet, c_unet))
+        return stack

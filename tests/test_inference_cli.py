@@ -1,0 +1,103 @@
+"""``degsr sr`` / ``degsr eval`` / ``degsr bench infer`` on the tiny model and real photos."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base folder, a stage-1 export and a (perturbed) adapter that records it."""
+    from degsr.estimator.config import tiny_net
+    from degsr.estimator.export import save_estimator
+    from degsr.estimator.network import DegradationEstimator
+    from degsr.sr.components import save_tiny_pretrained
+    from degsr.sr.config import LoraConfig, ModelConfig
+    from degsr.sr.model import SRModel, save_adapter
+
+    root = tmp_path_factory.mktemp("trained")
+    save_tiny_pretrained(root / "base")
+    torch.manual_seed(0)
+    save_estimator(DegradationEstimator(tiny_net()), root / "est")
+    net = SRModel(ModelConfig(pretrained=str(root / "base")), LoraConfig())
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_adapter(net, root / "adapter", extra={"scale": 4, "upsample_mode": "bicubic",
+                                              "estimator": str(root / "est")})
+    return root
+
+
+def test_merged_path_equals_unmerged(trained):
+    from degsr.inference.upscale import Upscaler, UpscaleOptions
+
+    up = Upscaler.load(trained / "adapter", trained / "base")
+    lr = torch.rand(1, 3, 24, 20)
+    opts = UpscaleOptions(color_fix="none")
+    merged, d = up(lr, opts)
+    up.merge = False
+    unmerged, d2 = up(lr, opts)
+    assert torch.equal(d, d2)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=2e-5)
+    up.merge = True
+    again, _ = up(lr, opts)  # weights restored after the merged call
+    torch.testing.assert_close(again, merged, rtol=0, atol=0)
+
+
+def test_sr_then_eval_on_real_photos_with_a_bad_file(trained, tmp_path, degsr_cmd):
+    from degsr.data.photos import load_photo
+
+    hr = load_photo("chelsea")[:128, :160]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(hr).save(tmp_path / "gt" / "cat.png")
+    lr = np.asarray(Image.fromarray(hr).resize((40, 32), Image.BICUBIC))
+    Image.fromarray(lr).save(tmp_path / "in" / "cat.png")
+    (tmp_path / "in" / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    cmd = [*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "--pretrained", str(trained / "base"),
+           str(tmp_path / "in"), "--out", str(out), "--tile", "8", "--tile-overlap", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    sr = np.asarray(Image.open(out / "cat.png"))
+    assert sr.shape == (128, 160, 3)
+    stamp = (out / "cat.png").stat().st_mtime_ns
+    r2 = subprocess.run(cmd, capture_output=True, text=True)  # rerun: finished outputs are kept
+    assert (out / "cat.png").stat().st_mtime_ns == stamp and "1 already there" in r2.stderr
+    (tmp_path / "in" / "broken.png").unlink()
+    r3 = subprocess.run([*cmd[:-5], str(tmp_path / "in"), "--out", str(tmp_path / "in")],
+                        capture_output=True, text=True)
+    assert r3.returncode == 1 and "would overwrite an input" in r3.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "in" / "cat.png")), lr)
+    ev = subprocess.run([*degsr_cmd, "eval", "--pred", str(out), "--gt", str(tmp_path / "gt"), "--json"],
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    summary = json.loads(ev.stdout)
+    assert summary["n"] == 1 and summary["psnr_y"] > 5
+
+
+def test_sr_dial_overrides_estimator_and_rejects_bad_values(trained, tmp_path, degsr_cmd):
+    from degsr.inference.upscale import Upscaler, UpscaleOptions
+
+    up = Upscaler.load(trained / "adapter", trained / "base")
+    lr = torch.rand(1, 3, 16, 16)
+    _, d = up(lr, UpscaleOptions(blur=0.9, noise=0.1, color_fix="none"))
+    assert d.tolist() == [[pytest.approx(0.9), pytest.approx(0.1)]]
+    r = subprocess.run([*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "x.png", "--out",
+                        str(tmp_path), "--blur", "1.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--blur" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_infer_prints_json(degsr_cmd):
+    r = subprocess.run([*degsr_cmd, "bench", "infer", "--arch", "tiny", "--device", "cpu", "--sizes", "64",
+                        "--batch", "2", "--iters", "1", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert set(out["ms_per_image"]["64"]) == {"bare", "ours", "ours_unmerged"}
+    assert out["batch_512"]["bare_img_per_s"] > 0
