@@ -77,7 +77,7 @@ class Upscaler:
     @torch.no_grad()
     def __call__(self, lr: torch.Tensor, opts: UpscaleOptions) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 3, h, w) LR in [0, 1] -> (SR (1, 3, s·h, s·w) in [0, 1], d (1, 2))."""
-        comp, net = self.net.comp, self.net
+        comp = self.net.comp
         lr = lr.to(self.device)
         h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
         kw = {} if self.upsample_mode == "nearest" else {"align_corners": False}

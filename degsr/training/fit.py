@@ -65,13 +65,25 @@ class ExportOnEnd(Callback):
             module.export(self.path)
 
 
+class DataQualityLog(Callback):
+    """Logs the DataModule's counts of samples read / corrupt / too small (``data/*``)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "data_quality") and trainer.global_step % self.every == 0:
+            module.log_dict({f"data/{k}": float(v) for k, v in dm.data_quality().items()})
+
+
 def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
     console.quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
                            save_last=True, save_top_k=1, filename="step{step:07d}",
                            auto_insert_metric_name=False)
-    callbacks = [ckpt, *extra_callbacks]
+    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), *extra_callbacks]
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return L.Trainer(
