@@ -39,12 +39,27 @@ def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tens
     return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
 
 
+def on_subset(mask: Tensor, x: Tensor, fn) -> Tensor:
+    """``x`` with ``fn(idx)`` (the new values of samples ``idx``) where ``mask`` holds: work is
+    spent only on the samples that need it (one host sync for the indices)."""
+    idx = mask.nonzero().flatten()
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(idx)
+    out = x.clone()
+    out[idx] = fn(idx).to(out.dtype)
+    return out
+
+
 def gaussian_noise(g: torch.Generator, x: Tensor, sigma: Tensor, gray: Tensor) -> Tensor:
     """Additive N(0, sigma/255) per sample; ``gray`` samples share one noise field over channels."""
     b, c, h, w = x.shape
-    color = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
-    mono = torch.randn((b, 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand_as(x)
-    noise = torch.where(gray.view(-1, 1, 1, 1), mono, color)
+    noise = torch.zeros_like(x)
+    noise = on_subset(~gray, noise, lambda i: torch.randn(
+        (len(i), c, h, w), generator=g, device=g.device, dtype=x.dtype))
+    noise = on_subset(gray, noise, lambda i: torch.randn(
+        (len(i), 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand(-1, c, -1, -1))
     return noise * (sigma.view(-1, 1, 1, 1).to(x.dtype) / 255.0)
 
 
@@ -72,7 +87,9 @@ def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) ->
         v = q / 255.0
         return torch.poisson(v * levels, generator=g) / levels - v
 
-    noise = torch.where(gray.view(-1, 1, 1, 1), shot(rgb_to_grayscale(x)).expand_as(x), shot(x))
+    noise = torch.zeros_like(x)
+    noise = on_subset(~gray, noise, lambda i: shot(x[i]))
+    noise = on_subset(gray, noise, lambda i: shot(rgb_to_grayscale(x[i])).expand(-1, x.shape[1], -1, -1))
     return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
 
 

@@ -84,24 +84,38 @@ class Degrader:
         return {"params": p, "kernels": k}
 
     @staticmethod
-    def _blur(x: Tensor, draw: dict, tag: str) -> Tensor:
-        applied = draw["params"][f"{tag}_applied"].view(-1, 1, 1, 1)
-        return torch.where(applied, filter_per_sample(x, draw["kernels"][tag]), x)
+    def _blur(x: Tensor, p: dict, kernels: Tensor, tag: str) -> Tensor:
+        """Blur the samples whose ``<tag>_applied`` holds, each with its own kernel."""
+        return ops.on_subset(p[f"{tag}_applied"], x,
+                             lambda i: filter_per_sample(x[i], kernels[i]))
 
     @staticmethod
     def _noise(x: Tensor, p: dict, i: str, g: torch.Generator) -> Tensor:
-        gray = p[f"noise{i}_gray"]
-        noise = torch.where(p[f"noise{i}_gaussian"].view(-1, 1, 1, 1),
-                            ops.gaussian_noise(g, x, p[f"noise{i}_sigma"], gray),
-                            ops.poisson_noise(g, x, p[f"noise{i}_poisson_scale"], gray))
-        return (x + noise).clamp(0, 1)
+        gauss, gray = p[f"noise{i}_gaussian"], p[f"noise{i}_gray"]
+        x = ops.on_subset(gauss, x, lambda j: (x[j] + ops.gaussian_noise(
+            g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp(0, 1))
+        return ops.on_subset(~gauss, x, lambda j: (x[j] + ops.poisson_noise(
+            g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j])).clamp(0, 1))
 
     @staticmethod
-    def _resize(x: Tensor, p: dict, i: str, rc, size, base: tuple[int, int]):
-        """Resize sample b to base * factor[b] (the reference's sizes are relative to ``base``)."""
-        new = tuple((b * p[f"resize{i}_scale"]).to(torch.long).clamp(min=1) for b in base)
-        canvas = tuple(max(1, int(b * max(1.0, rc.resize_range[1]))) for b in base)
-        return resize_batch(x, *size, *new, p[f"resize{i}_mode"], canvas), new
+    def _sizes(p: dict, i: str, base: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Sizes after resize ``i``: base * factor (the reference's sizes are relative to base)."""
+        return tuple((b * p[f"resize{i}_scale"]).to(torch.long).clamp(min=1) for b in base)
+
+    def _middle(self, x: Tensor, p: dict, k: dict, g: torch.Generator, idx: Tensor,
+                base1: tuple[int, int], base2: tuple[int, int], canvas2: tuple[int, int]) -> Tensor:
+        """Samples ``idx``: resize 1 -> noise -> JPEG -> blur 2 -> resize 2 (onto ``canvas2``).
+
+        Run per group of similarly sized samples: the canvas after resize 1 is the group's largest
+        size (up to 2.25x the HR area), not the preset's bound, so no group pays for the largest."""
+        q = {name: v[idx] for name, v in p.items()}
+        size1 = self._sizes(q, "1", base1)
+        canvas1 = (int(size1[0].max()), int(size1[1].max()))
+        full = tuple(torch.full_like(size1[0], b) for b in base1)
+        y = resize_batch(x[idx], *full, *size1, q["resize1_mode"], canvas1)
+        y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
+        y = self._blur(y, q, k["blur2"][idx], "blur2")
+        return resize_batch(y, *size1, *self._sizes(q, "2", base2), q["resize2_mode"], canvas2)
 
     def __call__(self, hr: Tensor, generator: torch.Generator) -> dict:
         return self.apply(hr, self.sample(hr.shape[0], generator), generator)
@@ -119,14 +133,16 @@ class Degrader:
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s
-        size = (torch.full((b,), h, device=hr.device), torch.full((b,), w, device=hr.device))
 
-        # first order: blur -> resize (relative to HR) -> noise -> JPEG
-        x, size = self._resize(self._blur(gt, draw, "blur1"), p, "1", cfg.first, size, (h, w))
-        x = jpeg(self._noise(x, p, "1", g), p["jpeg1_quality"])
-        # second order: blur -> resize (relative to the LR size, as the reference) -> noise
-        x, size = self._resize(self._blur(x, draw, "blur2"), p, "2", cfg.second, size, (lr_h, lr_w))
-        x = self._noise(x, p, "2", g)
+        # first order: blur -> resize (relative to HR) -> noise -> JPEG; second order: blur ->
+        # resize (relative to the LR size, as the reference); groups of similar size share a canvas
+        x = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")
+        canvas2 = tuple(max(1, int(n * max(1.0, cfg.second.resize_range[1]))) for n in (lr_h, lr_w))
+        mid = x.new_empty(b, c, *canvas2)
+        by_size = torch.argsort(p["resize1_scale"])
+        for idx in by_size.split(max(4, -(-b // 4))):
+            mid[idx] = self._middle(x, p, draw["kernels"], g, idx, (h, w), (lr_h, lr_w), canvas2)
+        x, size = self._noise(mid, p, "2", g), self._sizes(p, "2", (lr_h, lr_w))
         # final: [resize to LR + sinc] and JPEG, in a random order per sample
         first = p["final_jpeg_first"].view(-1, 1, 1, 1)
         x = torch.where(first, jpeg(x, p["jpeg2_quality"]), x)
