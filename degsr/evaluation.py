@@ -40,58 +40,20 @@ import torch
 
 from degsr import console
 from degsr.errors import UserError
-from degsr.io import IMAGE_SUFFIXES, atomic_write_bytes, read_image
+from degsr.io import atomic_write_bytes, pair_folders, read_image
 
 __all__ = ["pair_images", "score_pair", "summarize", "evaluate", "rows_to_csv", "write_csv",
            "format_table", "METRIC_COLUMNS"]
 
 #: CSV / row metric columns, in order (``lpips`` only when LPIPS is computed).
 METRIC_COLUMNS = ("psnr_y", "ssim_y", "lpips")
-_SHOW = 5  # unmatched / duplicate names shown per side in an error message
-
-
-def _images_by_stem(folder: Path, flag: str) -> dict[str, Path]:
-    if not folder.exists():
-        raise UserError(f"{flag} {folder}: no such folder")
-    if not folder.is_dir():
-        raise UserError(f"{flag} {folder}: not a folder")
-    found: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
-            found.setdefault(p.stem, []).append(p)
-    if not found:
-        raise UserError(f"{flag} {folder}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    dupes = {s: ps for s, ps in found.items() if len(ps) > 1}
-    if dupes:
-        shown = "; ".join(" and ".join(p.name for p in ps) for _, ps in sorted(dupes.items())[:_SHOW])
-        more = f" (+{len(dupes) - _SHOW} more)" if len(dupes) > _SHOW else ""
-        raise UserError(f"{flag} {folder}: images share a file stem, pairing is ambiguous: "
-                        f"{shown}{more}")
-    return {s: ps[0] for s, ps in found.items()}
-
-
-def _names(stems: list[str]) -> str:
-    shown = ", ".join(stems[:_SHOW])
-    return shown + (f", ... (+{len(stems) - _SHOW} more)" if len(stems) > _SHOW else "")
 
 
 def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """``[(stem, pred_path, gt_path), ...]`` sorted by stem; UserError (one line) when the folders
-    are missing or empty, a folder has two images with one stem, or any stem is unmatched."""
-    pred = _images_by_stem(Path(pred_dir), "--pred")
-    gt = _images_by_stem(Path(gt_dir), "--gt")
-    only_pred = sorted(set(pred) - set(gt))
-    only_gt = sorted(set(gt) - set(pred))
-    if only_pred or only_gt:
-        parts = []
-        if only_pred:
-            parts.append(f"{len(only_pred)} in --pred without a --gt image of the same stem: "
-                         f"{_names(only_pred)}")
-        if only_gt:
-            parts.append(f"{len(only_gt)} in --gt without a --pred image of the same stem: "
-                         f"{_names(only_gt)}")
-        raise UserError("pred and gt images do not pair up by file stem: " + "; ".join(parts))
-    return [(s, pred[s], gt[s]) for s in sorted(pred)]
+    """``[(stem, pred_path, gt_path), ...]`` sorted by stem (exact stems, no tag stripping);
+    UserError (one line) when a folder is missing or empty, has two images with one stem, or any
+    stem is unmatched."""
+    return pair_folders(pred_dir, gt_dir, "--pred", "--gt")
 
 
 def _fidelity_device(device: torch.device) -> torch.device:

@@ -83,3 +83,41 @@ def preset_path(name: str) -> Path:
     if not path.is_file():
         raise UserError(f"degradation preset '{name}' not found at {path}")
     return path
+
+
+def _names(paths: list[Path], show: int = 5) -> str:
+    more = f" (+{len(paths) - show} more)" if len(paths) > show else ""
+    return ", ".join(p.name for p in paths[:show]) + more
+
+
+def images_by_key(folder, label: str, key=lambda stem: stem) -> dict[str, Path]:
+    """The images directly in ``folder`` by ``key(stem)``; UserError (one line, naming ``label``)
+    for a missing or empty folder or two images with one key."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{label} {root}: " + ("not a folder" if root.exists() else "no such folder"))
+    found: dict[str, list[Path]] = {}
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(key(p.stem), []).append(p)
+    if not found:
+        raise UserError(f"{label} {root}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    dupes = [ps for ps in found.values() if len(ps) > 1]
+    if dupes:
+        raise UserError(f"{label} {root}: images share a name, pairing is ambiguous: "
+                        + "; ".join(" and ".join(p.name for p in ps) for ps in dupes[:5]))
+    return {k: ps[0] for k, ps in found.items()}
+
+
+def pair_folders(a, b, a_label: str, b_label: str, key=lambda stem: stem
+                 ) -> list[tuple[str, Path, Path]]:
+    """``[(key, a_path, b_path)]`` sorted by key for two folders of images matched by
+    ``key(stem)``; one UserError line naming the unmatched files on each side."""
+    left, right = images_by_key(a, a_label, key), images_by_key(b, b_label, key)
+    only_a = [left[k] for k in sorted(left.keys() - right.keys())]
+    only_b = [right[k] for k in sorted(right.keys() - left.keys())]
+    if only_a or only_b:
+        parts = [f"{len(ps)} in {label} without a match: {_names(ps)}"
+                 for ps, label in ((only_a, a_label), (only_b, b_label)) if ps]
+        raise UserError(f"{a_label} and {b_label} images do not pair up by name: " + "; ".join(parts))
+    return [(k, left[k], right[k]) for k in sorted(left)]

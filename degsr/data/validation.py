@@ -25,7 +25,7 @@ from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
 from degsr.degradation.pipeline import Degrader
 from degsr.errors import UserError
-from degsr.io import IMAGE_SUFFIXES, read_image
+from degsr.io import IMAGE_SUFFIXES, pair_folders, read_image
 from degsr.seeding import make_generator
 
 VAL_SEED = 2024_0601
@@ -116,42 +116,13 @@ def pair_key(stem: str) -> str:
     return _SCALE_TAG.sub("", stem)
 
 
-def _keyed(folder: str, key_name: str) -> dict[str, Path]:
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{key_name}: {folder} is not a folder")
-    out: dict[str, Path] = {}
-    for p in sorted(q for q in root.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
-        k = pair_key(p.stem)
-        if k in out:
-            raise UserError(f"{key_name}: {out[k].name} and {p.name} both match the name {k!r}")
-        out[k] = p
-    if not out:
-        raise UserError(f"{key_name}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return out
-
-
 class PairedFolders(Dataset):
     """Real LR/HR pairs matched by file stem (see :func:`pair_key`); items are
     ``{"lr", "hr": float (3, h, w) in [0, 1], "name": str}``. Sizes differ: batch size 1."""
 
     def __init__(self, lr_folder: str, hr_folder: str):
-        lr = _keyed(lr_folder, "data.val_paired_lr")
-        hr = _keyed(hr_folder, "data.val_paired_hr")
-        only_lr, only_hr = sorted(lr.keys() - hr.keys()), sorted(hr.keys() - lr.keys())
-        if only_lr or only_hr:
-            def first(keys, files):
-                more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-                return ", ".join(files[k].name for k in keys[:5]) + more
-            problems = []
-            if only_lr:
-                problems.append(f"{len(only_lr)} LR file(s) in {lr_folder} without an HR match: "
-                                f"{first(only_lr, lr)}")
-            if only_hr:
-                problems.append(f"{len(only_hr)} HR file(s) in {hr_folder} without an LR match: "
-                                f"{first(only_hr, hr)}")
-            raise UserError("data.val_paired_lr/val_paired_hr: " + "; ".join(problems))
-        self.pairs = [(k, lr[k], hr[k]) for k in sorted(lr)]
+        self.pairs = pair_folders(lr_folder, hr_folder, "data.val_paired_lr", "data.val_paired_hr",
+                                  key=pair_key)
 
     def __len__(self) -> int:
         return len(self.pairs)
