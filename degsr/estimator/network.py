@@ -80,8 +80,9 @@ class DegradationEstimator(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, residual_scale: float = 0.1) -> None:
         """Kaiming-normal weights and zero biases; the convs inside residual blocks scaled by 0.1
-        (BasicSR's ResidualBlockNoBN init). Scaling *every* layer by 0.1 leaves the output flat:
-        a network trained from it kept predicting the mean."""
+        (BasicSR's ResidualBlockNoBN init) and each head's last layer by 0.01 (scores start near
+        0.5; unscaled, a branch could start saturated and never move). Scaling *every* layer by
+        0.1 left the output flat: a network trained from it kept predicting the mean."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -91,6 +92,8 @@ class DegradationEstimator(nn.Module):
                 for conv in m.modules():
                     if isinstance(conv, nn.Conv2d):
                         conv.weight.mul_(residual_scale)
+        for head in self.fc_degree:  # start every score at 0.5, far from the sigmoid's flat ends
+            head[-2].weight.mul_(0.01)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
