@@ -14,7 +14,7 @@ from degsr.sr.config import DiscConfig
 from degsr.sr.discriminator import (VisionAidedDiscriminator, build_discriminator, load_backbone,
                                     save_tiny_backbone)
 
-pytest.importorskip("transformers")
+
 
 SIZE = 64  # tiny ViT at 64² (4 x 4 patch grid)
 
