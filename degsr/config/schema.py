@@ -7,7 +7,7 @@ Defaults are the ``s3diff`` degradation preset of METHOD.md; the preset files un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 from degsr.config.fields import (choice, distribution, number, odd_sizes, plain, positive, prob,
                                  span, subset)
@@ -87,8 +87,7 @@ class RunConfig:
     dir: str = plain("runs", "parent folder of run directories")
     seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0)
     export_dir: str = plain("export", "where the stage's export goes, relative to the run directory")
-    device: Optional[str] = plain(None, "torch device for tools that run outside Lightning "
-                                        "(None = cuda if available, else cpu)")
+
 
 
 STAGES = ["estimator", "sr"]
