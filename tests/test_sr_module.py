@@ -129,6 +129,7 @@ def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path
     out = json.loads(r.stdout.strip().splitlines()[-1])
     run = Path(out["run_dir"])
     assert out["global_step"] == 2 and "val/psnr_y" in out["metrics"] and "val/lpips" in out["metrics"]
+    assert 0 <= out["metrics"]["train/d_real"] <= 1 and 0 <= out["metrics"]["train/d_fake"] <= 1
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert not any(".backbone." in k or "base_layer" in k for k in ckpt["state_dict"])  # trainable only
     assert any(k.startswith("disc.heads.") for k in ckpt["state_dict"])

@@ -287,6 +287,9 @@ class VisionAidedDiscriminator(nn.Module):
         n = real.shape[0]
         both = torch.cat([real.detach(), fake.detach().to(real.dtype)])
         lg = self.logits(both, generator)
+        with torch.no_grad():  # mean D(x) over levels, for logging: how sure the critic is
+            prob = torch.stack([torch.sigmoid(t.float()).flatten(1).mean(1) for t in lg]).mean(0)
+            self.last_outputs = {"d_real": prob[:n].mean(), "d_fake": prob[n:].mean()}
         return (0.5 * bce_levels([t[:n] for t in lg], self.real_label)
                 + 0.5 * bce_levels([t[n:] for t in lg], 0.0))
 

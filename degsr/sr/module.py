@@ -117,6 +117,7 @@ class SRModule(L.LightningModule):
                 opt_d.optimizer.step()  # as a global step, and max_steps means generator steps
                 opt_d.zero_grad(set_to_none=True)
             terms["disc"] = loss_d
+            terms.update(self.disc.last_outputs)
         bs = sr.shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
