@@ -29,6 +29,16 @@ def problems_of(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def as_dataclass(cfg: Any, default: Any = None) -> Any:
+    """A config section as its dataclass: an OmegaConf node is converted, a dataclass (or None,
+    then ``default``) passes through."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_object(cfg)
+    return default if cfg is None else cfg
+
+
 class Checked:
     """Base of config dataclasses used outside the loader: ``problems()`` lists what is wrong."""
 

@@ -23,7 +23,7 @@ import warnings
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from degsr.config.fields import as_dataclass
 from torch.utils.data import DataLoader
 
 from degsr.config.schema import DegradationConfig
@@ -38,10 +38,6 @@ from degsr.seeding import make_generator
 QUALITY_SYNC_EVERY = 25  # batches between all-reduces of the quality counts under DDP
 
 
-def _plain(cfg, cls):
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else (cfg or cls())
-
-
 def expand_pattern(key: str, pattern: str) -> list[str]:
     """``expand_shard_pattern`` whose UserError names the config key."""
     try:
@@ -53,8 +49,8 @@ def expand_pattern(key: str, pattern: str) -> list[str]:
 class SRDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, degradation: DegradationConfig, seed: int = 0):
         super().__init__()
-        self.data: DataConfig = _plain(data, DataConfig)
-        self.degradation: DegradationConfig = _plain(degradation, DegradationConfig)
+        self.data: DataConfig = as_dataclass(data, DataConfig())
+        self.degradation: DegradationConfig = as_dataclass(degradation, DegradationConfig())
         self.seed = int(seed)
         self.degrader = Degrader(self.degradation)
         self.train_urls: list[str] | None = None

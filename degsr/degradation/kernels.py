@@ -113,9 +113,8 @@ def mask_to_sizes(kernels: Tensor, sizes: Tensor) -> Tensor:
     masked to that window and renormalised; this lets mixed sizes live in one tensor.
     """
     size = kernels.shape[-1]
-    sizes = sizes.to(kernels.device).reshape(-1)
-    if bool(((sizes % 2) == 0).any()) or bool((sizes > size).any()) or bool((sizes < 1).any()):
-        raise ValueError(f"sizes must be odd and in [1, {size}]")
+    sizes = sizes.to(kernels.device).reshape(-1)  # validated as Python lists by the samplers:
+    # a check on the tensor here would cost three host syncs per call on the training path
     dist = (torch.arange(size, device=kernels.device) - size // 2).abs()
     inside = dist[None, :] <= (sizes[:, None] // 2)  # (B, S)
     mask = inside[:, :, None] & inside[:, None, :]
@@ -149,6 +148,11 @@ def _uniform(generator: torch.Generator, batch: int, low, high, device, dtype) -
     return (low + (high - low) * u).to(device=device, dtype=dtype)
 
 
+def _check_sizes(kernel_sizes, max_size: int) -> None:
+    if not kernel_sizes or any(k % 2 == 0 or not 1 <= k <= max_size for k in kernel_sizes):
+        raise ValueError(f"kernel sizes must be odd and in [1, {max_size}], got {list(kernel_sizes)}")
+
+
 def _choice(generator: torch.Generator, batch: int, values, device) -> Tensor:
     """Uniform draw ``(B,)`` long from the list ``values``."""
     idx = torch.randint(len(values), (batch,), generator=generator, device=generator.device)
@@ -176,6 +180,7 @@ def sample_blur_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
     unknown = set(kernel_types) - set(KERNEL_TYPES[:-1])
     if unknown or len(kernel_types) != len(kernel_probs):
         raise ValueError(f"bad kernel_types {list(kernel_types)} / kernel_probs {list(kernel_probs)}")
+    _check_sizes(kernel_sizes, max_size)
     size = _choice(generator, batch, kernel_sizes, device)
     is_sinc = _uniform(generator, batch, 0.0, 1.0, device, torch.float64) < sinc_prob
     probs = torch.as_tensor(list(kernel_probs), dtype=torch.float64, device=device)
@@ -225,6 +230,7 @@ def sample_sinc_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
     "final_omega_c"}``; an identity sample has kernel size 1 (the delta) and ω_c 0.
     """
     device = torch.device(device) if device is not None else generator.device
+    _check_sizes(kernel_sizes, max_size)
     is_sinc = _uniform(generator, batch, 0.0, 1.0, device, torch.float64) < prob
     size = _choice(generator, batch, kernel_sizes, device)
     omega = _uniform(generator, batch, math.pi / 3, math.pi, device, dtype)

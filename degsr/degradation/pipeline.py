@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from degsr.config.fields import as_dataclass
 from torch import Tensor
 
 from degsr.config.schema import DegradationConfig
@@ -48,8 +48,8 @@ class Degrader:
     controlled changes (stage-1 ranking pairs) or keep a fixed validation draw.
     """
 
-    def __init__(self, cfg: DegradationConfig | DictConfig):
-        self.cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    def __init__(self, cfg: DegradationConfig):
+        self.cfg = as_dataclass(cfg)
 
     @staticmethod
     def _round(g: torch.Generator, n: int, rc, tag: str, p: dict, k: dict, dtype) -> None:

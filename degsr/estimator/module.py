@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from degsr.config.fields import as_dataclass
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from degsr.config.schema import DegradationConfig
@@ -26,15 +26,11 @@ from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
 from degsr.seeding import make_generator
 
 
-def _plain(cfg, cls):
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-
-
 class EstimatorModule(L.LightningModule):
     def __init__(self, cfg: EstimatorConfig, degradation: DegradationConfig, seed: int = 0):
         super().__init__()
-        self.cfg: EstimatorConfig = _plain(cfg, EstimatorConfig)
-        self.degradation: DegradationConfig = _plain(degradation, DegradationConfig)
+        self.cfg: EstimatorConfig = as_dataclass(cfg)
+        self.degradation: DegradationConfig = as_dataclass(degradation)
         self.seed = seed
         self.net = DegradationEstimator(self.cfg.net)
         self.degrader = Degrader(self.degradation)

@@ -15,17 +15,13 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from degsr.config.fields import as_dataclass
 
 from degsr.degradation.negatives import online_negatives
 from degsr.metrics.fidelity import psnr_y, ssim_y
 from degsr.seeding import make_generator
 from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
 from degsr.sr.model import SRModel, save_adapter
-
-
-def _plain(cfg):
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
 
 
 def _q(x: torch.Tensor) -> torch.Tensor:
@@ -39,10 +35,10 @@ class SRModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable tensors only
-        self.cfg: SRConfig = _plain(sr)
-        self.degradation = _plain(degradation)
+        self.cfg: SRConfig = as_dataclass(sr)
+        self.degradation = as_dataclass(degradation)
         self.seed, self.images_every = seed, images_every_n_steps
-        self.net = SRModel(_plain(model), _plain(lora))
+        self.net = SRModel(as_dataclass(model), as_dataclass(lora))
         if self.cfg.gradient_checkpointing:
             self.net.comp.unet.enable_gradient_checkpointing()
             self.net.comp.vae.enable_gradient_checkpointing()
@@ -57,7 +53,7 @@ class SRModule(L.LightningModule):
         self.disc = None
         if self.cfg.gan_weight > 0:
             from degsr.sr.discriminator import build_discriminator
-            self.disc = build_discriminator(_plain(disc))
+            self.disc = build_discriminator(as_dataclass(disc))
         self._gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ pieces
