@@ -219,6 +219,11 @@ def tiny_vae():
     return vae.eval()
 
 
+def _codec(vae):
+    """The VAE's encode (posterior mean) and decode as plain functions."""
+    return (lambda x: vae.encode(x).latent_dist.mean), (lambda z: vae.decode(z).sample)
+
+
 def _smooth_image(h, w):
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     return (0.8 * torch.stack([torch.sin(3 * xx + yy), torch.cos(2 * yy - xx),
@@ -227,8 +232,7 @@ def _smooth_image(h, w):
 
 @torch.no_grad()
 def test_tiled_vae_single_tile_is_exact(tiny_vae):
-    enc = lambda x: tiny_vae.encode(x).latent_dist.mean  # noqa: E731
-    dec = lambda z: tiny_vae.decode(z).sample  # noqa: E731
+    enc, dec = _codec(tiny_vae)
     img = _smooth_image(64, 48)
     z = enc(img)
     assert torch.equal(tiled_encode(enc, img, tile_px=64, overlap_px=32, factor=2), z)
@@ -239,8 +243,7 @@ def test_tiled_vae_single_tile_is_exact(tiny_vae):
 
 @torch.no_grad()
 def test_tiled_vae_close_to_untiled_without_seams(tiny_vae):
-    enc = lambda x: tiny_vae.encode(x).latent_dist.mean  # noqa: E731
-    dec = lambda z: tiny_vae.decode(z).sample  # noqa: E731
+    enc, dec = _codec(tiny_vae)
     img = _smooth_image(128, 128)
     z = enc(img)
     x = dec(z)
