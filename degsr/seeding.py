@@ -17,3 +17,15 @@ def make_generator(base: int, *keys: int, device: str | torch.device = "cpu") ->
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(base, *keys))
     return g
+
+
+def batch_generator(module, purpose: int, *keys: int,
+                    device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for the training batch a LightningModule is on: seeded from (the module's
+    ``seed``, ``purpose`` + rank, the run's batch index, ``keys``). Re-made every batch, it
+    depends on nothing that ran before, so a resumed run draws exactly what an uninterrupted
+    one would. Outside ``trainer.fit`` the batch index is 0."""
+    trainer = module._trainer
+    index = trainer.fit_loop.epoch_loop.total_batch_idx if trainer is not None else 0
+    return make_generator(module.seed, purpose + module.global_rank, max(index, 0), *keys,
+                          device=device)

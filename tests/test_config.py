@@ -10,7 +10,7 @@ from degsr.config import load_config, save_config
 from degsr.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted([*ROOT.glob("configs/**/*.yaml"), *ROOT.glob("experiments/**/*.yaml")])
+SHIPPED = sorted([*ROOT.glob("configs/**/*.yaml"), *ROOT.glob("experiments/ablations/*.yaml")])
 
 
 def write(path: Path, text: str) -> Path:

@@ -6,6 +6,7 @@ import json
 
 NAME = "fit"
 HELP = "train a stage (config key `stage`): checkpoints, W&B logs (offline) and an export"
+PREEMPTED = 3  # rank 0's exit status when SIGUSR1 stopped the run (W&B sweeps re-queue on non-zero)
 
 
 def add_arguments(p) -> None:
@@ -20,5 +21,7 @@ def run(args) -> int:
     from degsr.training.fit import fit
 
     files, overrides = split_items(args.items)
-    print(json.dumps(fit(load_config(files, overrides))))
-    return 0
+    out = fit(load_config(files, overrides))
+    if out["global_rank"] == 0:  # one summary per run, not one per DDP rank
+        print(json.dumps(out))
+    return PREEMPTED if out["status"] == "preempted" and out["global_rank"] == 0 else 0

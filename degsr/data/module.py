@@ -3,10 +3,15 @@ the validation sets of :mod:`degsr.data.validation`.
 
 Training batches leave the DataLoader as uint8 HR crops (cheap to pin and transfer);
 ``on_after_batch_transfer`` turns them into the degradation engine's dict on the device
-(``hr, gt, lr, lr_up, scores, clean, params``) plus ``n_bad`` and ``keys``. Its generator is
-``make_generator(seed, 1000 + global_rank, epoch, device=...)``: distinct per rank, and a resumed
-run does not replay the first epoch's degradations. The LightningModule must not override
+(``hr, gt, lr, lr_up, scores, clean, params``) plus ``n_bad`` and ``keys``. The degradation of
+training batch ``t`` (counted over the whole run, equal on every rank) draws from
+``make_generator(seed, 1000 + global_rank, t, device=...)``: distinct per rank and batch, and
+independent of what ran before. The LightningModule must not override
 ``on_before/after_batch_transfer`` itself (Lightning would then skip these).
+
+Exact resume: :meth:`state_dict` (saved in every checkpoint) holds ``t``; a resumed run starts the
+stream at epoch ``t // batches_per_epoch``, batch ``t % batches_per_epoch`` (see
+:mod:`degsr.data.stream`), so model, degradations and crops continue as if never interrupted.
 
 Data quality: the module counts the samples the workers read and skipped
 (:meth:`data_quality`); once ``min_samples_for_bad_check`` samples were read (summed over ranks,
@@ -46,6 +51,21 @@ def expand_pattern(key: str, pattern: str) -> list[str]:
         raise UserError(f"{key}: {e}") from None
 
 
+class ResumableLoader(DataLoader):
+    """The training DataLoader, marked resumable for Lightning (``state_dict``/``load_state_dict``).
+
+    Its position lives in :meth:`SRDataModule.state_dict` (batches consumed, counted as the
+    training loop takes them -- the loader itself runs ahead by its prefetch), which sets the
+    stream's start when the loader is made; so there is nothing to save here.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class SRDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, degradation: DegradationConfig, seed: int = 0):
         super().__init__()
@@ -56,9 +76,8 @@ class SRDataModule(L.LightningDataModule):
         self.train_urls: list[str] | None = None
         self.val_set: SyntheticValSet | None = None
         self.paired_set: PairedFolders | None = None
-        self._generator, self._generator_key = None, None
         self._counts = {"read": 0, "bad": 0, "small": 0}  # this rank
-        self._batches = 0
+        self._batches = 0  # training batches consumed over the run (all ranks alike)
 
     # ----------------------------------------------------------------- setup and loaders
     def setup(self, stage: str | None = None) -> None:
@@ -97,13 +116,14 @@ class SRDataModule(L.LightningDataModule):
             batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
             small_images=d.small_images, seed=self.seed,
             rank=None if trainer is None else trainer.global_rank,
-            start_epoch=0 if trainer is None else trainer.current_epoch,
+            start_epoch=self._batches // d.batches_per_epoch,
+            skip_batches=self._batches % d.batches_per_epoch,
             stall_limit=max(1000, d.min_samples_for_bad_check))
         # Lightning warns that __len__ may be wrong with several workers; here each worker
         # yields its share of batches_per_epoch, so len() is exact.
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
-        return DataLoader(stream, batch_size=None, num_workers=d.num_workers,
-                          persistent_workers=d.num_workers > 0, pin_memory=self._pin())
+        return ResumableLoader(stream, batch_size=None, num_workers=d.num_workers,
+                               persistent_workers=d.num_workers > 0, pin_memory=self._pin())
 
     @property
     def val_names(self) -> list[str]:
@@ -135,17 +155,18 @@ class SRDataModule(L.LightningDataModule):
             return batch
         hr = batch["hr"]
         hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
-        out = self.degrader(hr, self._device_generator(hr.device))
+        g = make_generator(self.seed, 1000 + self.trainer.global_rank, self._batches - 1,
+                           device=hr.device)  # _batches was counted in on_before_batch_transfer
+        out = self.degrader(hr, g)
         out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
         return out
 
-    def _device_generator(self, device: torch.device) -> torch.Generator:
-        trainer = self.trainer
-        key = (str(device), trainer.global_rank, trainer.current_epoch)
-        if self._generator_key != key:
-            self._generator = make_generator(self.seed, 1000 + key[1], key[2], device=device)
-            self._generator_key = key
-        return self._generator
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        return {"train_batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._batches = int(state.get("train_batches", 0))
 
     # ----------------------------------------------------------------- data quality
     def data_quality(self) -> dict:

@@ -20,7 +20,14 @@ decoded, cropped at a random position, flipped with probability 1/2 and shuffled
   Shard keys are split exactly as webdataset does (``base_plus_ext``).
 
 Every rank yields exactly ``batches_per_epoch`` batches, split as evenly as possible over its
-workers (``len()`` reports it), so no DDP rank waits for another at the end of an epoch. Each
+workers (``len()`` reports it), so no DDP rank waits for another at the end of an epoch. The
+DataLoader takes batches from its workers in turn, so batch ``j`` of an epoch is batch
+``j // W`` of worker ``j % W``: the epoch's batch sequence depends on (seed, rank, epoch, W) only.
+
+Exact resume: ``skip_batches=k`` makes the first epoch start at its batch ``k``. The DataLoader
+starts every epoch at worker 0, so worker ``w`` then plays the stream of worker ``(w + k) % W``,
+fast-forwarded past the batches that worker had already delivered (they are read and cropped
+again, not yielded: the cost is the loader's share of the time already spent in the epoch). Each
 batch is ``{"hr": uint8 (B, 3, S, S), "keys": [str], "n_bad", "n_small", "n_read"}``: the last
 three are int64 scalars counting what this worker met since its previous batch (corrupt,
 smaller than the crop with ``small_images="skip"``, and every sample read, usable or not) -- the
@@ -119,13 +126,14 @@ class TrainStream(IterableDataset):
     environment/process group (webdataset's ``pytorch_worker_info``). ``start_epoch`` is the
     epoch of the first ``iter()``; each later ``iter()`` on the same object is the next epoch
     (so with worker processes, use ``persistent_workers=True``: a fresh worker copy would replay
-    the first epoch's stream).
+    the first epoch's stream). ``skip_batches``: batches of the first epoch already consumed (a
+    resumed run), see the module doc.
     """
 
     def __init__(self, urls: Sequence[str], *, crop_size: int, batch_size: int,
                  batches_per_epoch: int, shuffle_buffer: int = 256, small_images: str = "pad",
                  seed: int = 0, rank: int | None = None, start_epoch: int = 0,
-                 stall_limit: int = 1000):
+                 skip_batches: int = 0, stall_limit: int = 1000):
         super().__init__()
         if not urls:
             raise UserError("data: no training shards given")
@@ -136,7 +144,10 @@ class TrainStream(IterableDataset):
         self.batches_per_epoch = int(batches_per_epoch)
         self.shuffle_buffer, self.small_images = max(1, int(shuffle_buffer)), small_images
         self.seed, self.rank, self.stall_limit = int(seed), rank, int(stall_limit)
-        self.epoch = int(start_epoch) - 1  # advanced by each iter()
+        self.start_epoch, self.skip_batches = int(start_epoch), int(skip_batches)
+        if not 0 <= self.skip_batches < max(1, self.batches_per_epoch):
+            raise ValueError(f"skip_batches={skip_batches} outside [0, {batches_per_epoch})")
+        self.epoch = self.start_epoch - 1  # advanced by each iter()
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -145,12 +156,18 @@ class TrainStream(IterableDataset):
         rank, _, worker, num_workers = pytorch_worker_info()
         rank = rank if self.rank is None else self.rank
         self.epoch += 1
-        n_batches = worker_share(self.batches_per_epoch, worker, num_workers)
-        seed = derive_seed(self.seed, rank, worker, self.epoch)
+        skip = self.skip_batches if self.epoch == self.start_epoch else 0
+        plays = (worker + skip) % num_workers  # the worker whose stream this one continues
+        done = worker_share(skip, plays, num_workers)  # its batches consumed before the resume
+        n_batches = worker_share(self.batches_per_epoch, plays, num_workers)
+        seed = derive_seed(self.seed, rank, plays, self.epoch)
         rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
         counts = {"n_bad": 0, "n_small": 0, "n_read": 0}
         crops = self._shuffled(self._crops(rng, g, counts), rng)
-        for _ in range(n_batches):
+        for _ in range(done * self.batch_size):  # fast-forward: same draws, nothing yielded
+            next(crops)
+        counts.update(n_bad=0, n_small=0, n_read=0)
+        for _ in range(n_batches - done):
             items = [next(crops) for _ in range(self.batch_size)]
             hr = torch.from_numpy(np.stack([c for _, c in items])).permute(0, 3, 1, 2)
             batch = {"hr": hr.contiguous(), "keys": [k for k, _ in items]}

@@ -23,18 +23,21 @@ from degsr.estimator.config import EstimatorConfig
 from degsr.estimator.losses import anchor_loss, margin_ranking
 from degsr.estimator.network import SCORES, DegradationEstimator
 from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
-from degsr.seeding import make_generator
+from degsr.seeding import batch_generator
+from degsr.training.guard import NonFiniteGuard
 
 
 class EstimatorModule(L.LightningModule):
-    def __init__(self, cfg: EstimatorConfig, degradation: DegradationConfig, seed: int = 0):
+    def __init__(self, cfg: EstimatorConfig, degradation: DegradationConfig, seed: int = 0,
+                 max_nonfinite_skips: int = 20):
         super().__init__()
+        self.guard = NonFiniteGuard(max_nonfinite_skips)
+        self._drop_step = False
         self.cfg: EstimatorConfig = as_dataclass(cfg)
         self.degradation: DegradationConfig = as_dataclass(degradation)
         self.seed = seed
         self.net = DegradationEstimator(self.cfg.net)
         self.degrader = Degrader(self.degradation)
-        self._gen: torch.Generator | None = None
         with warnings.catch_warnings():  # "Spearman keeps every value": the val set is fixed and small
             warnings.simplefilter("ignore", UserWarning)
             self.val_metrics = torch.nn.ModuleDict({
@@ -45,11 +48,6 @@ class EstimatorModule(L.LightningModule):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         return self.net(lr)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = make_generator(self.seed, 2000 + self.global_rank, device=device)
-        return self._gen
-
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Every term of the configured objective (unweighted), on one degraded batch."""
         cfg, out = self.cfg, {}
@@ -57,7 +55,7 @@ class EstimatorModule(L.LightningModule):
             out["supervised"] = F.mse_loss(self.net(batch["lr"]), batch["scores"])
         if cfg.objective in ("ranking", "both"):
             hr = batch["hr"]
-            g = self._generator(hr.device)
+            g = batch_generator(self, 2000, device=hr.device)
             terms = []
             for i, (name, (a, b)) in enumerate(ranking_batches(self.degrader, hr, g).items()):
                 pa, pb = self.net(torch.cat([a["lr"], b["lr"]])).chunk(2)
@@ -76,6 +74,9 @@ class EstimatorModule(L.LightningModule):
                    "anchor": self.cfg.anchor_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
         bs = batch["lr"].shape[0]
+        if self.guard.skip(self, loss):  # every rank agreed; the backward still runs on every
+            self._drop_step = True  # rank (DDP needs it), on_before_optimizer_step drops the update
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=bs)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         return loss
@@ -96,9 +97,11 @@ class EstimatorModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_pairs:
             return
-        for key, metric in self.val_metrics.items():
-            self.log(f"val/{key}", metric.compute())
+        values = {key: metric.compute() for key, metric in self.val_metrics.items()}
+        for metric in self.val_metrics.values():
             metric.reset()
+        values["spearman_mean"] = torch.stack([values[f"spearman_{n}"] for n in SCORES]).mean()
+        self.log_dict({f"val/{k}": v for k, v in values.items()})
         pred, true = (torch.cat(x) for x in zip(*self._val_pairs))
         self._val_pairs.clear()
         self._log_scatter(pred, true)
@@ -131,6 +134,17 @@ class EstimatorModule(L.LightningModule):
                 f"val/hist_{name}": wandb.Histogram(
                     np_histogram=np.histogram(pred[:, i].numpy(), bins=20, range=(0.0, 1.0))),
                 "trainer/global_step": self.global_step})
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._drop_step:  # a non-finite loss since the last step: no update (guard module doc)
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_step = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite"] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.load_state_dict(checkpoint.get("nonfinite", {}))
 
     def export(self, path) -> None:
         """Write ``estimator.safetensors`` + ``estimator.json`` (what stage 2 and inference load)."""

@@ -65,6 +65,8 @@ class Upscaler:
 
     def degradation(self, lr: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
         """(1, 2) [blur, noise]: the user's dial where given, the estimator's score otherwise."""
+        if self.net.modulation is None:  # a plain-LoRA adapter (ablation) ignores the degradation
+            return torch.zeros(1, 2, device=lr.device)
         need = opts.blur is None or opts.noise is None
         if need and self.estimator is None:
             raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "

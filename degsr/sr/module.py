@@ -19,9 +19,10 @@ from degsr.config.fields import as_dataclass
 
 from degsr.degradation.negatives import online_negatives
 from degsr.metrics.fidelity import psnr_y, ssim_y
-from degsr.seeding import make_generator
+from degsr.seeding import batch_generator, make_generator
 from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
 from degsr.sr.model import SRModel, save_adapter
+from degsr.training.guard import NonFiniteGuard
 
 
 def _q(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,12 @@ def _q(x: torch.Tensor) -> torch.Tensor:
 
 class SRModule(L.LightningModule):
     def __init__(self, model: ModelConfig, lora: LoraConfig, disc: DiscConfig, sr: SRConfig,
-                 degradation, seed: int = 0, images_every_n_steps: int = 500):
+                 degradation, seed: int = 0, images_every_n_steps: int = 500,
+                 max_nonfinite_skips: int = 20):
         super().__init__()
+        self.guard = NonFiniteGuard(max_nonfinite_skips)  # generator steps
+        self.guard_d = NonFiniteGuard(max_nonfinite_skips)  # discriminator steps
+        self._drop_g = self._drop_d = False  # drop the step being accumulated
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable tensors only
         self.cfg: SRConfig = as_dataclass(sr)
@@ -43,7 +48,7 @@ class SRModule(L.LightningModule):
             self.net.comp.unet.enable_gradient_checkpointing()
             self.net.comp.vae.enable_gradient_checkpointing()
         self.estimator = None
-        if self.cfg.estimator:
+        if self.cfg.estimator and self.net.modulation is not None:  # plain LoRA: d is unused
             from degsr.estimator.export import load_estimator
             self.estimator = load_estimator(self.cfg.estimator)
         self.lpips = None
@@ -54,17 +59,13 @@ class SRModule(L.LightningModule):
         if self.cfg.gan_weight > 0:
             from degsr.sr.discriminator import build_discriminator
             self.disc = build_discriminator(as_dataclass(disc))
-        self._gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ pieces
-    def _generator(self, device) -> torch.Generator:
-        if self._gen is None or self._gen.device != torch.device(device):
-            self._gen = make_generator(self.seed, 3000 + self.global_rank, device=device)
-        return self._gen
-
     @torch.no_grad()
     def degradation_vector(self, batch: dict) -> torch.Tensor:
         """(B, 2) [blur, noise]: the frozen estimator on the LR the model sees, or the oracle."""
+        if self.net.modulation is None:  # plain LoRA (ablation): the vector is not used
+            return torch.zeros(batch["lr"].shape[0], 2, device=batch["lr"].device)
         if self.estimator is None:
             return batch["scores"]
         self.estimator.eval()
@@ -94,27 +95,40 @@ class SRModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.cfg
-        g = self._generator(batch["lr"].device)
+        g = batch_generator(self, 3000, device=batch["lr"].device)
         loss, terms, batch = self.generator_loss(batch, g)
         sr = batch["sr"]
         opt_g, opt_d = self._optimizers()
         step_now = (batch_idx + 1) % cfg.accumulate == 0
-        self.manual_backward(loss / cfg.accumulate)
+        bs = sr.shape[0]
+        # a non-finite loss on any rank drops the whole (accumulated) step on every rank: no
+        # more backward until the step, which then runs without gradients (guard module doc)
+        self._drop_g |= self.guard.skip(self, loss, what="generator loss")
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=bs)
+        if not self._drop_g:
+            self.manual_backward(loss / cfg.accumulate)
         if step_now:
+            if self._drop_g:
+                opt_g.zero_grad(set_to_none=True)
             norm = torch.nn.utils.clip_grad_norm_(self.net.trainable_parameters(),
                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             terms["grad_norm"] = norm
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
+            self._drop_g = False
         if self.disc is not None:
             loss_d = cfg.gan_weight * self.disc.loss_d(batch["gt"] * 2 - 1, sr.detach(), generator=g)
-            self.manual_backward(loss_d / cfg.accumulate)
+            self._drop_d |= self.guard_d.skip(self, loss_d, what="discriminator loss")
+            if not self._drop_d:
+                self.manual_backward(loss_d / cfg.accumulate)
             if step_now:  # the raw optimizer: Lightning counts every LightningOptimizer.step()
-                opt_d.optimizer.step()  # as a global step, and max_steps means generator steps
+                if self._drop_d:  # as a global step; max_steps means generator steps
+                    opt_d.zero_grad(set_to_none=True)
+                opt_d.optimizer.step()
                 opt_d.zero_grad(set_to_none=True)
+                self._drop_d = False
             terms["disc"] = loss_d
             terms.update(self.disc.last_outputs)
-        bs = sr.shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/negatives", batch["negative"].float().mean(), batch_size=bs)
@@ -138,14 +152,15 @@ class SRModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "scores" not in batch:  # real paired folders: no engine scores, estimator required
-            if self.estimator is None:
+            if self.estimator is None and self.net.modulation is not None:
                 return
             lr_up = F.interpolate(batch["lr"], size=batch["hr"].shape[-2:], mode="bicubic",
                                   align_corners=False).clamp(0, 1)
             batch = {**batch, "lr_up": lr_up, "gt": batch["hr"]}
         d = self.degradation_vector(batch)
         sr = _q(self.net(batch["lr_up"] * 2 - 1, d, guidance_scale=self.net.model_cfg.guidance_scale,
-                         generator=self._generator(batch["lr"].device)))
+                         generator=make_generator(self.seed, 3500 + self.global_rank, dataloader_idx,
+                                                  batch_idx, device=batch["lr"].device)))
         name = "val" if dataloader_idx == 0 else "val_real"
         bs = sr.shape[0]
         metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100).mean(),
@@ -174,6 +189,12 @@ class SRModule(L.LightningModule):
                      if not n.startswith("backbone.")}
             keep |= {f"disc.{n}" for n, _ in self.disc.named_buffers() if not n.startswith("backbone.")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["nonfinite"] = self.guard.state_dict()
+        checkpoint["nonfinite_d"] = self.guard_d.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.load_state_dict(checkpoint.get("nonfinite", {}))
+        self.guard_d.load_state_dict(checkpoint.get("nonfinite_d", {}))
 
     def export(self, path) -> None:
         save_adapter(self.net, path, extra={

@@ -28,6 +28,10 @@ class TrainerConfig:
     accumulate_grad_batches: int = positive(1, "batches per optimizer step")
     gradient_clip_val: float = number(0.0, "clip the gradient norm to this (0 = off)", lo=0)
     checkpoint_every_n_steps: int = positive(500, "save a resumable checkpoint every N steps")
+    keep_last_n: int = positive(2, "periodic checkpoints kept (plus last.ckpt); the oldest is "
+                                "removed only after a new one is complete")
+    max_nonfinite_skips: int = positive(20, "stop after this many consecutive steps skipped for a "
+                                        "NaN/inf loss on some rank")
     deterministic: bool = plain(False, "torch deterministic algorithms (slower)")
 
 
@@ -41,3 +45,4 @@ class LoggerConfig:
     group: Optional[str] = plain(None, "W&B group (e.g. a sweep or ablation name)")
     tags: List[str] = plain([], "W&B tags")
     images_every_n_steps: int = positive(500, "log example images every N steps")
+    log_artifacts: bool = plain(False, "also log checkpoints and the export as W&B artifacts")

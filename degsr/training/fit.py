@@ -1,14 +1,26 @@
 """``degsr fit``: build the stage's LightningModule, the DataModule, logger and Trainer; train;
-export. The run directory is ``<run.dir>/<run.name>`` (no timestamp): a rerun or a requeued job
-with the same name resumes from ``checkpoints/last.ckpt``.
+export.
+
+The run directory is ``<run.dir>/<run.name>`` (no timestamp; under a W&B sweep agent the run name
+gets the agent's ``WANDB_RUN_ID`` appended): a rerun or a requeued job with the same name resumes
+from the newest complete checkpoint in ``checkpoints/`` (damaged ones are skipped with a message),
+and logs into the same W&B run. Resuming is exact: model, optimisers, step counters, data stream
+position and every random draw continue as if the run had not stopped (see
+:mod:`degsr.data.module`, :func:`degsr.seeding.batch_generator`).
+
+Besides checkpoints, logs and the export, rank 0 writes ``events.jsonl`` (one JSON line per start,
+preemption and end, with the global step) and, when training ends, ``final.json``
+(``run_name, stage, global_step, status, metrics``) that ``degsr collect`` reads.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import re
+import time
 from pathlib import Path
 
 import lightning as L
@@ -18,25 +30,39 @@ from omegaconf import DictConfig, OmegaConf
 
 from degsr import console
 from degsr.config import save_config
+from degsr.io import atomic_write_bytes
+from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
+from degsr.training.cluster import Preemption, check_allocation, under_slurm
+
+
+def sweep_run_id() -> str | None:
+    """The run id a W&B sweep agent gave this process, if any."""
+    return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run.dir).expanduser() / cfg.run.name
+    name = cfg.run.name + (f"-{sweep_run_id()}" if sweep_run_id() else "")
+    return Path(cfg.run.dir).expanduser() / name
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
+    skips = cfg.trainer.max_nonfinite_skips
     if cfg.stage == "estimator":
         from degsr.estimator.module import EstimatorModule
-        return EstimatorModule(cfg.estimator, cfg.degradation, seed=cfg.run.seed)
+        return EstimatorModule(cfg.estimator, cfg.degradation, seed=cfg.run.seed,
+                               max_nonfinite_skips=skips)
     if cfg.stage == "sr":
         from degsr.sr.module import SRModule
         return SRModule(cfg.model, cfg.lora, cfg.disc, cfg.sr, cfg.degradation, seed=cfg.run.seed,
-                        images_every_n_steps=cfg.logger.images_every_n_steps)
+                        images_every_n_steps=cfg.logger.images_every_n_steps,
+                        max_nonfinite_skips=skips)
     raise ValueError(f"unknown stage {cfg.stage}")  # the schema's choice() rules this out
 
 
 def wandb_id(cfg: DictConfig) -> str:
     """A stable W&B run id from the run directory: a requeued job logs into the same run."""
+    if sweep_run_id():
+        return sweep_run_id()
     name = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.run.name)[:48]
     digest = hashlib.sha1(str(run_dir(cfg).resolve()).encode()).hexdigest()[:8]
     return f"{name}-{digest}"
@@ -46,23 +72,105 @@ def make_logger(cfg: DictConfig, root: Path):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     if not cfg.logger.wandb:
-        return CSVLogger(save_dir=str(root), name="csv", version="")
+        return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=cfg.logger.project, name=cfg.run.name, id=wandb_id(cfg),
+    return WandbLogger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
                        save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
-                       config=OmegaConf.to_container(cfg, resolve=True), resume="allow")
+                       config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+                       log_model=bool(cfg.logger.log_artifacts))
 
 
-class ExportOnEnd(Callback):
-    """Writes the stage's export (safetensors + config) when training ends, on rank 0."""
+class RunLog(Callback):
+    """``events.jsonl`` and ``final.json`` in the run directory (rank 0), the export at the end.
 
-    def __init__(self, path: Path):
-        self.path = path
+    The export is written when training ends normally (max_steps or max_minutes), not when it
+    stopped to be requeued.
+    """
+
+    def __init__(self, root: Path, cfg: DictConfig, resumed_from: Path | None,
+                 preemption: Preemption):
+        self.root, self.cfg, self.resumed_from = root, cfg, resumed_from
+        self.preemption = preemption
+        self.export_path = root / cfg.run.export_dir
+
+    def event(self, trainer, name: str, **fields) -> None:
+        if not trainer.is_global_zero:
+            return
+        line = {"time": round(time.time(), 3), "event": name, "step": trainer.global_step, **fields}
+        with open(self.root / "events.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def on_train_start(self, trainer, module) -> None:
+        self.event(trainer, "start", resumed_from=str(self.resumed_from) if self.resumed_from else None,
+                   world_size=trainer.world_size, slurm_job=os.environ.get("SLURM_JOB_ID"),
+                   restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+
+    def preempted(self, trainer, will_requeue: bool) -> None:
+        self.event(trainer, "preempt", signal="SIGUSR1", requeue=will_requeue)
+        logger = trainer.logger
+        if trainer.is_global_zero and hasattr(logger, "experiment") and _is_wandb(logger):
+            try:  # a W&B sweep re-queues a run marked as preempting
+                logger.experiment.mark_preempting()
+            except Exception as e:  # noqa: BLE001 - logging must not break the save
+                console.log.debug(f"wandb mark_preempting: {e}")
 
     def on_train_end(self, trainer, module) -> None:
-        if trainer.is_global_zero:
-            module.export(self.path)
+        status = "preempted" if self.preemption.preempted else "finished"
+        if status == "finished" and trainer.is_global_zero:
+            module.export(self.export_path)
+            if self.cfg.logger.log_artifacts and _is_wandb(trainer.logger):
+                _log_export_artifact(trainer.logger, self.export_path, self.root.name)
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+                   if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+        self.event(trainer, "end", status=status)
+        doc = {"run_name": self.root.name, "stage": self.cfg.stage, "global_step": trainer.global_step,
+               "max_steps": self.cfg.trainer.max_steps, "status": status, "metrics": metrics,
+               "export": str(self.export_path) if status == "finished" else None}
+        atomic_write_bytes(self.root / "final.json", (json.dumps(doc, indent=2) + "\n").encode())
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.event(trainer, "error", error=f"{type(exception).__name__}: {exception}")
+
+
+def _is_wandb(logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+def _log_export_artifact(logger, folder: Path, name: str) -> None:
+    import wandb
+
+    art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", f"{name}-export"), type="model")
+    art.add_dir(str(folder))
+    logger.experiment.log_artifact(art)
+
+
+class SeedEachBatch(Callback):
+    """Reseeds torch's, numpy's and Python's global generators before every training batch
+    from (run.seed, rank, batch index): anything drawing from them (dropout, a library's
+    unseeded noise) then draws the same in a resumed run as in an uninterrupted one."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        import random
+
+        import numpy as np
+
+        from degsr.seeding import derive_seed
+
+        s = derive_seed(self.seed, 5000 + trainer.global_rank,
+                        trainer.fit_loop.epoch_loop.total_batch_idx)
+        torch.manual_seed(s)  # CPU and every CUDA device
+        np.random.seed(s % 2**32)
+        random.seed(s)
 
 
 class DataQualityLog(Callback):
@@ -81,11 +189,17 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
     t = cfg.trainer
     console.quiet_lightning()
     ckpt = ModelCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
-                           save_last=True, save_top_k=1, filename="step{step:07d}",
-                           auto_insert_metric_name=False)
-    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), *extra_callbacks]
+                           save_last=True, save_top_k=t.keep_last_n, monitor="step", mode="max",
+                           filename="step{step:07d}", auto_insert_metric_name=False,
+                           enable_version_counter=False)  # one run dir per run: overwrite last
+    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed),
+                 *extra_callbacks]
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins = [AtomicCheckpointIO()]
+    if under_slurm():
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it between steps
     return L.Trainer(
         default_root_dir=str(root), accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, max_steps=t.max_steps,
@@ -93,31 +207,40 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
         val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
-        logger=logger, callbacks=callbacks, enable_progress_bar=console.show_progress(),
-        enable_model_summary=console.show_progress())
+        logger=logger, callbacks=callbacks, plugins=plugins,
+        enable_progress_bar=console.show_progress(), enable_model_summary=console.show_progress())
 
 
 def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
     from degsr.data.module import SRDataModule
 
+    check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
     data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
-    export = root / cfg.run.export_dir
-    trainer = make_trainer(cfg, root, make_logger(cfg, root), [ExportOnEnd(export)])
     last = root / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() else None
+    resume = find_resume(root / "checkpoints")
+    preemption = Preemption(last)
+    runlog = RunLog(root, cfg, resume, preemption)
+    preemption.on_preempt = runlog.preempted
+    trainer = make_trainer(cfg, root, make_logger(cfg, root), [preemption, runlog])
     if resume:
-        console.log.info(f"resuming from {last}")
+        console.log.info(f"resuming from {resume}")
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if preemption.preempted and trainer.is_global_zero and under_slurm():
+        ok = requeue()  # the last thing: Slurm terminates the job's tasks right after
+        with open(root / "events.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "event": "requeue", "ok": ok}) + "\n")
     metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()}
-    return {"run_dir": str(root), "global_step": trainer.global_step, "export": str(export),
+    return {"run_dir": str(root), "global_rank": trainer.global_rank, "global_step": trainer.global_step,
+            "status": "preempted" if preemption.preempted else "finished",
+            "export": str(root / cfg.run.export_dir),
             "last_checkpoint": str(last) if last.is_file() else None, "metrics": metrics}

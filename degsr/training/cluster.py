@@ -1,0 +1,141 @@
+"""Slurm: the allocation check before any work, and preemption (SIGUSR1) handled at a step boundary.
+
+``#SBATCH --signal=SIGUSR1@90`` makes Slurm send SIGUSR1 to every task 90 s before the time
+limit. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the signal handler -- in the
+middle of whatever the process was doing, with collectives that can deadlock under DDP -- so it
+is turned off (``SLURMEnvironment(auto_requeue=False)``) and :class:`Preemption` does instead:
+the handler only sets a flag; after the next optimiser step the ranks all-reduce it, all save
+``checkpoints/last.ckpt`` (that is, the state between two steps, which resumes exactly) and
+training stops without an export. Only when ``fit`` has returned and the process group is gone
+does rank 0 run ``scontrol requeue`` (:func:`requeue`): Slurm sends SIGTERM to the job's tasks
+at once, so nothing may be left to do by then. Outside Slurm SIGUSR1 saves and stops the same
+way (rerun the command to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from degsr import console
+from degsr.errors import UserError
+
+
+def under_slurm() -> bool:
+    """A task started by ``srun``/``sbatch`` (not an interactive ``--job-name=bash`` shell)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
+
+
+def _count(name: str) -> int | None:
+    """Slurm's per-node counts look like ``2`` or ``2(x3)``; the leading number."""
+    m = re.match(r"\d+", os.environ.get(name, ""))
+    return int(m.group()) if m else None
+
+
+def check_allocation(cfg: DictConfig) -> None:
+    """Under Slurm: trainer.devices/num_nodes must describe the allocation (UserError if not)."""
+    if not under_slurm():
+        return
+    t = cfg.trainer
+    per_node, nodes, tasks = (_count(n) for n in ("SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES",
+                                                 "SLURM_NTASKS"))
+    if per_node is not None and t.devices != per_node:
+        raise UserError(f"trainer.devices={t.devices} but the Slurm allocation has "
+                        f"--ntasks-per-node={per_node}: one task per device, set "
+                        f"trainer.devices={per_node} (slurm/train.sh passes it)")
+    if nodes is not None and t.num_nodes != nodes:
+        raise UserError(f"trainer.num_nodes={t.num_nodes} but the Slurm allocation has "
+                        f"--nodes={nodes}: set trainer.num_nodes={nodes}")
+    if tasks is not None and t.devices * t.num_nodes != tasks:
+        raise UserError(f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes} but Slurm "
+                        f"started {tasks} tasks (--ntasks); use --ntasks-per-node and --nodes")
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available()):
+        seen = torch.cuda.device_count()
+        if seen < 1:
+            raise UserError(f"trainer.accelerator={t.accelerator} but this Slurm task sees no GPU "
+                            f"(request them with --gres=gpu:{t.devices})")
+
+
+def requeue() -> bool:
+    """``scontrol requeue`` this job (array task aware); False when that failed."""
+    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        console.log.error(f"scontrol requeue {job_id} failed: {e}")
+        return False
+    if r.returncode:
+        console.log.error(f"scontrol requeue {job_id} failed: {r.stderr.strip()}")
+    return r.returncode == 0
+
+
+class Preemption(Callback):
+    """SIGUSR1 -> save ``ckpt_path`` after the current step on every rank, requeue, stop."""
+
+    def __init__(self, ckpt_path: Path, on_preempt=None, signum: int = signal.SIGUSR1):
+        self.ckpt_path, self.on_preempt, self.signum = Path(ckpt_path), on_preempt, signum
+        self.requested = False
+        self.preempted = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_fit_start(self, trainer, module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def on_fit_end(self, trainer, module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.preempted or not _at_step_boundary(trainer, module, batch_idx):
+            return
+        flag = torch.tensor(float(self.requested), device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="sum")
+        if float(flag) == 0:
+            return
+        trainer.save_checkpoint(self.ckpt_path)  # every rank takes part; rank 0 writes
+        for cb in trainer.checkpoint_callbacks:  # ModelCheckpoint must not re-save last.ckpt at
+            cb._last_global_step_saved = trainer.global_step  # the forced epoch/train end that
+            cb._last_checkpoint_saved = str(self.ckpt_path)  # follows: that would not resume exactly
+        self.preempted = True
+        if trainer.is_global_zero:
+            console.log.warning(f"SIGUSR1: saved {self.ckpt_path} at step {trainer.global_step}; "
+                                + ("the job is requeued when this process is done"
+                                   if under_slurm() else "rerun the command to resume"))
+        if self.on_preempt is not None:
+            self.on_preempt(trainer, under_slurm())
+        trainer.should_stop = True
+
+
+def _at_step_boundary(trainer, module, batch_idx: int) -> bool:
+    """No gradient accumulation in flight after this batch (a checkpoint now resumes exactly)."""
+    if module.automatic_optimization:
+        accumulate = trainer.accumulate_grad_batches
+    else:
+        accumulate = getattr(getattr(module, "cfg", None), "accumulate", 1)
+    return (batch_idx + 1) % max(1, int(accumulate)) == 0

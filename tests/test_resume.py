@@ -1,0 +1,234 @@
+"""Exact resume, checkpoint safety and non-finite steps (issue #8).
+
+Parity: a run trained N steps straight and the same run stopped by SIGUSR1 after step k and
+resumed (the same command again) log identical per-step losses -- model, optimiser, step
+counters, data stream position (2 DataLoader workers, resumed mid-epoch) and every random draw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import degsr.cli
+import degsr.training.fit as fitmod
+from degsr.config import load_config
+from degsr.data.photos import write_photos
+from degsr.training.checkpoints import AtomicCheckpointIO, damage, find_resume
+
+ROOT = Path(__file__).resolve().parents[1]
+EST = ROOT / "configs" / "estimator_tiny.yaml"
+SR = ROOT / "configs" / "sr_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("resume")
+    write_photos(d / "photos", ("astronaut", "rocket", "coins", "camera"))
+    write_photos(d / "val", ("chelsea",))
+    rc = degsr.cli.main(["shards", str(d / "photos"), "--out", str(d / "shards"),
+                         "--per-shard", "2", "--min-side", "16", "--min-bytes", "0"])
+    assert rc == 0
+    return d
+
+
+class Recorder(Callback):
+    """Every training step's loss, and SIGUSR1 to this process after batch ``kill_after``."""
+
+    def __init__(self, kill_after: int | None = None):
+        self.losses, self.kill_after = {}, kill_after
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.fit_loop.epoch_loop.total_batch_idx
+        self.losses[step] = float(trainer.callback_metrics["train/loss"])
+        if step == self.kill_after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+REAL_MAKE_TRAINER = fitmod.make_trainer
+
+
+def run(cfg, monkeypatch, recorder: Recorder) -> dict:
+    real = REAL_MAKE_TRAINER
+    monkeypatch.setattr(fitmod, "make_trainer",
+                        lambda c, root, logger, extra=(): real(c, root, logger, [*extra, recorder]))
+    return fitmod.fit(cfg)
+
+
+def events(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
+
+
+STAGES = {
+    # 2 workers, 5 batches per epoch: the stop lands mid-epoch at an odd batch (worker hand-over)
+    "estimator": (EST, ["estimator.objective=both", "data.crop_size=64", "data.batch_size=4",
+                        "data.num_workers=2", "data.batches_per_epoch=5", "data.shuffle_buffer=8",
+                        "trainer.max_steps=12", "trainer.val_every_n_steps=4"], 5),
+    # GAN on (tiny ViT critic, DiffAugment draws), online negatives drawn often
+    "sr": (SR, ["data.crop_size=32", "data.batch_size=2", "data.num_workers=0",
+                "data.batches_per_epoch=4", "data.shuffle_buffer=4", "sr.neg_prob=0.5",
+                "trainer.max_steps=6", "trainer.val_every_n_steps=3"], 2),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stop_and_resume_continue_the_loss_curve_exactly(stage, shards, tmp_path, monkeypatch):
+    config, extra, kill_after = STAGES[stage]
+    common = [f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val",
+              "data.val_crops=4", "data.val_batch_size=4", "logger.wandb=false",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=100", *extra]
+    straight = Recorder()
+    out = run(load_config([config], [*common, f"run.dir={tmp_path}/a"]), monkeypatch, straight)
+    n = out["global_step"]
+    assert out["status"] == "finished" and sorted(straight.losses) == list(range(n))
+
+    first, second = Recorder(kill_after=kill_after), Recorder()
+    cfg = load_config([config], [*common, f"run.dir={tmp_path}/b"])
+    out1 = run(cfg, monkeypatch, first)
+    k = out1["global_step"]
+    assert out1["status"] == "preempted" and k == kill_after + 2  # saved after the next step
+    assert not (Path(out1["run_dir"]) / "export").exists()  # no export from a stopped run
+    out2 = run(cfg, monkeypatch, second)
+    assert out2["status"] == "finished" and out2["global_step"] == n
+    assert sorted(first.losses) == list(range(k)) and sorted(second.losses) == list(range(k, n))
+    resumed = {**first.losses, **second.losses}
+    for step in range(n):
+        assert resumed[step] == pytest.approx(straight.losses[step], abs=1e-6, rel=0), step
+    ev = events(out2["run_dir"])
+    assert [e["event"] for e in ev] == ["start", "preempt", "end", "start", "end"]
+    assert ev[2]["status"] == "preempted" and ev[4]["status"] == "finished"
+    assert ev[3]["step"] == k and ev[3]["resumed_from"].endswith("last.ckpt")
+    final = json.loads((Path(out2["run_dir"]) / "final.json").read_text())
+    assert final["status"] == "finished" and final["global_step"] == n
+
+
+# ------------------------------------------------------------------------ checkpoint safety
+def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.arange(10.0)}, path)
+    before = path.read_bytes()
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError, match="mid-save"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "x": Boom()}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+    assert torch.load(path)["step"] == 1
+
+
+def test_truncated_checkpoint_is_skipped_at_resume(tmp_path, caplog):
+    io = AtomicCheckpointIO()
+    older, newer = tmp_path / "step0000002.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 2, "w": torch.rand(4096)}, older)
+    io.save_checkpoint({"step": 4, "w": torch.rand(4096)}, newer)
+    os.utime(older, ns=(1, 1))  # the newer one by modification time is last.ckpt
+    assert find_resume(tmp_path) == newer and damage(newer) is None
+    data = newer.read_bytes()
+    newer.write_bytes(data[: len(data) // 2])  # cut short: no central directory
+    assert damage(newer) is not None
+    with caplog.at_level("WARNING", logger="degsr"):
+        assert find_resume(tmp_path) == older
+    assert "last.ckpt" in caplog.text and "truncated" in caplog.text
+    # a flipped byte inside a tensor's data fails its CRC
+    blob = bytearray(older.read_bytes())
+    with zipfile.ZipFile(older) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    blob[info.header_offset + 30 + len(info.filename.encode()) + info.extra.__len__() + 100] ^= 0xFF
+    older.write_bytes(bytes(blob))
+    assert "CRC" in (damage(older) or "") or damage(older) is not None
+    assert find_resume(tmp_path) is None
+
+
+def test_keep_last_n_checkpoints(shards, tmp_path):
+    cfg = load_config([EST], [f"data.train_shards={shards}/shards", "logger.wandb=false",
+                              "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
+                              "data.batches_per_epoch=3", "trainer.max_steps=8",
+                              "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_n=2",
+                              "trainer.val_every_n_steps=100", f"run.dir={tmp_path}"])
+    out = fitmod.fit(cfg)
+    names = sorted(p.name for p in (Path(out["run_dir"]) / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step0000006.ckpt", "step0000008.ckpt"]
+
+
+# ------------------------------------------------------------------------ non-finite losses
+NAN_SCRIPT = textwrap.dedent("""
+    import sys
+    import degsr.cli, degsr.training.fit as fitmod
+    from degsr.estimator.module import EstimatorModule
+
+    class NaNAtRank1(EstimatorModule):
+        def losses(self, batch):
+            out = super().losses(batch)
+            t = self.trainer.fit_loop.epoch_loop.total_batch_idx
+            if self.global_rank == 1 and (t == 2 or ALWAYS):
+                out = {k: v * float("nan") for k, v in out.items()}
+            return out
+
+    real = fitmod.build_module
+    def build(cfg):
+        m = real(cfg)
+        m.__class__ = NaNAtRank1
+        return m
+    fitmod.build_module = build
+
+    if __name__ == "__main__":
+        sys.exit(degsr.cli.main(["fit", *sys.argv[1:]]))
+""")
+
+
+def _ddp_fit(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _ddp_args(shards, tmp_path, *extra) -> list[str]:
+    return [str(EST), f"data.train_shards={shards}/shards", "logger.wandb=false",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+            "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
+            "data.batches_per_epoch=4", "trainer.max_steps=5", "trainer.val_every_n_steps=100",
+            "trainer.checkpoint_every_n_steps=100", f"run.dir={tmp_path}/runs", *extra]
+
+
+def test_nan_on_one_rank_skips_the_step_on_all_ranks(shards, tmp_path):
+    script = tmp_path / "nan_fit.py"
+    script.write_text(NAN_SCRIPT.replace("ALWAYS", "False"))
+    r = _ddp_fit(script, _ddp_args(shards, tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "estimator-tiny"  # (both ranks print their JSON summary)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["metrics"]["train/skipped_steps"] == 1.0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["nonfinite"] == {"skipped": 1, "consecutive": 0}
+    weights = torch.cat([v.flatten().float() for v in ckpt["state_dict"].values()])
+    assert torch.isfinite(weights).all()  # rank 1's NaN never reached the shared weights
+    # the step was dropped on rank 0 too (its own loss was finite): AdamW updated every
+    # parameter 4 times in 5 counted steps
+    assert final["global_step"] == 5
+    adam_steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4.0}
+
+
+def test_consecutive_nan_steps_stop_training_with_a_clear_message(shards, tmp_path):
+    script = tmp_path / "nan_fit.py"
+    script.write_text(NAN_SCRIPT.replace("ALWAYS", "True"))
+    r = _ddp_fit(script, _ddp_args(shards, tmp_path, "trainer.max_nonfinite_skips=3"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "NaN/inf on some rank for 3 steps in a row" in r.stderr
+    assert "trainer.max_nonfinite_skips=3" in r.stderr
