@@ -105,6 +105,9 @@ def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd
     run = Path(out["run_dir"])
     assert out["global_step"] == 4 and (run / "checkpoints/last.ckpt").is_file()
     assert (run / "config.yaml").is_file() and "val/spearman_blur" in out["metrics"]
+    m = out["metrics"]  # the sweep target: the mean of the two scores' correlations
+    assert m["val/spearman_mean"] == pytest.approx(
+        (m["val/spearman_blur"] + m["val/spearman_noise"]) / 2, abs=1e-5)
     from degsr.estimator.export import load_estimator
     net = load_estimator(run / "export")
     assert net(torch.rand(1, 3, 16, 16)).shape == (1, 2)

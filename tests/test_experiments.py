@@ -45,7 +45,7 @@ ABLATIONS = {
 }
 # what each stage logs at validation (degsr/sr/module.py, degsr/estimator/module.py)
 LOGGED = {"sr": {"val/psnr_y", "val/ssim_y", "val/lpips"},
-          "estimator": {"val/mse", "val/spearman_blur", "val/spearman_noise",
+          "estimator": {"val/mse", "val/spearman_blur", "val/spearman_noise", "val/spearman_mean",
                         "val/pearson_blur", "val/pearson_noise"}}
 PATH_KEYS = {"model.pretrained", "sr.estimator", "sr.lpips_vgg", "disc.backbone"}
 

@@ -101,7 +101,8 @@ class EstimatorModule(L.LightningModule):
         for metric in self.val_metrics.values():
             metric.reset()
         values["spearman_mean"] = torch.stack([values[f"spearman_{n}"] for n in SCORES]).mean()
-        self.log_dict({f"val/{k}": v for k, v in values.items()})
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)  # equal on all
+        # ranks already (torchmetrics gathers in compute()); sync_dist only says so to Lightning
         pred, true = (torch.cat(x) for x in zip(*self._val_pairs))
         self._val_pairs.clear()
         self._log_scatter(pred, true)

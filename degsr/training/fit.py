@@ -32,7 +32,7 @@ from degsr import console
 from degsr.config import save_config
 from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
-from degsr.training.cluster import Preemption, check_allocation, under_slurm
+from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 
 
 def sweep_run_id() -> str | None:
