@@ -30,7 +30,10 @@ def add_arguments(p) -> None:
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
     p.add_argument("--tile", type=int, default=96, help="latent tile size (latent pixels)")
     p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
-    p.add_argument("--batch", type=int, default=1, help="images per call (1: merged LoRA path)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="images of the same size per call (default 1: the LoRA merged per image; "
+                        "B > 1 runs it unmerged with per-sample modulation unless --blur and "
+                        "--noise are both given)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -46,9 +49,8 @@ def _check(args) -> None:
     if args.tile < 8 or not 0 <= args.tile_overlap < args.tile:
         raise UserError(f"--tile {args.tile} / --tile-overlap {args.tile_overlap}: need tile >= 8 "
                         f"and 0 <= overlap < tile")
-    if args.batch != 1:
-        raise UserError("--batch > 1 is not supported yet: images are processed one at a time "
-                        "(the merged-LoRA path)")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
 
 
 def run(args) -> int:
@@ -70,6 +72,22 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inputs = {p.resolve() for p in paths}
     done = skipped = 0
+    pending: dict[tuple, list] = {}  # image size -> [(path, target, lr)], up to --batch each
+
+    def flush(size) -> None:
+        nonlocal done
+        group = pending.pop(size)
+        try:
+            sr, d = up(torch.cat([lr for _, _, lr in group]), opts)
+        except UserError as e:
+            problems.extend(f"{path}: {e}" for path, _, _ in group)
+            return
+        for (path, target, _), img, dv in zip(group, sr, d.tolist()):
+            save_png(img, target)
+            done += 1
+            console.log.debug(json.dumps({"path": str(path), "blur": round(dv[0], 4),
+                                          "noise": round(dv[1], 4)}))
+
     for path in console.progress(paths, desc="sr", unit="img"):
         target = out / f"{path.stem}.png"
         if target.resolve() in inputs:
@@ -80,14 +98,15 @@ def run(args) -> int:
             continue
         try:
             lr = read_image(path).float()[None] / 255.0
-            sr, d = up(lr, opts)
         except UserError as e:
             problems.append(str(e))
             continue
-        save_png(sr[0], target)
-        done += 1
-        console.log.debug(json.dumps({"path": str(path), "blur": round(float(d[0, 0]), 4),
-                                      "noise": round(float(d[0, 1]), 4)}))
+        size = tuple(lr.shape[-2:])
+        pending.setdefault(size, []).append((path, target, lr))
+        if len(pending[size]) == args.batch:
+            flush(size)
+    for size in list(pending):  # the partial batches left over
+        flush(size)
     for msg in problems:
         print(f"error: {msg}", file=sys.stderr)
     console.log.info(f"{done} written, {skipped} already there, {len(problems)} failed -> {out}")

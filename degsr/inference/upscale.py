@@ -39,7 +39,7 @@ class UpscaleOptions:
 
 
 class Upscaler:
-    """A loaded adapter on its base model, ready to upscale images one call at a time."""
+    """A loaded adapter on its base model, ready to upscale a batch of same-size images a call."""
 
     def __init__(self, net, meta: dict, estimator=None, compile: bool = False, merge: bool = True):
         self.net, self.meta, self.merge = net, meta, merge
@@ -64,21 +64,26 @@ class Upscaler:
         return cls(net, meta, est, compile)
 
     def degradation(self, lr: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
-        """(1, 2) [blur, noise]: the user's dial where given, the estimator's score otherwise."""
+        """(B, 2) [blur, noise]: the user's dial where given, the estimator's score otherwise."""
+        zeros = torch.zeros(lr.shape[0], 2, device=lr.device)
         if self.net.modulation is None:  # a plain-LoRA adapter (ablation) ignores the degradation
-            return torch.zeros(1, 2, device=lr.device)
+            return zeros
         need = opts.blur is None or opts.noise is None
         if need and self.estimator is None:
             raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "
                             "both --blur and --noise")
-        est = self.estimator(lr.float()) if need else torch.zeros(1, 2, device=lr.device)
+        est = self.estimator(lr.float()) if need else zeros
         blur = est[:, 0] if opts.blur is None else torch.full_like(est[:, 0], opts.blur)
         noise = est[:, 1] if opts.noise is None else torch.full_like(est[:, 1], opts.noise)
         return torch.stack([blur, noise], 1)
 
     @torch.no_grad()
     def __call__(self, lr: torch.Tensor, opts: UpscaleOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 3, h, w) LR in [0, 1] -> (SR (1, 3, s·h, s·w) in [0, 1], d (1, 2))."""
+        """(B, 3, h, w) LR in [0, 1] -> (SR (B, 3, s·h, s·w) in [0, 1], d (B, 2)).
+
+        The LoRA is merged for the call when every image of the batch has the same degradation
+        vector (always at B = 1; at B > 1 when ``blur`` and ``noise`` are both dialled), else it
+        runs unmerged with per-sample modulation."""
         comp = self.net.comp
         lr = lr.to(self.device)
         h, w = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
@@ -102,11 +107,12 @@ class Upscaler:
         """Fold the LoRA, modulated by d, into the weights for this call (``merge``), or set the
         per-sample modulation and run the LoRA layers unmerged."""
         net = self.net
-        if net.modulation is None or not self.merge:
+        shared = bool((d == d[:1]).all())
+        if net.modulation is None or not self.merge or not shared:
             if net.modulation is not None:
                 net.set_degradation(d, cfg_batch=cfg_batch)
             return contextlib.ExitStack()
-        c_vae, c_unet = net.modulation(d.float())
+        c_vae, c_unet = net.modulation(d[:1].float())
         stack = contextlib.ExitStack()
         stack.enter_context(merged(net.comp.vae.encoder, c_vae))
         stack.enter_context(merged(net.comp.unet, c_unet))
