@@ -13,7 +13,8 @@ import sys
 from degsr import __version__, console
 from degsr.errors import UserError
 
-SUBCOMMANDS = ["config", "shards", "degrade", "fit", "estimate", "sr", "eval", "bench"]
+SUBCOMMANDS = ["quickstart", "config", "shards", "degrade", "fit", "estimate", "sr", "eval",
+               "collect", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -137,6 +138,16 @@ class RunLog(Callback):
         self.event(trainer, "error", error=f"{type(exception).__name__}: {exception}")
 
 
+def _finish_wandb(exit_code: int) -> None:
+    """Close this process's W&B run (a later ``fit`` in the same process starts its own); a
+    non-zero exit code lets a W&B sweep hand a preempted run out again."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 def _is_wandb(logger) -> bool:
     from lightning.pytorch.loggers import WandbLogger
 
@@ -216,6 +227,8 @@ def fit(cfg: DictConfig) -> dict:
     from degsr.data.module import SRDataModule
 
     check_allocation(cfg)  # before any model is built or device touched
+    if "SLURM_JOB_ID" not in os.environ:  # Slurm installed here but not in a job: nothing to say
+        warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
@@ -235,6 +248,7 @@ def fit(cfg: DictConfig) -> dict:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        _finish_wandb(3 if preemption.preempted else 0)
     if preemption.preempted and trainer.is_global_zero and under_slurm():
         ok = requeue()  # the last thing: Slurm terminates the job's tasks right after
         with open(root / "events.jsonl", "a") as f:

@@ -1,0 +1,248 @@
+"""``degsr quickstart``: the whole method on the tiny default, end to end, in minutes on a CPU.
+
+Steps (each skipped when its output is complete, so a rerun reuses what exists):
+
+1. ``photos``    the ``skimage.data`` photos as PNG: TRAIN for training, HELD_OUT for validation
+                 and evaluation (:mod:`degsr.data.photos`)
+2. ``shards``    ``degsr shards`` on the training photos
+3. ``prior``     the tiny SD-Turbo stand-in (:mod:`degsr.quickstart.prior`); skipped when
+                 ``--pretrained`` names a real SD-Turbo folder
+4. ``stage1``    ``degsr fit configs/estimator_tiny.yaml``: the degradation estimator
+5. ``stage2``    ``degsr fit configs/sr_tiny.yaml model.pretrained=<prior> sr.estimator=<stage 1>``
+6. ``sr``        held-out photos cut to a multiple of 4, bicubic ×1/4 (the classic benchmark LR),
+                 then ``degsr sr``; bicubic ×4 of the same LR is the baseline
+7. ``eval``      ``degsr eval`` of both against the HR, plus sharpness (variance of the Laplacian)
+8. ``report``    ``report.md``, ``comparison.png`` and ``results.json``
+
+``--minutes`` is shared out by :data:`BUDGET` (fractions of the total for the three fits; the
+rest is start-up, validation and the quick steps). Timings of finished steps are kept in
+``quickstart.json`` so a rerun's report still shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from degsr import console
+from degsr.errors import UserError
+from degsr.io import CONFIG_DIR, atomic_write_bytes
+
+BUDGET = {"prior": 0.35, "stage1": 0.15, "stage2": 0.35}
+STATE = "quickstart.json"
+DONE = "quickstart_done.json"   # written into a training run once its export exists
+STEPS = ("photos", "shards", "prior", "stage1", "stage2", "sr", "eval", "report")
+
+
+class Paths:
+    """Where each step writes, under ``--out``."""
+
+    def __init__(self, out: Path, pretrained: str | None):
+        self.out = out
+        self.train, self.heldout = out / "photos" / "train", out / "photos" / "heldout"
+        self.shards = out / "shards"
+        self.prior = out / "prior"
+        self.base = Path(pretrained).expanduser().resolve() if pretrained else self.prior
+        self.runs = out / "runs"
+        self.stage1 = self.runs / "estimator"
+        self.stage2 = self.runs / ("sr" if not pretrained else f"sr-{self.base.name}")
+        self.eval = out / "eval"
+        self.hr, self.lr = self.eval / "hr", self.eval / "lr"
+        self.bicubic, self.sr = self.eval / "bicubic", self.eval / "degsr"
+
+
+# --------------------------------------------------------------------------- checks, state
+
+def prepare_out(out: str | os.PathLike) -> Path:
+    """``--out`` as a writable folder (created), or a one-line UserError."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write there ({e.strerror or e}); choose a folder "
+                        f"you can write to") from None
+    return path.resolve()
+
+
+def check_minutes(minutes: float) -> float:
+    if not minutes > 0:  # also NaN
+        raise UserError(f"--minutes must be > 0, got {minutes}")
+    return float(minutes)
+
+
+def pick_threads(threads: int | None) -> int:
+    """Torch CPU threads for this process: ``threads``, or one per core that the load average
+    leaves idle (at least 1). Oversubscribed OpenMP threads spin at their barriers: on the
+    2-core CI machine with other jobs running, one VAE step took 10 s with 2 threads, 0.36 s
+    with 1."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        return threads
+    cpus = os.cpu_count() or 1
+    return max(1, min(cpus, cpus - round(os.getloadavg()[0])))
+
+
+def load_state(out: Path) -> dict:
+    try:
+        return json.loads((out / STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(out: Path, state: dict) -> None:
+    atomic_write_bytes(out / STATE, (json.dumps(state, indent=2) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- the quick steps
+
+def make_photos(p: Paths) -> dict:
+    from degsr.data.photos import HELD_OUT, TRAIN, write_photos
+
+    for folder, names in ((p.train, TRAIN), (p.heldout, HELD_OUT)):
+        if not folder.is_dir():  # written whole under a temporary name, then renamed
+            tmp = folder.with_name(folder.name + ".tmp")
+            write_photos(tmp, names)
+            tmp.replace(folder)
+    return {"train": len(TRAIN), "heldout": len(HELD_OUT)}
+
+
+def make_shards(p: Paths) -> dict:
+    from degsr.data.shards import write_shards
+
+    s = write_shards([p.train], p.shards, min_side=64, min_bytes=0)
+    return {"shards": len(s.shards), "samples": s.total, "skipped": len(s.skipped)}
+
+
+def make_prior(p: Paths, seconds: float, seed: int) -> dict:
+    from degsr.quickstart.prior import PriorSettings, build_prior
+
+    stamp = build_prior(p.shards, p.prior, PriorSettings(seconds=seconds, seed=seed))
+    return {"vae_psnr": stamp["vae"]["train_psnr"], "vae_steps": stamp["vae"]["steps"],
+            "unet_steps": stamp["unet"]["steps"], "unet_latent_mse": stamp["unet"]["latent_mse"]}
+
+
+def _fit(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    from degsr.config import load_config
+    from degsr.training.fit import fit
+
+    cfg = load_config([CONFIG_DIR / config],
+                      [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
+    result = fit(cfg)  # (fit closes its W&B run: the next stage gets its own)
+    wandb = sorted(str(w) for w in (run_dir / "wandb").glob("offline-run-*"))
+    return {"global_step": result["global_step"], "export": result["export"],
+            "metrics": result["metrics"], "wandb": wandb}
+
+
+def _data(p: Paths) -> list[str]:
+    return [f"data.train_shards={p.shards}", f"data.val_folder={p.heldout}"]
+
+
+def train_stage1(p: Paths, seconds: float, seed: int) -> dict:
+    return _fit("estimator_tiny.yaml", p.stage1, [
+        *_data(p), f"run.seed={seed}", f"trainer.max_minutes={seconds / 60:.4f}",
+        "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
+        "trainer.checkpoint_every_n_steps=50", "data.val_crops=32"])
+
+
+def train_stage2(p: Paths, seconds: float, seed: int) -> dict:
+    return _fit("sr_tiny.yaml", p.stage2, [
+        *_data(p), f"run.seed={seed}", f"model.pretrained={p.base}",
+        f"sr.estimator={p.stage1 / 'export'}", f"trainer.max_minutes={seconds / 60:.4f}",
+        "trainer.max_steps=100000"])
+
+
+# --------------------------------------------------------------------------- orchestration
+
+def quickstart(out: str | os.PathLike, minutes: float = 10.0, pretrained: str | None = None,
+               seed: int = 0, threads: int | None = None) -> dict:
+    """Run (or resume) the quickstart into ``out``; returns the results written to results.json."""
+    import torch
+
+    minutes = check_minutes(minutes)
+    threads = pick_threads(threads)
+    p = _checked_paths(prepare_out(out), pretrained)
+    state = load_state(p.out)
+    if state.get("minutes") not in (None, minutes):
+        console.log.info(f"note: finished steps of an earlier {state['minutes']}-minute run in "
+                         f"{p.out} are reused; delete them to retrain")
+    state.setdefault("minutes", minutes)
+    state.setdefault("steps", {})
+    state["threads"] = threads
+    torch.set_num_threads(threads)
+    console.log.info(f"quickstart -> {p.out}: --minutes {minutes}, {threads} torch thread(s)")
+    t_all = time.monotonic()
+    ran: set[str] = set()
+    plan = _plan(p, bool(pretrained), minutes * 60, seed, ran, state)
+    for i, name in enumerate(STEPS, 1):
+        done, work, budget = plan[name]
+        tag = f"[{i}/{len(STEPS)}] {name}"
+        if done():
+            state["steps"].setdefault(name, {})["status"] = (
+                "not needed (--pretrained)" if name == "prior" and pretrained else "reused")
+            console.log.info(f"{tag}: already complete, reused")
+            continue
+        note = f" (budget {budget:.0f} s of training)" if budget else ""
+        console.log.info(f"{tag}: running{note} ... [{time.monotonic() - t_all:.0f} s elapsed]")
+        t0 = time.monotonic()
+        detail = work()
+        secs = time.monotonic() - t0
+        ran.add(name)
+        state["steps"][name] = {"status": "ran", "seconds": round(secs, 1), "detail": detail}
+        save_state(p.out, state)
+        console.log.info(f"{tag}: done in {secs:.0f} s")
+    console.log.info(f"quickstart finished in {time.monotonic() - t_all:.0f} s -> "
+                     f"{p.out / 'report.md'}")
+    return json.loads((p.out / "results.json").read_text())
+
+
+def _checked_paths(out: Path, pretrained: str | None) -> Paths:
+    from degsr.quickstart.prior import STAMP, is_complete
+
+    if pretrained:
+        from degsr.sr.components import check_pretrained_folder
+        check_pretrained_folder(pretrained)
+    p = Paths(out, pretrained)
+    if not pretrained and p.prior.exists() and not is_complete(p.prior):
+        raise UserError(f"{p.prior} exists but is not a finished quickstart prior (no {STAMP}); "
+                        f"move it away or choose another --out")
+    return p
+
+
+def _plan(p: Paths, pretrained: bool, total: float, seed: int, ran: set, state: dict) -> dict:
+    """Per step: (is its output complete?, do it, training budget in seconds or None)."""
+    from degsr.data.photos import HELD_OUT
+    from degsr.quickstart.evaluate import run_eval, run_sr
+    from degsr.quickstart.prior import is_complete
+    from degsr.quickstart.report import write_report
+
+    b = {k: v * total for k, v in BUDGET.items()}
+
+    def sr_done() -> bool:
+        return "stage2" not in ran and all((p.sr / f"{n}.png").is_file() for n in HELD_OUT)
+    return {
+        "photos": (lambda: p.train.is_dir() and p.heldout.is_dir(), lambda: make_photos(p), None),
+        "shards": (lambda: (p.shards / "index.json").is_file(), lambda: make_shards(p), None),
+        "prior": (lambda: pretrained or is_complete(p.prior),
+                  lambda: make_prior(p, b["prior"], seed), b["prior"]),
+        "stage1": (lambda: (p.stage1 / DONE).is_file(),
+                   lambda: _stage(p.stage1, train_stage1(p, b["stage1"], seed)), b["stage1"]),
+        "stage2": (lambda: (p.stage2 / DONE).is_file(),
+                   lambda: _stage(p.stage2, train_stage2(p, b["stage2"], seed)), b["stage2"]),
+        "sr": (sr_done, lambda: run_sr(p, overwrite="stage2" in ran), None),
+        "eval": (lambda: False, lambda: run_eval(p), None),
+        "report": (lambda: False, lambda: write_report(p, state), None),
+    }
+
+
+def _stage(run_dir: Path, result: dict) -> dict:
+    """Mark a training stage finished (its export written) so a rerun reuses it."""
+    atomic_write_bytes(run_dir / DONE, (json.dumps(result, indent=2) + "\n").encode())
+    return result

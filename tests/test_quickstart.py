@@ -1,0 +1,180 @@
+"""``degsr quickstart``: one short end-to-end run (checked against independent computations of
+its outputs), a rerun that reuses everything, and the one-line errors."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+MINUTES = "0.75"
+
+
+def _img(path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def _y(img: np.ndarray) -> np.ndarray:
+    """BT.601 Y on 0-255, written out channel by channel (independent of degsr's matmul)."""
+    r, g, b = (img[..., i].astype(np.float64) / 255.0 for i in range(3))
+    return 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
+
+
+def _psnr_y(a: np.ndarray, b: np.ndarray, border: int) -> float:
+    ya, yb = (_y(x)[border:-border, border:-border] for x in (a, b))
+    return float(10 * np.log10(255.0**2 / np.mean((ya - yb) ** 2)))
+
+
+def _laplacian_var(img: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian by an explicit 3x3 correlation loop."""
+    y = _y(img)
+    k = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
+    h, w = y.shape
+    out = np.zeros((h - 2, w - 2))
+    for dy in range(3):
+        for dx in range(3):
+            out += k[dy, dx] * y[dy:dy + h - 2, dx:dx + w - 2]
+    return float(out.var())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, degsr_cmd_module):
+    out = tmp_path_factory.mktemp("qs") / "out"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [*degsr_cmd_module, "quickstart", "--out", str(out), "--minutes", MINUTES]
+    t0 = time.monotonic()
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    t1 = time.monotonic()
+    assert first.returncode == 0, first.stderr[-4000:]
+    stamps = {p: p.stat().st_mtime_ns for p in [
+        out / "prior/vae/diffusion_pytorch_model.safetensors",
+        out / "runs/estimator/export/estimator.safetensors",
+        out / "runs/sr/export/adapter.safetensors",
+        out / "runs/sr/checkpoints/last.ckpt", out / "eval/degsr/chelsea.png"]}
+    t2 = time.monotonic()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    t3 = time.monotonic()
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"out": out, "first": first, "second": second, "stamps": stamps,
+            "t_first": t1 - t0, "t_second": t3 - t2}
+
+
+@pytest.fixture(scope="module")
+def degsr_cmd_module():
+    import sys
+
+    exe = Path(sys.executable).with_name("degsr")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "degsr"]
+
+
+def test_outputs_match_independent_computations(runs):
+    out = runs["out"]
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(res["photos"]) == ["chelsea", "coffee", "immunohistochemistry"]
+    for name, e in res["photos"].items():
+        hr = _img(out / "eval/hr" / f"{name}.png")
+        src = _img(out / "photos/heldout" / f"{name}.png")
+        h, w = hr.shape[:2]
+        assert h % 4 == 0 and w % 4 == 0 and np.array_equal(hr, src[:h, :w])
+        lr = _img(out / "eval/lr" / f"{name}.png")
+        assert np.array_equal(lr, np.asarray(Image.fromarray(hr).resize((w // 4, h // 4),
+                                                                         Image.BICUBIC)))
+        up = F.interpolate(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, size=(h, w),
+                           mode="bicubic", align_corners=False).clamp(0, 1)
+        up = (up[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        assert np.array_equal(_img(out / "eval/bicubic" / f"{name}.png"), up)
+        for method, folder in (("bicubic", "bicubic"), ("degsr", "degsr")):
+            img = _img(out / "eval" / folder / f"{name}.png")
+            assert img.shape == hr.shape
+            assert e[method]["psnr_y"] == pytest.approx(_psnr_y(img, hr, 4), abs=1e-5)
+            assert e[method]["sharpness"] == pytest.approx(_laplacian_var(img), rel=1e-9)
+        assert e["hr"]["sharpness"] == pytest.approx(_laplacian_var(hr), rel=1e-9)
+        gap = e["degsr"]["psnr_y"] - e["bicubic"]["psnr_y"]
+        assert e["targets"]["psnr_within_2db"] == (gap >= -2)
+        report = (out / "report.md").read_text()
+        assert f"| {name} | degsr | {e['degsr']['psnr_y']:.2f} |" in report
+    # SR output is not the bicubic baseline: the model did something
+    assert not np.array_equal(_img(out / "eval/degsr/chelsea.png"),
+                              _img(out / "eval/bicubic/chelsea.png"))
+
+
+def test_comparison_is_bicubic_sr_hr_side_by_side(runs):
+    out = runs["out"]
+    comp = _img(out / "comparison.png")
+    panels = [_img(out / "eval" / f / "chelsea.png") for f in ("bicubic", "degsr", "hr")]
+    w = panels[0].shape[1]
+    assert comp.shape == (panels[0].shape[0], 3 * w, 3)
+    for i, panel in enumerate(panels):
+        assert np.array_equal(comp[:, i * w:(i + 1) * w], panel)
+
+
+def test_prior_is_a_fitted_sd_turbo_style_folder(runs):
+    """The stand-in prior loads like SD-Turbo, and its VAE reconstructs a held-out photo better
+    than the random tiny VAE it started from."""
+    from diffusers import AutoencoderKL
+
+    from degsr.sr.components import check_pretrained_folder, save_tiny_pretrained
+
+    out = runs["out"]
+    check_pretrained_folder(out / "prior")
+    adapter = json.loads((out / "runs/sr/export/adapter.json").read_text())
+    assert adapter["estimator"] == str(out / "runs/estimator/export")
+    config = (out / "runs/sr/config.yaml").read_text()
+    assert f"pretrained: {out / 'prior'}" in config
+    random_dir = out.parent / "random_base"
+    save_tiny_pretrained(random_dir, seed=0)
+    x = torch.from_numpy(_img(out / "eval/hr/chelsea.png")[:128, :128]).permute(2, 0, 1)[None]
+    x = x.float() / 127.5 - 1
+
+    def psnr(folder):
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        return float(10 * torch.log10(4 / F.mse_loss(rec, x)))
+
+    assert psnr(out / "prior") > psnr(random_dir) + 3
+    stamp = json.loads((out / "prior/quickstart_prior.json").read_text())
+    assert stamp["vae"]["steps"] >= 1 and stamp["unet"]["steps"] >= 1
+
+
+def test_stages_logged_to_separate_wandb_offline_runs(runs):
+    out = runs["out"]
+    est = list((out / "runs/estimator/wandb").glob("offline-run-*"))
+    sr = list((out / "runs/sr/wandb").glob("offline-run-*"))
+    assert len(est) == 1 and len(sr) == 1
+
+
+def test_rerun_reuses_everything(runs):
+    out, second = runs["out"], runs["second"]
+    for step in ("photos", "shards", "prior", "stage1", "stage2", "sr"):
+        assert f"{step}: already complete, reused" in second.stderr
+    for path, mtime in runs["stamps"].items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+    assert runs["t_second"] < runs["t_first"] / 3
+    state = json.loads((out / "quickstart.json").read_text())
+    assert state["steps"]["stage2"]["status"] == "reused"
+    assert state["steps"]["stage2"]["seconds"] > 0  # the timing of the run that trained it
+
+
+def test_bad_input_is_one_line_and_loses_nothing(tmp_path, degsr_cmd_module):
+    keep = tmp_path / "out" / "keep.txt"
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    cases = [(["--out", str(keep.parent), "--minutes", "0"], "--minutes must be > 0"),
+             (["--out", str(keep.parent), "--minutes", "-2"], "--minutes must be > 0"),
+             (["--out", str(keep / "sub")], "cannot write there"),
+             (["--out", str(keep)], "exists and is not a folder"),
+             (["--out", str(keep.parent), "--pretrained", str(tmp_path / "nope")],
+              "model.pretrained")]
+    for args, message in cases:
+        r = subprocess.run([*degsr_cmd_module, "quickstart", *args], capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert keep.read_text() == "mine"
+    assert sorted(p.name for p in keep.parent.iterdir()) == ["keep.txt"]
