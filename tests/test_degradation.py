@@ -234,3 +234,54 @@ def test_sample_then_apply_equals_call_and_allows_controlled_changes():
     keep = ~draw["params"]["clean"]
     assert (b["scores"][keep, 0] > a["scores"][keep, 0]).all()
     assert torch.equal(a["scores"][:, 1], b["scores"][:, 1])
+
+
+# ------------------------------------------------------------------- measured noise label
+def _only_round2_gaussian(draw: dict, sigma: float, n: int) -> dict:
+    """The draw edited so that the LR carries exactly one artefact: round-2 Gaussian noise of
+    ``sigma``/255 at LR size, gray (JPEG subsamples chroma), left as it is by everything after it
+    (no resize, no sinc, JPEG at quality 100), on top of whatever blur/resize came before."""
+    p = draw["params"]
+    p.update(noise1_gaussian=torch.ones(n, dtype=torch.bool), noise1_sigma=torch.zeros(n),
+             noise2_gaussian=torch.ones(n, dtype=torch.bool), noise2_gray=torch.ones(n, dtype=torch.bool),
+             noise2_sigma=torch.full((n,), sigma), resize2_scale=torch.ones(n),
+             jpeg1_quality=torch.full((n,), 100.0), jpeg2_quality=torch.full((n,), 100.0),
+             final_sinc=torch.zeros(n, dtype=torch.bool), clean=torch.zeros(n, dtype=torch.bool))
+    k = torch.zeros_like(draw["kernels"]["final"])
+    k[:, k.shape[1] // 2, k.shape[2] // 2] = 1.0  # a centred delta: no final filter
+    draw["kernels"]["final"] = k
+    return draw
+
+
+def test_measured_noise_label_is_the_visible_noise_std():
+    """Gray HR, one known artefact: the measured label is sigma / noise_label_ref (closed form:
+    the std of N(0, sigma) noise, plus the 8-bit rounding and q-100 JPEG, ~0.3/255)."""
+    cfg = preset("s3diff", "degradation.noise_label=measured", "degradation.noise_label_ref=16")
+    deg = Degrader(cfg)
+    n, hr = 6, torch.full((6, 3, 128, 128), 0.5)
+    for sigma in (4.0, 8.0):
+        draw = _only_round2_gaussian(deg.sample(n, torch.Generator().manual_seed(3)), sigma, n)
+        out = deg.apply(hr, draw, torch.Generator().manual_seed(4))
+        measured = out["scores"][:, 1] * 16
+        assert torch.all((measured - sigma).abs() < 0.35), (sigma, measured)
+        # the LR itself: std of a flat image plus that noise, computed from the pixels
+        pixel_std = out["lr"].flatten(1).std(1) * 255
+        assert torch.allclose(measured, pixel_std, atol=0.3)
+
+
+def test_measured_noise_label_orders_and_zeroes():
+    cfg = preset("s3diff", "degradation.noise_label=measured")
+    deg = Degrader(cfg)
+    hr = photos(4, 64)
+    weak = _only_round2_gaussian(deg.sample(4, torch.Generator().manual_seed(5)), 3.0, 4)
+    strong = _only_round2_gaussian(deg.sample(4, torch.Generator().manual_seed(5)), 12.0, 4)
+    a = deg.apply(hr, weak, torch.Generator().manual_seed(6))["scores"][:, 1]
+    b = deg.apply(hr, strong, torch.Generator().manual_seed(6))["scores"][:, 1]
+    assert torch.all(b > a)
+    clean = deg.sample(4, torch.Generator().manual_seed(5))
+    clean["params"]["clean"] = torch.ones(4, dtype=torch.bool)
+    assert torch.all(deg.apply(hr, clean, torch.Generator().manual_seed(6))["scores"] == 0)
+    # the LR does not depend on the label mode (same draws, same generator)
+    params_mode = Degrader(preset("s3diff"))(hr, torch.Generator().manual_seed(9))
+    measured_mode = deg(hr, torch.Generator().manual_seed(9))
+    assert torch.equal(params_mode["lr"], measured_mode["lr"])

@@ -102,7 +102,7 @@ class Degrader:
         """Sizes after resize ``i``: base * factor (the reference's sizes are relative to base)."""
         return tuple((b * p[f"resize{i}_scale"]).to(torch.long).clamp(min=1) for b in base)
 
-    def _middle(self, x: Tensor, p: dict, k: dict, g: torch.Generator, idx: Tensor,
+    def _middle(self, x: Tensor, p: dict, k: dict, g: torch.Generator | None, idx: Tensor,
                 base1: tuple[int, int], base2: tuple[int, int], canvas2: tuple[int, int]) -> Tensor:
         """Samples ``idx``: resize 1 -> noise -> JPEG -> blur 2 -> resize 2 (onto ``canvas2``).
 
@@ -113,7 +113,8 @@ class Degrader:
         canvas1 = (int(size1[0].max()), int(size1[1].max()))
         full = tuple(torch.full_like(size1[0], b) for b in base1)
         y = resize_batch(x[idx], *full, *size1, q["resize1_mode"], canvas1)
-        y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
+        if g is not None:  # None: the draw without its noise and JPEG (measured noise label)
+            y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
         y = self._blur(y, q, k["blur2"][idx], "blur2")
         return resize_batch(y, *size1, *self._sizes(q, "2", base2), q["resize2_mode"], canvas2)
 
@@ -133,6 +134,30 @@ class Degrader:
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s
+        lr = self._render(gt, draw, g, (h, w), (lr_h, lr_w))
+        scores = degradation_scores(p, cfg)
+        if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
+            quiet = self._render(gt, draw, None, (h, w), (lr_h, lr_w))  # without noise and JPEG
+            visible = (lr - quiet).flatten(1).std(1) * 255
+            scores[:, 1] = torch.where(p["clean"].bool(), 0.0,
+                                       (visible / cfg.noise_label_ref).clamp(0, 1))
+
+        # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
+        clean_lr = quantize(F.interpolate(hr, size=(lr_h, lr_w), mode="bicubic", antialias=True,
+                                          align_corners=False))
+        lr = torch.where(p["clean"].view(-1, 1, 1, 1), clean_lr, lr)
+        lr_up = F.interpolate(lr, size=(h, w), mode=cfg.upsample_mode,
+                              **({} if cfg.upsample_mode == "nearest" else {"align_corners": False}))
+        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"],
+                "scores": scores, "params": dict(p)}
+
+    def _render(self, gt: Tensor, draw: dict, g: torch.Generator | None, hw: tuple[int, int],
+                lr_hw: tuple[int, int]) -> Tensor:
+        """The degraded LR of ``draw`` (quantised); ``g`` None: without noise and JPEG."""
+        cfg, p = self.cfg, draw["params"]
+        (h, w), (lr_h, lr_w) = hw, lr_hw
+        b, c = gt.shape[:2]
+        artefacts = g is not None
 
         # first order: blur -> resize (relative to HR) -> noise -> JPEG; second order: blur ->
         # resize (relative to the LR size, as the reference); groups of similar size share a canvas
@@ -142,20 +167,12 @@ class Degrader:
         by_size = torch.argsort(p["resize1_scale"])
         for idx in by_size.split(max(4, -(-b // 4))):
             mid[idx] = self._middle(x, p, draw["kernels"], g, idx, (h, w), (lr_h, lr_w), canvas2)
-        x, size = self._noise(mid, p, "2", g), self._sizes(p, "2", (lr_h, lr_w))
+        x, size = (self._noise(mid, p, "2", g) if artefacts else mid), self._sizes(p, "2", (lr_h, lr_w))
         # final: [resize to LR + sinc] and JPEG, in a random order per sample
         first = p["final_jpeg_first"].view(-1, 1, 1, 1)
-        x = torch.where(first, jpeg(x, p["jpeg2_quality"]), x)
+        if artefacts:
+            x = torch.where(first, jpeg(x, p["jpeg2_quality"]), x)
         lr_size = (torch.full_like(size[0], lr_h), torch.full_like(size[1], lr_w))
         x = resize_batch(x, *size, *lr_size, p["final_mode"], (lr_h, lr_w))
         x = filter_per_sample(x, draw["kernels"]["final"])
-        lr = quantize(torch.where(first, x, jpeg(x, p["jpeg2_quality"])))
-
-        # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
-        clean_lr = quantize(F.interpolate(hr, size=(lr_h, lr_w), mode="bicubic", antialias=True,
-                                          align_corners=False))
-        lr = torch.where(p["clean"].view(-1, 1, 1, 1), clean_lr, lr)
-        lr_up = F.interpolate(lr, size=(h, w), mode=cfg.upsample_mode,
-                              **({} if cfg.upsample_mode == "nearest" else {"align_corners": False}))
-        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"],
-                "scores": degradation_scores(p, cfg), "params": dict(p)}
+        return quantize(torch.where(first, x, jpeg(x, p["jpeg2_quality"])) if artefacts else x)

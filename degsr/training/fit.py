@@ -226,9 +226,9 @@ def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
     from degsr.data.module import SRDataModule
 
-    check_allocation(cfg)  # before any model is built or device touched
     if "SLURM_JOB_ID" not in os.environ:  # Slurm installed here but not in a job: nothing to say
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
+    check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
