@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from degsr.io import atomic_write_bytes, read_image, save_png
+from degsr.metrics.fidelity import rgb_to_y
 
-Y_WEIGHTS = (65.481, 128.553, 24.966)
 METHODS = ("bicubic", "degsr")
 
 
@@ -51,8 +51,8 @@ def make_eval_inputs(heldout: Path, hr_dir: Path, lr_dir: Path, bicubic_dir: Pat
             save_png(hr, hr_dir / f"{name}.png")
         if not (lr_dir / f"{name}.png").is_file():
             pil = Image.fromarray(hr.permute(1, 2, 0).numpy())
-            lr = pil.resize((w // scale, h // scale), Image.BICUBIC)
-            atomic_write_png(lr, lr_dir / f"{name}.png")
+            lr = np.asarray(pil.resize((w // scale, h // scale), Image.BICUBIC))
+            save_png(torch.from_numpy(lr.copy()).permute(2, 0, 1), lr_dir / f"{name}.png")
         if not (bicubic_dir / f"{name}.png").is_file():
             lr = read_image(lr_dir / f"{name}.png").float()[None] / 255.0
             kw = {} if upsample_mode == "nearest" else {"align_corners": False}
@@ -61,25 +61,12 @@ def make_eval_inputs(heldout: Path, hr_dir: Path, lr_dir: Path, bicubic_dir: Pat
     return names
 
 
-def atomic_write_png(img: Image.Image, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # --------------------------------------------------------------------------- measures
-
-def luma(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W) float64 BT.601 Y on the 0-255 scale (16..235)."""
-    rgb = img.astype(np.float64) / 255.0
-    return 16.0 + rgb @ np.array(Y_WEIGHTS)
-
 
 def sharpness(img: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian of Y (see the module docstring)."""
-    y = luma(img)
+    rgb = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].double() / 255.0
+    y = rgb_to_y(rgb)[0, 0].numpy()
     lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4.0 * y[1:-1, 1:-1]
     return float(lap.var())
 

@@ -113,10 +113,11 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.preempted or not _at_step_boundary(trainer, module, batch_idx):
             return
-        flag = torch.tensor(float(self.requested), device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="sum")
-        if float(flag) == 0:
+        requested = self.requested
+        if trainer.world_size > 1:  # all ranks must agree; alone, the flag needs no device sync
+            flag = torch.tensor(float(requested), device=trainer.strategy.root_device)
+            requested = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0
+        if not requested:
             return
         trainer.save_checkpoint(self.ckpt_path)  # every rank takes part; rank 0 writes
         for cb in trainer.checkpoint_callbacks:  # ModelCheckpoint must not re-save last.ckpt at

@@ -96,13 +96,8 @@ class RunLog(Callback):
         self.export_path = root / cfg.run.export_dir
 
     def event(self, trainer, name: str, **fields) -> None:
-        if not trainer.is_global_zero:
-            return
-        line = {"time": round(time.time(), 3), "event": name, "step": trainer.global_step, **fields}
-        with open(self.root / "events.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if trainer.is_global_zero:
+            append_event(self.root, name, step=trainer.global_step, **fields)
 
     def on_train_start(self, trainer, module) -> None:
         self.event(trainer, "start", resumed_from=str(self.resumed_from) if self.resumed_from else None,
@@ -126,8 +121,7 @@ class RunLog(Callback):
                 _log_export_artifact(trainer.logger, self.export_path, self.root.name)
         if not trainer.is_global_zero:
             return
-        metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
-                   if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+        metrics = final_metrics(trainer)
         self.event(trainer, "end", status=status)
         doc = {"run_name": self.root.name, "stage": self.cfg.stage, "global_step": trainer.global_step,
                "max_steps": self.cfg.trainer.max_steps, "status": status, "metrics": metrics,
@@ -136,6 +130,20 @@ class RunLog(Callback):
 
     def on_exception(self, trainer, module, exception) -> None:
         self.event(trainer, "error", error=f"{type(exception).__name__}: {exception}")
+
+
+def append_event(root: Path, name: str, **fields) -> None:
+    """One line of ``events.jsonl``, flushed to disk (a preempted job may die right after)."""
+    line = {"time": round(time.time(), 3), "event": name, **fields}
+    with open(root / "events.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def final_metrics(trainer) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+            if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
 
 
 def _finish_wandb(exit_code: int) -> None:
@@ -250,10 +258,8 @@ def fit(cfg: DictConfig) -> dict:
             torch.distributed.destroy_process_group()
         _finish_wandb(3 if preemption.preempted else 0)
     if preemption.preempted and trainer.is_global_zero and under_slurm():
-        ok = requeue()  # the last thing: Slurm terminates the job's tasks right after
-        with open(root / "events.jsonl", "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "event": "requeue", "ok": ok}) + "\n")
-    metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()}
+        append_event(root, "requeue", ok=requeue())  # the last thing: Slurm then ends the tasks
+    metrics = final_metrics(trainer)
     return {"run_dir": str(root), "global_rank": trainer.global_rank, "global_step": trainer.global_step,
             "status": "preempted" if preemption.preempted else "finished",
             "export": str(root / cfg.run.export_dir),
