@@ -25,7 +25,7 @@ import degsr.cli
 from degsr.config.loader import validate
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule
+from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral
 from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import TrainStream, read_shard, reflect_pad
 from degsr.data.validation import PairedFolders, SyntheticValSet
@@ -143,6 +143,65 @@ def test_batch_through_datamodule_hooks(shards):
     assert q["read"] >= 2 and q["bad"] == 0 and q["bad_fraction"] == 0.0
     dm.trainer = fake_trainer(training=False)  # validation batches pass through untouched
     assert dm.on_after_batch_transfer(raw, 0) is raw
+
+
+# ------------------------------------------------------------------------------- data echo
+def _turn_loop(img: np.ndarray, k: int) -> np.ndarray:
+    """The k-th flip/rotation of a square (..., n, n) array, pixel by pixel: k % 4 quarter turns
+    counter-clockwise (out[i, j] = in[j, n-1-i] per turn), then a mirror (out[i, j] = in[i, n-1-j])
+    when k >= 4."""
+    n = img.shape[-1]
+    out = img.copy()
+    for _ in range(k % 4):
+        prev, out = out, np.empty_like(out)
+        for i in range(n):
+            for j in range(n):
+                out[..., i, j] = prev[..., j, n - 1 - i]
+    if k >= 4:
+        prev, out = out, np.empty_like(out)
+        for i in range(n):
+            for j in range(n):
+                out[..., i, j] = prev[..., i, n - 1 - j]
+    return out
+
+
+def test_dihedral_turns_every_image_alike_and_keeps_scores():
+    g = torch.Generator().manual_seed(0)
+    out = {"hr": torch.rand(2, 3, 8, 8, generator=g), "gt": torch.rand(2, 3, 8, 8, generator=g),
+           "lr": torch.rand(2, 3, 2, 2, generator=g), "lr_up": torch.rand(2, 3, 8, 8, generator=g),
+           "scores": torch.rand(2, 2, generator=g), "clean": torch.zeros(2, dtype=torch.bool)}
+    seen = []
+    for k in range(8):
+        t = dihedral(out, k)
+        for key in ("hr", "gt", "lr", "lr_up"):
+            assert np.array_equal(t[key].numpy(), _turn_loop(out[key].numpy(), k)), (key, k)
+        assert t["scores"] is out["scores"] and t["clean"] is out["clean"]
+        seen.append(t["hr"])
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
+def test_echo_degrades_each_batch_once_and_turns_the_echoes(shards, monkeypatch):
+    dm = SRDataModule(data_cfg(train_shards=str(shards), batches_per_epoch=2, echo=3),
+                      DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    calls = []
+    real = dm.degrader.__call__
+    monkeypatch.setattr(dm.degrader.__class__, "__call__",
+                        lambda self, hr, g: calls.append(1) or real(hr, g))
+    loader = dm.train_dataloader()
+    raw = list(loader)
+    assert len(loader) == 6 == len(raw) and [b["echo"] for b in raw] == [0, 1, 2, 0, 1, 2]
+    outs = [dm.on_after_batch_transfer(dm.on_before_batch_transfer(b, 0), 0) for b in raw]
+    assert len(calls) == 2  # one degradation per HR batch
+    read_once = sum(int(b["n_read"]) for b in raw if b["echo"] == 0)
+    assert read_once > 0 and dm.data_quality()["read"] == read_once  # echoes are not re-counted
+    for first, group in ((outs[0], outs[:3]), (outs[3], outs[3:])):
+        for k, o in enumerate(group):
+            for key in ("hr", "lr", "lr_up"):
+                assert np.array_equal(o[key].numpy(), _turn_loop(first[key].numpy(), k))
+            assert torch.equal(o["scores"], first["scores"])
+    assert not torch.equal(outs[0]["hr"], outs[3]["hr"])
 
 
 def test_small_images_pad_or_skip(shards):

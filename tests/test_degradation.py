@@ -212,7 +212,8 @@ def test_rank_and_worker_streams_differ_and_repeat():
 def test_sample_then_apply_equals_call_and_allows_controlled_changes():
     from degsr.degradation.kernels import gaussian_family_kernels, kernel_std
 
-    d, hr = Degrader(preset()), photos(4, 64)
+    # the modelled noise label: its noise score reads no blur parameter (asserted at the end)
+    d, hr = Degrader(preset("s3diff", "degradation.noise_label=params")), photos(4, 64)
     draw = d.sample(4, gen(9))
     g = gen(9)
     d.sample(4, g)  # advance to where apply draws its noise

@@ -87,6 +87,36 @@ def test_branches_are_independent():
     assert not torch.allclose(after[:, noise], before[:, noise])
 
 
+def test_leaky_head_keeps_a_dead_head_learning():
+    """Every hidden unit of both heads pushed negative: with ReLU (the reference) no gradient
+    reaches the heads' first layers and the score is one constant; with head_leak the score is
+    sigmoid(w2 . leak * (W1 f + b1) + b2), recomputed here by hand, and the gradient flows."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for leak in (0.0, 0.1):
+        torch.manual_seed(0)
+        net = DegradationEstimator(EstimatorNetConfig(widths=[8, 8], blocks_per_stage=1,
+                                                      downscales=[2, 1], head_hidden=4,
+                                                      head_leak=leak))
+        with torch.no_grad():
+            for head in net.fc_degree:
+                head[0].bias.fill_(-1e3)
+        out = net(x)
+        out.sum().backward()
+        grads[leak] = net.fc_degree[1][0].weight.grad.abs().sum().item()
+        if leak == 0.0:
+            assert torch.equal(out[:, 1], out[:1, 1].expand(3))  # one constant per score
+        else:
+            with torch.no_grad():
+                f = net.body[1](net.conv_first[1](x)).mean(dim=(-2, -1)).double()
+                lin1, lin2 = net.fc_degree[1][0], net.fc_degree[1][2]
+                h = f @ lin1.weight.double().T + lin1.bias.double()
+                h = torch.where(h > 0, h, leak * h)
+                want = torch.sigmoid(h @ lin2.weight.double().T + lin2.bias.double())[:, 0]
+            torch.testing.assert_close(out[:, 1].double(), want, rtol=0, atol=1e-6)
+    assert grads[0.0] == 0.0 and grads[0.1] > 0.0
+
+
 def test_export_roundtrip_is_bit_identical(tmp_path):
     model = tiny_model(seed=3)
     written = save_estimator(model, tmp_path / "exp")

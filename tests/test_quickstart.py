@@ -119,16 +119,19 @@ def test_prior_is_a_fitted_sd_turbo_style_folder(runs):
     than the random tiny VAE it started from."""
     from diffusers import AutoencoderKL
 
+    from degsr.quickstart.prior import PRIOR_ARCH
     from degsr.sr.components import check_pretrained_folder, save_tiny_pretrained
 
     out = runs["out"]
-    check_pretrained_folder(out / "prior")
+    configs = check_pretrained_folder(out / "prior")
+    assert configs["vae"]["latent_channels"] == configs["unet"]["in_channels"] == 16
+    assert configs["scheduler"]["prediction_type"] == "v_prediction"
     adapter = json.loads((out / "runs/sr/export/adapter.json").read_text())
     assert adapter["estimator"] == str(out / "runs/estimator/export")
     config = (out / "runs/sr/config.yaml").read_text()
     assert f"pretrained: {out / 'prior'}" in config
     random_dir = out.parent / "random_base"
-    save_tiny_pretrained(random_dir, seed=0)
+    save_tiny_pretrained(random_dir, seed=0, **PRIOR_ARCH)
     x = torch.from_numpy(_img(out / "eval/hr/chelsea.png")[:128, :128]).permute(2, 0, 1)[None]
     x = x.float() / 127.5 - 1
 

@@ -106,10 +106,10 @@ BAD_FOLDERS = {
     "in channels": (lambda f: _edit(f / "unet" / "config.json", in_channels=9),
                     ["in_channels", "9"]),
     "latent": (lambda f: _edit(f / "vae" / "config.json", latent_channels=16),
-               ["latent_channels", "16"]),
-    "v-pred": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
-                               prediction_type="v_prediction"),
-               ["prediction_type", "v_prediction"]),
+               ["unet", "in_channels", "is 4", "latent_channels 16"]),
+    "x0-pred": (lambda f: _edit(f / "scheduler" / "scheduler_config.json",
+                                prediction_type="sample"),
+                ["prediction_type", "sample", "v_prediction"]),
     "no weights": (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
                    ["cannot load unet/"]),
 }
@@ -204,6 +204,24 @@ def test_cfg_is_one_batched_call_and_matches_the_formula(comp):
     torch.testing.assert_close(e_mix[1], e_pos[1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         predict_eps(comp, z, guidance_scale=g, negative=torch.tensor([True, False]))
+
+
+@torch.no_grad()
+def test_v_prediction_folder_with_16_latent_channels(tmp_path):
+    """A v-prediction scheduler and a 16-channel latent space (both read from the folder): x0 is
+    sqrt(ᾱ) z - sqrt(1 - ᾱ) v̂, computed here in float64 from the UNet's own output."""
+    folder = save_tiny_pretrained(tmp_path / "v16", seed=1, vae={"latent_channels": 16},
+                                  unet={"in_channels": 16, "out_channels": 16},
+                                  scheduler={"prediction_type": "v_prediction"})
+    comp = load_components(ModelConfig(pretrained=str(folder)))
+    assert comp.prediction_type == "v_prediction"
+    z = encode_lr(comp, _image(b=2, size=64, seed=3), generator=torch.Generator().manual_seed(0))
+    assert z.shape == (2, 16, 8, 8)
+    t = torch.full((2,), 999)
+    v = comp.unet(z, t, encoder_hidden_states=comp.pos_embeds.expand(2, -1, -1)).sample.double()
+    ab = float(np.cumprod(1.0 - np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2)[999])
+    want = math.sqrt(ab) * z.double() - math.sqrt(1.0 - ab) * v
+    torch.testing.assert_close(denoise(comp, z).double(), want, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

@@ -31,7 +31,11 @@ class DataConfig:
     shuffle_buffer: int = number(256, "crops held per worker for shuffling (memory: "
                                       "shuffle_buffer * crop_size^2 * 3 bytes)", lo=1)
     batches_per_epoch: int = positive(1000, "training batches per epoch, per rank (every rank runs "
-                                            "exactly this many, so DDP never waits at epoch end)")
+                                            "exactly this many, so DDP never waits at epoch end; "
+                                            "times data.echo when echoing)")
+    echo: int = number(1, "data echoing: each degraded training batch is used this many times in "
+                          "a row, the k-th time turned by the k-th of the 8 flips/rotations (1 = "
+                          "off; for runs bound by the degradation, e.g. on a CPU)", lo=1, hi=8)
     small_images: str = choice("pad", SMALL_IMAGE_POLICIES, "image smaller than crop_size: 'pad' "
                                "(reflect-pad up to the crop) or 'skip' (counted, not an error)")
     val_crops: int = positive(32, "size of the fixed synthetic val set (crops, degraded once)")

@@ -13,6 +13,14 @@ Exact resume: :meth:`state_dict` (saved in every checkpoint) holds ``t``; a resu
 stream at epoch ``t // batches_per_epoch``, batch ``t % batches_per_epoch`` (see
 :mod:`degsr.data.stream`), so model, degradations and crops continue as if never interrupted.
 
+Data echoing (``data.echo = E``, Choi et al. 2019, "Faster neural network training with data
+echoing"): the loader yields each HR batch E times in a row (``batch["echo"]`` = 0 .. E-1); the
+batch is degraded once, at echo 0, and echo k trains on that output turned by the k-th of the 8
+flips/rotations (:func:`dihedral`); an epoch is ``batches_per_epoch`` HR batches, i.e.
+``batches_per_epoch * E`` training batches. Training batch ``t`` is HR batch ``t // E``, whose
+index keys the degradation generator, so a run resumed mid-echo re-degrades the same batch; with
+E = 1 everything is as without echoing.
+
 Data quality: the module counts the samples the workers read and skipped
 (:meth:`data_quality`); once ``min_samples_for_bad_check`` samples were read (summed over ranks,
 synchronised every ``QUALITY_SYNC_EVERY`` batches under DDP so every rank stops at the same step),
@@ -51,13 +59,45 @@ def expand_pattern(key: str, pattern: str) -> list[str]:
         raise UserError(f"{key}: {e}") from None
 
 
+def dihedral(out: dict, k: int) -> dict:
+    """``out`` with its images (``hr, gt, lr, lr_up``) turned by the ``k``-th (0-7) of the 8
+    flips/rotations of the square: ``rot90`` by ``k % 4`` quarter turns, then a horizontal flip
+    when ``k >= 4``. Scores and parameters do not change: blur and noise have no direction."""
+    if k == 0:
+        return dict(out)
+    turned = dict(out)
+    for key in ("hr", "gt", "lr", "lr_up"):
+        x = torch.rot90(out[key], k % 4, dims=(-2, -1))
+        turned[key] = x.flip(-1) if k >= 4 else x
+    return turned
+
+
 class ResumableLoader(DataLoader):
     """The training DataLoader, marked resumable for Lightning (``state_dict``/``load_state_dict``).
 
     Its position lives in :meth:`SRDataModule.state_dict` (batches consumed, counted as the
     training loop takes them -- the loader itself runs ahead by its prefetch), which sets the
-    stream's start when the loader is made; so there is nothing to save here.
+    stream's start when the loader is made; so there is nothing to save here. With ``echo`` E > 1
+    every batch is yielded E times (``batch["echo"]`` = 0 .. E-1); ``first_echo`` skips the first
+    echoes of the very first batch (a run resumed mid-echo).
     """
+
+    def __init__(self, *args, echo: int = 1, first_echo: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.echo, self.first_echo = int(echo), int(first_echo)
+
+    def __len__(self) -> int:
+        return super().__len__() * self.echo
+
+    def __iter__(self):
+        if self.echo == 1:
+            yield from super().__iter__()
+            return
+        first, self.first_echo = self.first_echo, 0  # only the resumed epoch starts mid-batch
+        for batch in super().__iter__():
+            for k in range(first, self.echo):
+                yield {**batch, "echo": k}
+            first = 0
 
     def state_dict(self) -> dict:
         return {}
@@ -78,6 +118,7 @@ class SRDataModule(L.LightningDataModule):
         self.paired_set: PairedFolders | None = None
         self._counts = {"read": 0, "bad": 0, "small": 0}  # this rank
         self._batches = 0  # training batches consumed over the run (all ranks alike)
+        self._degraded: tuple[int, dict] | None = None  # (HR batch index, output): data.echo
 
     # ----------------------------------------------------------------- setup and loaders
     def setup(self, stage: str | None = None) -> None:
@@ -111,19 +152,21 @@ class SRDataModule(L.LightningDataModule):
         if self.train_urls is None:
             self.setup("fit")
         d, trainer = self.data, self.trainer
+        steps = d.batches_per_epoch * d.echo  # training batches per epoch
         stream = TrainStream(
             self.train_urls, crop_size=d.crop_size, batch_size=d.batch_size,
             batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
             small_images=d.small_images, seed=self.seed,
             rank=None if trainer is None else trainer.global_rank,
-            start_epoch=self._batches // d.batches_per_epoch,
-            skip_batches=self._batches % d.batches_per_epoch,
+            start_epoch=self._batches // steps,
+            skip_batches=(self._batches % steps) // d.echo,
             stall_limit=max(1000, d.min_samples_for_bad_check))
         # Lightning warns that __len__ may be wrong with several workers; here each worker
         # yields its share of batches_per_epoch, so len() is exact.
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
         return ResumableLoader(stream, batch_size=None, num_workers=d.num_workers,
-                               persistent_workers=d.num_workers > 0, pin_memory=self._pin())
+                               persistent_workers=d.num_workers > 0, pin_memory=self._pin(),
+                               echo=d.echo, first_echo=self._batches % d.echo)
 
     @property
     def val_names(self) -> list[str]:
@@ -153,13 +196,15 @@ class SRDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if not self._is_train_batch(batch):
             return batch
-        hr = batch["hr"]
-        hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
-        g = make_generator(self.seed, 1000 + self.trainer.global_rank, self._batches - 1,
-                           device=hr.device)  # _batches was counted in on_before_batch_transfer
-        out = self.degrader(hr, g)
-        out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
-        return out
+        index = (self._batches - 1) // self.data.echo  # counted in on_before_batch_transfer
+        if self._degraded is None or self._degraded[0] != index:
+            hr = batch["hr"]
+            hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
+            g = make_generator(self.seed, 1000 + self.trainer.global_rank, index, device=hr.device)
+            out = self.degrader(hr, g)
+            out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
+            self._degraded = (index, out)
+        return dihedral(self._degraded[1], int(batch.get("echo", 0)))
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -178,10 +223,11 @@ class SRDataModule(L.LightningDataModule):
 
     def _count(self, batch) -> None:
         c = self._counts
-        c["read"] += int(batch.get("n_read", batch["hr"].shape[0]))
-        c["bad"] += int(batch["n_bad"])
-        c["small"] += int(batch.get("n_small", 0))
         self._batches += 1
+        if not batch.get("echo", 0):  # an echo is the same samples again: read once
+            c["read"] += int(batch.get("n_read", batch["hr"].shape[0]))
+            c["bad"] += int(batch["n_bad"])
+            c["small"] += int(batch.get("n_small", 0))
         trainer = self.trainer
         if trainer.world_size > 1:  # every rank runs the same batch count: collectives line up
             if self._batches % QUALITY_SYNC_EVERY:

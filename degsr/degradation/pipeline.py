@@ -134,10 +134,11 @@ class Degrader:
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s
-        lr = self._render(gt, draw, g, (h, w), (lr_h, lr_w))
+        blurred = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")  # before any noise: shared
+        lr = self._render(blurred, draw, g, (lr_h, lr_w))
         scores = degradation_scores(p, cfg)
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
-            quiet = self._render(gt, draw, None, (h, w), (lr_h, lr_w))  # without noise and JPEG
+            quiet = self._render(blurred, draw, None, (lr_h, lr_w))  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
             scores[:, 1] = torch.where(p["clean"].bool(), 0.0,
                                        (visible / cfg.noise_label_ref).clamp(0, 1))
@@ -151,17 +152,17 @@ class Degrader:
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"],
                 "scores": scores, "params": dict(p)}
 
-    def _render(self, gt: Tensor, draw: dict, g: torch.Generator | None, hw: tuple[int, int],
+    def _render(self, x: Tensor, draw: dict, g: torch.Generator | None,
                 lr_hw: tuple[int, int]) -> Tensor:
-        """The degraded LR of ``draw`` (quantised); ``g`` None: without noise and JPEG."""
+        """The degraded LR of ``draw`` from the HR after its first blur ``x`` (quantised);
+        ``g`` None: without noise and JPEG."""
         cfg, p = self.cfg, draw["params"]
-        (h, w), (lr_h, lr_w) = hw, lr_hw
-        b, c = gt.shape[:2]
+        (h, w), (lr_h, lr_w) = x.shape[-2:], lr_hw
+        b, c = x.shape[:2]
         artefacts = g is not None
 
-        # first order: blur -> resize (relative to HR) -> noise -> JPEG; second order: blur ->
-        # resize (relative to the LR size, as the reference); groups of similar size share a canvas
-        x = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")
+        # first order: blur (done) -> resize (relative to HR) -> noise -> JPEG; second order: blur
+        # -> resize (relative to the LR size, as the reference); similar sizes share a canvas
         canvas2 = tuple(max(1, int(n * max(1.0, cfg.second.resize_range[1]))) for n in (lr_h, lr_w))
         mid = x.new_empty(b, c, *canvas2)
         by_size = torch.argsort(p["resize1_scale"])

@@ -22,6 +22,9 @@ class EstimatorNetConfig(Checked):
     downscales: List[int] = plain([1, 1, 2, 1], "per stage: 2 = a stride-2 conv after its blocks, "
                                   "1 = none (a stride-1 conv only where the width changes)")
     head_hidden: int = positive(512, "hidden units of each score head (Linear-ReLU-Linear-sigmoid)")
+    head_leak: float = number(0.0, "negative slope of the heads' hidden activation: 0 = ReLU (the "
+                                   "reference); > 0 = LeakyReLU, whose units cannot all die (no "
+                                   "weights either way: the state dict is the same)", lo=0, hi=1)
 
     def check(self):
         if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):

@@ -8,6 +8,7 @@ Per score (blur, noise) an independent branch::
                       elif the width changes:      conv3x3 stride 1 widths[i]->widths[i+1]
                       (no activation after these convs)
     global average pool -> Linear(widths[-1], head_hidden) -> ReLU -> Linear(head_hidden, 1) -> sigmoid
+    (``head_leak`` > 0: LeakyReLU there; a head whose ReLU units all died predicts one constant)
 
 The parameter names (``conv_first.<b>``, ``body.<b>.<j>``, ``fc_degree.<b>``) follow the reference's
 state-dict layout, so its published ``de_net.pth`` maps onto this module key for key.
@@ -52,7 +53,8 @@ def _body(cfg: EstimatorNetConfig) -> nn.Sequential:
 
 
 def _head(cfg: EstimatorNetConfig) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(cfg.widths[-1], cfg.head_hidden), nn.ReLU(),
+    act = nn.LeakyReLU(cfg.head_leak) if cfg.head_leak > 0 else nn.ReLU()
+    return nn.Sequential(nn.Linear(cfg.widths[-1], cfg.head_hidden), act,
                          nn.Linear(cfg.head_hidden, 1), nn.Sigmoid())
 
 

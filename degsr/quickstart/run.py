@@ -31,7 +31,7 @@ from degsr import console
 from degsr.errors import UserError
 from degsr.io import CONFIG_DIR, atomic_write_bytes
 
-BUDGET = {"prior": 0.35, "stage1": 0.15, "stage2": 0.35}
+BUDGET = {"prior": 0.40, "stage1": 0.15, "stage2": 0.30}
 STATE = "quickstart.json"
 DONE = "quickstart_done.json"   # written into a training run once its export exists
 STEPS = ("photos", "shards", "prior", "stage1", "stage2", "sr", "eval", "report")

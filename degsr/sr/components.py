@@ -40,7 +40,7 @@ from degsr.sr.arch import arch_configs
 from degsr.sr.config import ModelConfig
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-LATENT_CHANNELS = 4
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class SRComponents(nn.Module):
@@ -62,6 +62,10 @@ class SRComponents(nn.Module):
         self.timestep = int(timestep)
         from degsr.sr.onestep import alpha_bar
         self.alpha_bar_t = alpha_bar(scheduler, self.timestep)
+        self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"scheduler prediction_type {self.prediction_type!r} is not supported; "
+                            f"use one of {', '.join(PREDICTION_TYPES)}")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
 
@@ -182,13 +186,17 @@ def build_scheduler(config: dict) -> Any:
     return DDPMScheduler.from_config(config)
 
 
-def save_tiny_pretrained(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_pretrained(folder: str | Path, seed: int = 0, *, unet: dict | None = None,
+                         vae: dict | None = None, scheduler: dict | None = None) -> Path:
     """Write the ``tiny`` architecture (random weights from ``seed``) as a diffusers folder:
-    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``. Returns the folder."""
+    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``. ``unet``, ``vae``,
+    ``scheduler``: config keys that replace the tiny ones. Returns the folder."""
     import diffusers
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = arch_configs("tiny")
+    for part, changes in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
+        cfg[part].update(changes or {})
     with _seeded(seed):
         unet, vae = build_unet(cfg["unet"]), build_vae(cfg["vae"])
         text_encoder = build_text_encoder(cfg["text"])
@@ -272,11 +280,11 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
     if unet.get("addition_embed_type") is not None:
         raise _bad(unet_path, "addition_embed_type", unet["addition_embed_type"],
                    "None (SDXL-style added conditioning is not supported)")
+    latent = vae.get("latent_channels", 4)  # SD-Turbo: 4
     for key in ("in_channels", "out_channels"):
-        if unet.get(key, 4) != LATENT_CHANNELS:
-            raise _bad(unet_path, key, unet.get(key), str(LATENT_CHANNELS))
-    if vae.get("latent_channels", 4) != LATENT_CHANNELS:
-        raise _bad(vae_path, "latent_channels", vae.get("latent_channels"), str(LATENT_CHANNELS))
+        if unet.get(key, 4) != latent:
+            raise _bad(unet_path, key, unet.get(key),
+                       f"{latent} ({vae_path}: latent_channels {latent})")
     for key in ("in_channels", "out_channels"):
         if vae.get(key, 3) != 3:
             raise _bad(vae_path, key, vae.get(key), "3 (RGB)")
@@ -286,9 +294,8 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
         raise UserError(f"model.pretrained: {unet_path}: cross_attention_dim is {cross!r} but "
                         f"{text_path}: hidden_size is {hidden!r}; they must match (SD-Turbo: 1024)")
     pred = sched.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise _bad(sched_path, "prediction_type", pred, "'epsilon' (one-step x0 = (z - "
-                   "sqrt(1 - a) eps) / sqrt(a))")
+    if pred not in PREDICTION_TYPES:
+        raise _bad(sched_path, "prediction_type", pred, "'epsilon' (SD-Turbo) or 'v_prediction'")
     n = sched.get("num_train_timesteps", 1000)
     if not 0 <= timestep < n:
         raise UserError(f"model.timestep: {timestep} is outside the scheduler's "

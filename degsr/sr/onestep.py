@@ -8,6 +8,9 @@ LoRA modulation of the VAE encoder and of the UNet around each call::
     x0  = (z - sqrt(1 - a_t) eps) / sqrt(a_t)                            # a_t = alphas_cumprod[t]
     out = clamp(vae.decode(x0 / scaling_factor), -1, 1)
 
+The formula for x0 follows the folder's ``scheduler.prediction_type``: ``epsilon`` (SD-Turbo,
+above) or ``v_prediction`` (SD 2.1-768 style: ``x0 = sqrt(a_t) z - sqrt(1 - a_t) v``).
+
 Classifier-free guidance is ONE UNet call on ``cat([z, z])`` with ``cat([pos, neg])`` embeddings,
 ``eps = eps_neg + g (eps_pos - eps_neg)``; ``g = 1`` is exactly the positive branch alone, so it
 skips the second half. ``x0`` is computed in float32 at least: ``1 / sqrt(a_999)`` ~ 14.6 magnifies
@@ -41,6 +44,14 @@ def x0_from_eps(z: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.T
     return (z - math.sqrt(1.0 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
 
 
+def x0_from_v(z: torch.Tensor, v: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
+    """``sqrt(ᾱ) z - sqrt(1 - ᾱ) v`` (v-prediction)."""
+    return math.sqrt(alpha_bar_t) * z - math.sqrt(1.0 - alpha_bar_t) * v
+
+
+X0_FROM = {"epsilon": x0_from_eps, "v_prediction": x0_from_v}  # scheduler.prediction_type
+
+
 def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``(B, 3, H, W)`` in [-1, 1] -> latent ``(B, 4, H/f, W/f)`` (a sample of the posterior, times
@@ -68,7 +79,8 @@ def _embeddings(comp: SRComponents, b: int, negative: Optional[torch.Tensor]) ->
 
 def predict_eps(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional[float] = None,
                 negative: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ε̂ of the UNet at ``comp.timestep``; with ``guidance_scale`` (≠ 1) one batched CFG call."""
+    """The UNet's output at ``comp.timestep`` (ε̂, or v̂ for a v-prediction folder); with
+    ``guidance_scale`` (≠ 1) one batched CFG call."""
     b = z.shape[0]
     unet = comp.unet
     z = z.to(dtype=unet.dtype)
@@ -92,10 +104,11 @@ def predict_eps(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional
 
 def denoise(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional[float] = None,
             negative: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Latent ``z`` -> predicted clean latent ``x0`` (one step at ``comp.timestep``, no noise)."""
-    eps = predict_eps(comp, z, guidance_scale=guidance_scale, negative=negative)
+    """Latent ``z`` -> predicted clean latent ``x0`` (one step at ``comp.timestep``, no noise).
+    CFG mixes the UNet's outputs, which x0 depends on affinely: the same as mixing x0."""
+    out = predict_eps(comp, z, guidance_scale=guidance_scale, negative=negative)
     wide = torch.promote_types(z.dtype, torch.float32)
-    return x0_from_eps(z.to(wide), eps.to(wide), comp.alpha_bar_t).to(z.dtype)
+    return X0_FROM[comp.prediction_type](z.to(wide), out.to(wide), comp.alpha_bar_t).to(z.dtype)
 
 
 def decode(comp: SRComponents, x0: torch.Tensor) -> torch.Tensor:
