@@ -105,9 +105,13 @@ def render(p, results: dict) -> str:
         *_metrics(results), "",
         "Targets (issue 9): PSNR within 2 dB of bicubic, and sharper than it.", "",
         *_targets(results), "",
-        "The Laplacian variance rewards every edge, including the 8x8 latent-grid blocks that a "
-        "briefly fitted decoder draws: look at comparison.png before reading \"sharper\" as "
-        "\"better\".", "",
+        "The Laplacian variance rewards every edge, including blocks on the latent grid and "
+        "exaggerated texture that a briefly fitted base and estimator draw: look at "
+        "comparison.png before reading \"sharper\" as \"better\". `degsr sr` modulates the LoRA "
+        "with the stage-1 estimate of each LR's (blur, noise); after a quickstart's minute of "
+        "stage 1 that estimate is close to the training mean for every input (see "
+        "`degsr estimate`), so a clean bicubic LR gets the restoration meant for an average "
+        "degraded one. `degsr sr --blur B --noise N` sets the vector by hand.", "",
         f"`comparison.png`: {c['photo']}, left to right bicubic x4 | degsr | HR, each at HR size.",
         "",
         "## Files and commands", "",
