@@ -181,3 +181,24 @@ def test_bad_input_is_one_line_and_loses_nothing(tmp_path, degsr_cmd_module):
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
     assert keep.read_text() == "mine"
     assert sorted(p.name for p in keep.parent.iterdir()) == ["keep.txt"]
+
+
+def test_busy_cores_from_two_proc_stat_samples(monkeypatch):
+    """The idle-core count comes from the busy share of the jiffies between two samples."""
+    import io
+
+    from degsr.errors import UserError
+    from degsr.quickstart import run as qs
+
+    lines = iter(["cpu  100 0 50 800 50 0 0 0 0 0\n",      # busy 150 of 1000
+                  "cpu  400 0 150 1100 50 0 0 0 0 0\n"])   # +400 busy of +700 in all
+    monkeypatch.setattr("builtins.open", lambda *a, **k: io.StringIO(next(lines)))
+    before, after = qs._cpu_times(), qs._cpu_times()
+    assert before == (150, 1000) and after == (550, 1700)
+    assert qs.busy_cores(before, after, 2) == pytest.approx(2 * 400 / 700)
+    monkeypatch.setattr(qs, "_cpu_times", lambda: None)   # no /proc/stat: the load average
+    monkeypatch.setattr(qs.os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    monkeypatch.setattr(qs.os, "cpu_count", lambda: 4)
+    assert qs.pick_threads(None) == 2 and qs.pick_threads(3) == 3
+    with pytest.raises(UserError, match="--threads"):
+        qs.pick_threads(0)

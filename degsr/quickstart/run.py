@@ -77,17 +77,43 @@ def check_minutes(minutes: float) -> float:
     return float(minutes)
 
 
-def pick_threads(threads: int | None) -> int:
-    """Torch CPU threads for this process: ``threads``, or one per core that the load average
-    leaves idle (at least 1). Oversubscribed OpenMP threads spin at their barriers: on the
-    2-core CI machine with other jobs running, one VAE step took 10 s with 2 threads, 0.36 s
-    with 1."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat's first line; None where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - idle, total
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int], cpus: int) -> float:
+    """Cores in use between two ``_cpu_times`` samples: the busy share of the elapsed jiffies."""
+    d_busy, d_total = after[0] - before[0], after[1] - before[1]
+    return cpus * d_busy / d_total if d_total > 0 else 0.0
+
+
+def pick_threads(threads: int | None, window_s: float = 0.5) -> int:
+    """Torch CPU threads for this process: ``threads``, or one per core left idle by the other
+    processes (at least 1), measured over ``window_s`` from /proc/stat (the 1-minute load average
+    where that is unavailable: it still counts a job that ended seconds ago). Oversubscribed
+    OpenMP threads spin at their barriers: on the 2-core CI machine with other jobs running, one
+    VAE step took 10 s with 2 threads, 0.36 s with 1."""
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
         return threads
     cpus = os.cpu_count() or 1
-    return max(1, min(cpus, cpus - round(os.getloadavg()[0])))
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window_s)
+        after = _cpu_times()
+        busy = busy_cores(before, after, cpus) if after is not None else os.getloadavg()[0]
+    else:
+        busy = os.getloadavg()[0]
+    return max(1, min(cpus, cpus - round(busy)))
 
 
 def load_state(out: Path) -> dict:
