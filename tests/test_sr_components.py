@@ -13,8 +13,8 @@ from degsr.sr.arch import SD_TURBO_SCHEDULER, SD_TURBO_TEXT, SD_TURBO_UNET, SD_T
 from degsr.sr.components import (SUBFOLDERS, SRComponents, build_scheduler, load_components,
                                  save_tiny_pretrained)
 from degsr.sr.config import NEG_PROMPT, POS_PROMPT, ModelConfig
-from degsr.sr.onestep import (alpha_bar, decode, denoise, encode_lr, one_step_sr, predict_eps,
-                              x0_from_eps)
+from degsr.sr.onestep import (alpha_bar, decode, denoise, encode_lr, one_step_sr,
+                              predict_output, x0_from_eps)
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +194,16 @@ def test_cfg_is_one_batched_call_and_matches_the_formula(comp):
 
     # g = 1 is the positive branch alone, one call of batch B
     with _Counter(comp.unet) as c:
-        e1 = predict_eps(comp, z, guidance_scale=1.0)
+        e1 = predict_output(comp, z, guidance_scale=1.0)
     assert c.batches == [2]
     torch.testing.assert_close(e1, e_pos, rtol=1e-5, atol=1e-5)
 
     # per-sample negative prompt without CFG
-    e_mix = predict_eps(comp, z, negative=torch.tensor([True, False]))
+    e_mix = predict_output(comp, z, negative=torch.tensor([True, False]))
     torch.testing.assert_close(e_mix[0], e_neg[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(e_mix[1], e_pos[1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
-        predict_eps(comp, z, guidance_scale=g, negative=torch.tensor([True, False]))
+        predict_output(comp, z, guidance_scale=g, negative=torch.tensor([True, False]))
 
 
 @torch.no_grad()

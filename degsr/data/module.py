@@ -90,11 +90,12 @@ class ResumableLoader(DataLoader):
         return super().__len__() * self.echo
 
     def __iter__(self):
-        if self.echo == 1:
-            yield from super().__iter__()
-            return
+        batches = super().__iter__()
+        return batches if self.echo == 1 else self._echoed(batches)
+
+    def _echoed(self, batches):
         first, self.first_echo = self.first_echo, 0  # only the resumed epoch starts mid-batch
-        for batch in super().__iter__():
+        for batch in batches:
             for k in range(first, self.echo):
                 yield {**batch, "echo": k}
             first = 0

@@ -106,13 +106,11 @@ def pick_threads(threads: int | None, window_s: float = 0.5) -> int:
             raise UserError(f"--threads must be >= 1, got {threads}")
         return threads
     cpus = os.cpu_count() or 1
-    before = _cpu_times()
+    before, after = _cpu_times(), None
     if before is not None:
         time.sleep(window_s)
         after = _cpu_times()
-        busy = busy_cores(before, after, cpus) if after is not None else os.getloadavg()[0]
-    else:
-        busy = os.getloadavg()[0]
+    busy = busy_cores(before, after, cpus) if after is not None else os.getloadavg()[0]
     return max(1, min(cpus, cpus - round(busy)))
 
 

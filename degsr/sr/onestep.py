@@ -77,8 +77,9 @@ def _embeddings(comp: SRComponents, b: int, negative: Optional[torch.Tensor]) ->
     return torch.where(negative[:, None, None], neg, pos)
 
 
-def predict_eps(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional[float] = None,
-                negative: Optional[torch.Tensor] = None) -> torch.Tensor:
+def predict_output(comp: SRComponents, z: torch.Tensor, *,
+                   guidance_scale: Optional[float] = None,
+                   negative: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The UNet's output at ``comp.timestep`` (ε̂, or v̂ for a v-prediction folder); with
     ``guidance_scale`` (≠ 1) one batched CFG call."""
     b = z.shape[0]
@@ -106,7 +107,7 @@ def denoise(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional[flo
             negative: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Latent ``z`` -> predicted clean latent ``x0`` (one step at ``comp.timestep``, no noise).
     CFG mixes the UNet's outputs, which x0 depends on affinely: the same as mixing x0."""
-    out = predict_eps(comp, z, guidance_scale=guidance_scale, negative=negative)
+    out = predict_output(comp, z, guidance_scale=guidance_scale, negative=negative)
     wide = torch.promote_types(z.dtype, torch.float32)
     return X0_FROM[comp.prediction_type](z.to(wide), out.to(wide), comp.alpha_bar_t).to(z.dtype)
 
