@@ -38,9 +38,13 @@ def test_merged_path_equals_unmerged(trained):
     up = Upscaler.load(trained / "adapter", trained / "base")
     lr = torch.rand(1, 3, 24, 20)
     opts = UpscaleOptions(color_fix="none")
+    w = up.net.comp.unet.conv_out.base_layer.weight
+    w0 = w.detach().clone()
     merged, d = up(lr, opts)
+    assert not torch.equal(w, w0)  # folded, and kept for the next call with the same vector
     up.merge = False
     unmerged, d2 = up(lr, opts)
+    assert torch.equal(w, w0)  # the unmerged call put the original weights back first
     assert torch.equal(d, d2)
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=2e-5)
     up.merge = True
@@ -96,11 +100,13 @@ def test_sr_dial_overrides_estimator_and_rejects_bad_values(trained, tmp_path, d
 
 def test_bench_infer_prints_json(degsr_cmd):
     r = subprocess.run([*degsr_cmd, "bench", "infer", "--arch", "tiny", "--device", "cpu", "--sizes", "64",
-                        "--batch", "2", "--iters", "1", "--json"], capture_output=True, text=True)
+                        "--batch", "2", "--iters", "1", "--tiled", "128", "--json"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert set(out["ms_per_image"]["64"]) == {"bare", "ours", "ours_unmerged"}
-    assert out["batch_512"]["bare_img_per_s"] > 0
+    assert set(out["ms_per_image"]["64"]) == {"bare", "ours", "ours_refold", "ours_unmerged"}
+    assert out["batch_512"]["bare_img_per_s"] > 0 and out["batch_512"]["ours_img_per_s"] > 0
+    assert out["tiled"]["size"] == 128 and out["tiled"]["s_per_image"] > 0
 
 
 def test_a_batch_equals_one_image_at_a_time(trained):

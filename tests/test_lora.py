@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from degsr.sr.config import UNET_TARGETS, VAE_TARGETS, LoraConfig
-from degsr.sr.lora import (ModulatedLoRA, clear_modulation, inject_modulated_lora, lora_parameters,
-                           lora_targets, merged, modulated_layers, set_modulation, use_modulation)
+from degsr.sr.lora import (ModulatedLoRA, clear_modulation, fold, inject_modulated_lora,
+                           lora_parameters, lora_targets, merged, modulated_layers, set_modulation,
+                           unfold, use_modulation)
 from degsr.sr.modulation import (UNET_BLOCKS, VAE_BLOCKS, DegradationModulation,
                                  unet_block_id, vae_block_id)
 
@@ -265,6 +266,35 @@ def test_merged_matches_unmerged_and_restores_weights_exactly():
             raise KeyError("boom")
     for k, v in unet.state_dict().items():
         assert torch.equal(v, before_u[k]), k
+
+
+def test_refold_recomputes_from_the_original_and_unfold_restores_it():
+    """fold(C1) then fold(C2) is fold(C2) on the untouched weights (no drift however often the
+    vector changes); both match W0 + s (B C^T) A in float64; unfold gives W0 back bit-exactly."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(5, 7, 3, padding=1), nn.Linear(8, 6))
+    inject_modulated_lora(net, ["0", "1"], rank=3, alpha=6.0)
+    _randomize_B(net, 5, std=0.3)
+    w0 = [net[i].base_layer.weight.detach().clone() for i in (0, 1)]
+    C1, C2 = {0: torch.randn(1, 3, 3)}, {0: torch.randn(1, 3, 3)}
+    fold(net, C2)
+    once = [net[i].base_layer.weight.detach().clone() for i in (0, 1)]
+    unfold(net)
+    for _ in range(3):
+        fold(net, C1)
+        fold(net, C2)
+    for i in (0, 1):
+        layer = net[i]
+        assert torch.equal(layer.base_layer.weight, once[i])
+        A = layer.lora_A.weight.double().reshape(3, -1)
+        B = layer.lora_B.weight.double().reshape(-1, 3)
+        ref = w0[i].double() + (2.0 * B @ C2[0][0].double().T @ A).reshape(w0[i].shape)
+        torch.testing.assert_close(layer.base_layer.weight.double(), ref, rtol=1e-6, atol=1e-6)
+        assert layer.is_merged
+    unfold(net)
+    for i in (0, 1):
+        assert torch.equal(net[i].base_layer.weight, w0[i])
+        assert not net[i].is_merged and net[i].pristine is None
 
 
 def test_merged_conv_fold_is_exact_for_strided_padded_conv():

@@ -1,6 +1,6 @@
 """``degsr bench infer``: bare one-step SD-Turbo vs ours (merged degradation-guided LoRA + CFG)
-vs ours unmerged, ms per image at each size, batch throughput at 512², peak memory (random
-weights of the real architecture: cost, not quality)."""
+vs ours unmerged, ms per image at each size, batch throughput at 512², tiled large output and
+peak memory (random weights of the real architecture: cost, not quality)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ def add_arguments(p) -> None:
     p.add_argument("--sizes", default="512,1024", help="output sizes (square), comma separated")
     p.add_argument("--batch", type=int, default=16, help="batch for the throughput figure at 512²")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (both paths)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet, VAE encoder and decoder (both paths)")
+    p.add_argument("--tiled", type=int, default=0,
+                   help="also time one output of this size with the default tiling (0: skip)")
+    p.add_argument("--mem-cap-gib", type=float, default=0,
+                   help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 def run(args) -> dict:
-    from degsr.inference.upscale import DTYPES, Upscaler, UpscaleOptions
+    from degsr.inference.upscale import DTYPES, Upscaler, UpscaleOptions, compile_parts
     from degsr.sr.components import load_components
     from degsr.sr.config import LoraConfig, ModelConfig
     from degsr.sr.model import SRModel
@@ -30,6 +35,9 @@ def run(args) -> dict:
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[precision]
+    if args.mem_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2 ** 30 / total), device)
     model_cfg = ModelConfig(arch=args.arch)
     bare = load_components(model_cfg, device=device, dtype=dtype)
     net = SRModel(model_cfg, LoraConfig(), device=device, dtype=dtype)
@@ -38,33 +46,65 @@ def run(args) -> dict:
             p.add_(torch.randn_like(p) * 1e-3)
     net.eval().requires_grad_(False)
     if args.compile:
-        bare.unet = torch.compile(bare.unet)
+        compile_parts(bare)
     ours = Upscaler(net, {"scale": 4}, compile=args.compile)
     unmerged = Upscaler(net, {"scale": 4}, merge=False)
-    opts = UpscaleOptions(blur=0.3, noise=0.3, tile=10 ** 6)  # no tiling: the images fit
-    d = torch.tensor([[0.3, 0.3]], device=device)  # the batch figure's shared vector
+    opts = UpscaleOptions(blur=0.3, noise=0.3, tile=10 ** 6, vae_tile=10 ** 6)  # the images fit
+    other = UpscaleOptions(blur=0.31, noise=0.3, tile=10 ** 6, vae_tile=10 ** 6)
+    flip = [opts, other]
+
+    def refold(lr):  # a new vector every call (estimated degradations): refold each time
+        flip.reverse()
+        return ours(lr, flip[0])
+
     result = {"bench": "infer", "arch": args.arch, "precision": precision, "compile": args.compile,
-              "device": device_name(device), "ms_per_image": {}}
+              "device": device_name(device), "torch": torch.__version__, "ms_per_image": {}}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in [int(s) for s in args.sizes.split(",") if s]:
         lr = torch.rand(1, 3, size // 4, size // 4, device=device)
         x = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
         with torch.no_grad():
             t_bare = time_calls(lambda: one_step_sr(bare, x), device, args.iters)
             t_ours = time_calls(lambda: ours(lr, opts), device, args.iters)
-            t_unmerged = time_calls(lambda: unmerged(lr, opts), device, args.iters)
-        result["ms_per_image"][str(size)] = {"bare": round(1e3 * t_bare, 2), "ours": round(1e3 * t_ours, 2),
-                                             "ours_unmerged": round(1e3 * t_unmerged, 2)}
+            t_refold = time_calls(lambda: refold(lr), device, args.iters)
+            # compiled, the unmerged path would be a third set of graphs to compile: eager only
+            t_unmerged = None if args.compile else time_calls(lambda: unmerged(lr, opts), device,
+                                                              args.iters)
+        result["ms_per_image"][str(size)] = {
+            "bare": round(1e3 * t_bare, 2), "ours": round(1e3 * t_ours, 2),
+            "ours_refold": round(1e3 * t_refold, 2),
+            "ours_unmerged": None if t_unmerged is None else round(1e3 * t_unmerged, 2)}
         if size == 512:
             result["ratio_ours_over_bare"] = round(t_ours / t_bare, 3)
-    xb = torch.rand(args.batch, 3, 512, 512, device=device, dtype=dtype) * 2 - 1
-    db = d.expand(args.batch, -1)
-    with torch.no_grad():
-        t_bare_b = time_calls(lambda: one_step_sr(bare, xb), device, max(1, args.iters // 2))
-        t_ours_b = time_calls(lambda: net(xb, db, guidance_scale=1.07), device, max(1, args.iters // 2))
-    result["batch_512"] = {"batch": args.batch, "bare_img_per_s": round(args.batch / t_bare_b, 2),
-                           "ours_unmerged_cfg_img_per_s": round(args.batch / t_ours_b, 2)}
+            result["ratio_refold_over_bare"] = round(t_refold / t_bare, 3)
+    if args.batch:
+        n = args.batch
+        xb = torch.rand(n, 3, 512, 512, device=device, dtype=dtype) * 2 - 1
+        lrb = torch.rand(n, 3, 128, 128, device=device)
+        db = torch.tensor([[0.3, 0.3]], device=device).expand(n, -1)
+        iters = max(1, args.iters // 2)
+        with torch.no_grad():
+            t_bare_b = time_calls(lambda: one_step_sr(bare, xb), device, iters)
+            t_ours_b = time_calls(lambda: ours(lrb, opts), device, iters)
+            t_unm_b = None if args.compile else time_calls(
+                lambda: net(xb, db, guidance_scale=1.07), device, iters)
+        result["batch_512"] = {"batch": n, "bare_img_per_s": round(n / t_bare_b, 2),
+                               "ours_img_per_s": round(n / t_ours_b, 2),
+                               "ours_unmerged_cfg_img_per_s": t_unm_b and round(n / t_unm_b, 2)}
+    if args.tiled:
+        lr = torch.rand(1, 3, args.tiled // 4, args.tiled // 4, device=device)
+        tiled = UpscaleOptions(blur=0.3, noise=0.3)  # the defaults of degsr sr
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            t = time_calls(lambda: ours(lr, tiled), device, 1)
+        result["tiled"] = {"size": args.tiled, "tile": tiled.tile, "tile_overlap": tiled.tile_overlap,
+                           "vae_tile": tiled.vae_tile, "s_per_image": round(t, 2)}
+        if device.type == "cuda":
+            result["tiled"]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+            result["tiled"]["mem_cap_gib"] = args.mem_cap_gib or None
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
     return result

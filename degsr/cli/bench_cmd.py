@@ -9,6 +9,7 @@ NAME = "bench"
 HELP = "run a benchmark and print its numbers as one JSON object"
 BENCHES = {"degradation": "the degradation engine: batched vs one image at a time",
            "loader": "the shard stream vs a folder-of-images loader (samples/s)",
+           "estimator": "a stage-1 training step (degradation on the device included): img/s",
            "train": "a stage-2 training step: img/s and peak memory",
            "infer": "bare one-step SD-Turbo vs ours merged + CFG vs unmerged (ms/image)"}
 

@@ -2,7 +2,8 @@
 
 Per image: the estimator scores the raw LR (or the user dials ``blur``/``noise``); the LR is
 upsampled to ``scale ×`` its size, reflect-padded to a multiple of 64; with one degradation vector
-for the call the modulated LoRA is **merged** into the weights (no unmerged LoRA cost), the VAE
+for the call the modulated LoRA is **merged** into the weights (no unmerged LoRA cost; kept for the
+next call with the same vector, refolded from the kept originals otherwise), the VAE
 encodes (tiled when large), the UNet predicts ε once with CFG as one batched call (latent tiles
 with Gaussian blending when large), x0 is decoded (tiled), cropped back and colour-fixed against
 the upsampled LR.
@@ -10,7 +11,6 @@ the upsampled LR.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from degsr.errors import UserError
 from degsr.inference.colorfix import color_fix
 from degsr.inference.tiling import crop_to, pad_to_multiple, tiled_decode, tiled_encode, tiled_latent_apply
-from degsr.sr.lora import merged
 from degsr.sr.model import load_adapter
 from degsr.sr.onestep import denoise
 
@@ -38,6 +37,12 @@ class UpscaleOptions:
     vae_tile: int = 1024  # pixels per VAE tile side (encoder input / decoder output)
 
 
+def compile_parts(comp) -> None:
+    """torch.compile (in place) what runs per image: the UNet, the VAE encoder and decoder."""
+    for part in (comp.unet, comp.vae.encoder, comp.vae.decoder):
+        part.compile()
+
+
 class Upscaler:
     """A loaded adapter on its base model, ready to upscale a batch of same-size images a call."""
 
@@ -49,7 +54,7 @@ class Upscaler:
         self.upsample_mode = meta.get("upsample_mode", "bicubic")
         self.estimator = estimator
         if compile:
-            self.net.comp.unet = torch.compile(self.net.comp.unet)
+            compile_parts(self.net.comp)
 
     @classmethod
     def load(cls, adapter, pretrained=None, estimator=None, device="cpu", precision="fp32",
@@ -92,28 +97,22 @@ class Upscaler:
         d = self.degradation(lr, opts)
         x, _ = pad_to_multiple(lr_up * 2 - 1, PAD_MULTIPLE)
         f = comp.vae_scale_factor
-        with self._modulated(d, cfg_batch=opts.guidance != 1):
-            z = tiled_encode(lambda t: comp.vae.encode(t.to(self.dtype)).latent_dist.mode()
-                             * comp.scaling_factor, x, opts.vae_tile, opts.vae_tile // 4, f)
-            g = None if opts.guidance == 1 else opts.guidance
-            x0 = tiled_latent_apply(lambda zt: denoise(comp, zt.to(self.dtype), guidance_scale=g),
-                                    z, opts.tile, opts.tile_overlap)
-            out = tiled_decode(lambda zt: comp.vae.decode(zt.to(self.dtype) / comp.scaling_factor).sample,
-                               x0, opts.vae_tile // f, opts.vae_tile // f // 4, f)
+        self._modulate(d, cfg_batch=opts.guidance != 1)
+        z = tiled_encode(lambda t: comp.vae.encode(t.to(self.dtype)).latent_dist.mode()
+                         * comp.scaling_factor, x, opts.vae_tile, opts.vae_tile // 4, f)
+        g = None if opts.guidance == 1 else opts.guidance
+        x0 = tiled_latent_apply(lambda zt: denoise(comp, zt.to(self.dtype), guidance_scale=g),
+                                z, opts.tile, opts.tile_overlap)
+        out = tiled_decode(lambda zt: comp.vae.decode(zt.to(self.dtype) / comp.scaling_factor).sample,
+                           x0, opts.vae_tile // f, opts.vae_tile // f // 4, f)
         out = crop_to(out.float().clamp(-1, 1), h, w) * 0.5 + 0.5
         return color_fix(out, lr_up, opts.color_fix).clamp(0, 1), d
 
-    def _modulated(self, d: torch.Tensor, cfg_batch: bool):
-        """Fold the LoRA, modulated by d, into the weights for this call (``merge``), or set the
-        per-sample modulation and run the LoRA layers unmerged."""
-        net = self.net
-        shared = bool((d == d[:1]).all())
-        if net.modulation is None or not self.merge or not shared:
-            if net.modulation is not None:
-                net.set_degradation(d, cfg_batch=cfg_batch)
-            return contextlib.ExitStack()
-        c_vae, c_unet = net.modulation(d[:1].float())
-        stack = contextlib.ExitStack()
-        stack.enter_context(merged(net.comp.vae.encoder, c_vae))
-        stack.enter_context(merged(net.comp.unet, c_unet))
-        return stack
+    def _modulate(self, d: torch.Tensor, cfg_batch: bool) -> None:
+        """Fold the LoRA, modulated by d, into the weights (``merge``, one vector for the batch;
+        it stays folded for the next call with the same vector), or set the per-sample
+        modulation and run the LoRA layers unmerged."""
+        if self.merge and (self.net.modulation is None or bool((d == d[:1]).all())):
+            self.net.fold(d)
+        else:
+            self.net.set_degradation(d, cfg_batch=cfg_batch)

@@ -28,9 +28,10 @@ the ``C`` of its block id: ``(B, r, r)`` for a batch of B samples, or ``(1, r, r
 The tensor stays attached until cleared; with gradient checkpointing keep it set until the
 backward pass is done (recomputation reads it again).
 
-Merge path: :func:`merged` folds ``s B C^T A`` into each base weight in place when the whole batch
-shares one ``C`` (one degradation vector), runs the layers as plain layers, and restores the
-original weights bit-exactly from saved copies on exit.
+Merge path: :func:`fold` folds ``s B C^T A`` into each base weight in place when the whole batch
+shares one ``C`` (one degradation vector), so the layers run as plain layers; a later fold with
+another ``C`` recomputes from the kept original, and :func:`unfold` restores it bit-exactly.
+:func:`merged` is the two as a context.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ModulatedLoRA(nn.Module):
         self.block_id, self.modulated = int(block_id), bool(modulated)
         self.C: torch.Tensor | None = None
         self.is_merged = False
+        self.pristine: torch.Tensor | None = None  # W0 while folded (see fold); not a buffer
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -110,19 +112,6 @@ class ModulatedLoRA(nn.Module):
         if self.modulated:
             a = self._mix(a)
         return out + (self.lora_B(a) * self.scaling).to(out.dtype)
-
-    def delta_weight(self, C: torch.Tensor | None = None) -> torch.Tensor:
-        """``s B C^T A`` as a weight of the base layer's shape (float32 or wider).
-
-        For a conv: A (k x k, stride, padding) followed by 1x1 convs is one k x k conv with the
-        same stride and padding whose kernel is ``(B C^T) @ A`` over the channel dimension.
-        """
-        dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-        A = self.lora_A.weight.to(dtype).reshape(self.rank, -1)       # (r, in * k * k)
-        B = self.lora_B.weight.to(dtype).reshape(-1, self.rank)       # (out, r)
-        if C is not None:
-            B = B @ C.to(dtype).transpose(0, 1)
-        return (self.scaling * (B @ A)).reshape(self.base_layer.weight.shape)
 
 
 # --------------------------------------------------------------------------- targets, injection
@@ -242,37 +231,67 @@ def _single_C(C: torch.Tensor, name: str) -> torch.Tensor:
     return C[0]
 
 
+def fold(model: nn.Module, C_by_block: CByBlock | None = None, *, offload: bool = False) -> None:
+    """Fold every adapter of ``model`` into its base weight: ``W = W0 + (s B C^T) A``.
+
+    The first fold keeps a copy of each original weight ``W0`` (on the CPU with ``offload``);
+    folding again with another ``C`` recomputes from that copy, so refolds never drift: one
+    ``addmm`` per layer (the weight's dtype, float32 accumulation), reading ``W0`` and writing
+    ``W``. For a conv, ``A`` (k x k, stride, padding) followed by 1x1 convs is one k x k conv with
+    the same stride and padding whose kernel is ``(B C^T) @ A`` over the channel dimension.
+    :func:`unfold` copies ``W0`` back bit-exactly. ``C_by_block`` as for
+    :func:`set_modulation`, with one ``C`` for the whole batch (``(1, r, r)`` or identical rows);
+    None for unmodulated adapters.
+    """
+    layers = []
+    for name, layer in modulated_layers(model):  # check everything before touching any weight
+        C = None
+        if layer.modulated:
+            if C_by_block is None:
+                raise ValueError("merged() of modulated adapters needs C_by_block")
+            C = _single_C(_block_C(C_by_block, layer.block_id), name)
+        layers.append((layer, C))
+    with torch.no_grad():
+        for layer, C in layers:
+            w = layer.base_layer.weight
+            if layer.pristine is None:
+                layer.pristine = w.detach().to("cpu" if offload else w.device, copy=True)
+            wide = torch.promote_types(layer.lora_A.weight.dtype, torch.float32)
+            B = layer.lora_B.weight.to(wide).reshape(-1, layer.rank)        # (out, r)
+            if C is not None:
+                B = B @ C.to(wide).transpose(0, 1)
+            dt = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else wide
+            A = layer.lora_A.weight.reshape(layer.rank, -1).to(dt)          # (r, in * k * k)
+            w2 = w.view(w.shape[0], -1)
+            if layer.pristine.device == w.device and dt == w.dtype:
+                torch.addmm(layer.pristine.view_as(w2), (B * layer.scaling).to(dt), A, out=w2)
+            else:
+                w2.copy_(torch.addmm(layer.pristine.view_as(w2).to(w.device, dt),
+                                     (B * layer.scaling).to(dt), A))
+            layer.is_merged = True
+
+
+def unfold(model: nn.Module) -> None:
+    """Undo :func:`fold`: the original weights back, bit-exactly, and their copies released."""
+    with torch.no_grad():
+        for _, layer in modulated_layers(model):
+            if layer.pristine is not None:
+                layer.base_layer.weight.copy_(layer.pristine)
+                layer.pristine = None
+            layer.is_merged = False
+
+
 @contextmanager
 def merged(model: nn.Module, C_by_block: CByBlock | None = None, *,
            offload: bool = False) -> Iterator[nn.Module]:
-    """Fold every adapter into its base weight for the body of the ``with`` block (inference).
-
-    Each base weight becomes ``W0 + s B C^T A`` (computed in float32, cast to the weight's dtype)
-    and the adapters run as plain layers; on exit, even after an exception, the original weights
-    are copied back bit-exactly. ``C_by_block`` as for :func:`set_modulation`, with one ``C`` for
-    the whole batch (``(1, r, r)`` or identical rows); it may be None for unmodulated adapters.
-    ``offload=True`` keeps the saved originals on the CPU (less accelerator memory, slower entry
-    and exit).
-    """
-    saved: list[tuple[ModulatedLoRA, torch.Tensor]] = []
+    """:func:`fold` for the body of a ``with`` block, :func:`unfold` on exit (even after an
+    exception). ``offload=True`` keeps the original weights on the CPU meanwhile (less
+    accelerator memory, slower entry and exit)."""
+    for name, layer in modulated_layers(model):
+        if layer.is_merged:
+            raise RuntimeError(f"{name} is already merged (nested merged() contexts)")
     try:
-        with torch.no_grad():
-            for name, layer in modulated_layers(model):
-                if layer.is_merged:
-                    raise RuntimeError(f"{name} is already merged (nested merged() contexts)")
-                C = None
-                if layer.modulated:
-                    if C_by_block is None:
-                        raise ValueError("merged() of modulated adapters needs C_by_block")
-                    C = _single_C(_block_C(C_by_block, layer.block_id), name)
-                w = layer.base_layer.weight
-                delta = layer.delta_weight(C)
-                saved.append((layer, w.detach().to("cpu" if offload else w.device, copy=True)))
-                w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
-                layer.is_merged = True
+        fold(model, C_by_block, offload=offload)
         yield model
     finally:
-        with torch.no_grad():
-            for layer, original in saved:
-                layer.base_layer.weight.copy_(original)
-                layer.is_merged = False
+        unfold(model)

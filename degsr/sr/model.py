@@ -20,7 +20,7 @@ from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
 from degsr.sr.components import load_components
 from degsr.sr.config import LoraConfig, ModelConfig
-from degsr.sr.lora import inject_modulated_lora, set_modulation
+from degsr.sr.lora import fold, inject_modulated_lora, set_modulation, unfold
 from degsr.sr.modulation import DegradationModulation, unet_block_id, vae_block_id
 from degsr.sr.onestep import decode, denoise, encode_lr
 
@@ -40,6 +40,7 @@ class SRModel(nn.Module):
                                                unet_block_id, **kw)
         unet.conv_in.requires_grad_(True)
         self.modulation = DegradationModulation(lora, seed=model.seed) if lora.modulated else None
+        self._folded: torch.Tensor | None = None  # the vector the LoRA is folded for (see fold)
         self.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -54,10 +55,31 @@ class SRModel(nn.Module):
     def set_degradation(self, d: torch.Tensor, cfg_batch: bool = False) -> None:
         """Modulate every LoRA layer for a batch of degradation vectors d (B, 2) [blur, noise].
         ``cfg_batch``: the UNet runs [positive; negative] halves, each sample twice."""
+        self.unfold()
         if self.modulation is not None:
             c_vae, c_unet = self.modulation(d.float())
             set_modulation(self.comp.vae.encoder, c_vae)
             set_modulation(self.comp.unet, torch.cat([c_unet, c_unet]) if cfg_batch else c_unet)
+
+    def fold(self, d: torch.Tensor) -> None:
+        """Fold the LoRA, modulated by the one vector ``d[0]`` (1 or B, 2), into the base weights
+        (inference's merge path: the LoRA layers then cost nothing). The fold stays until
+        :meth:`unfold`, :meth:`set_degradation` or a fold for another vector; folding again for
+        the same vector is free."""
+        key = torch.zeros(0) if self.modulation is None else d[:1].detach().float().cpu()
+        if self._folded is not None and torch.equal(self._folded, key):
+            return
+        c_vae, c_unet = (None, None) if self.modulation is None else self.modulation(d[:1].float())
+        fold(self.comp.vae.encoder, c_vae)
+        fold(self.comp.unet, c_unet)
+        self._folded = key
+
+    def unfold(self) -> None:
+        """The base weights back, bit-exactly (a no-op when nothing is folded)."""
+        if self._folded is not None:
+            unfold(self.comp.vae.encoder)
+            unfold(self.comp.unet)
+            self._folded = None
 
     def forward(self, lr_up: torch.Tensor, d: torch.Tensor, *, negative=None,
                 guidance_scale=None, generator=None) -> torch.Tensor:

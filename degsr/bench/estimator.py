@@ -1,0 +1,77 @@
+"""``degsr bench estimator``: a stage-1 training step (img/s), degradation on the device included.
+
+One step is what ``degsr fit`` does per batch: the engine degrades a batch of HR crops on the
+training device (the DataModule's ``on_after_batch_transfer``), the estimator's objective is
+computed, backward, AdamW step. ``train_only_img_per_s`` repeats the step on one already degraded
+batch: the figure ``data.echo`` approaches when each degraded batch is reused E times.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from degsr.bench import device_name, sync
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", choices=["estimator", "estimator_tiny"], default="estimator",
+                   help="network and preset (full: 2.35 M parameters)")
+    p.add_argument("--objective", choices=["supervised", "ranking", "both"], default="supervised")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=None, help="HR crop (default: the config's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
+
+
+def run(args) -> dict:
+    from degsr.bench.degradation import _photo_batch
+    from degsr.config import load_config
+    from degsr.estimator.module import EstimatorModule
+    from degsr.io import CONFIG_DIR
+    from degsr.seeding import make_generator
+
+    device = torch.device(args.device)
+    cfg = load_config([CONFIG_DIR / f"{args.config}.yaml"], [f"estimator.objective={args.objective}"])
+    size = args.size or cfg.data.crop_size
+    module = EstimatorModule(cfg.estimator, cfg.degradation).to(device)
+    opt = module.configure_optimizers()
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    g = make_generator(0, device=device)
+    hr = _photo_batch(args.batch, size).to(device)
+
+    def train(batch):
+        with autocast:
+            loss = sum(module.losses(batch).values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def full_step():
+        with torch.no_grad():
+            batch = module.degrader(hr, g)
+        train(batch)
+
+    with torch.no_grad():
+        fixed = module.degrader(hr, g)
+    times = {}
+    for name, fn in (("step", full_step), ("train_only", lambda: train(fixed))):
+        for _ in range(2):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        sync(device)
+        times[name] = (time.perf_counter() - t0) / args.steps
+    params = sum(p.numel() for p in module.net.parameters())
+    return {"bench": "estimator", "config": args.config, "objective": args.objective,
+            "batch": args.batch, "size": size, "precision": precision,
+            "img_per_s": round(args.batch / times["step"], 2), "step_s": round(times["step"], 4),
+            "train_only_img_per_s": round(args.batch / times["train_only"], 2),
+            "params": params, "device": device_name(device), "torch": torch.__version__}
