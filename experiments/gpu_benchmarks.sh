@@ -25,4 +25,4 @@ bench estimator --batch 32 --device cuda
 bench train --arch sd-turbo --batch 4 --device cuda --steps 3
 bench train --arch sd-turbo --batch 4 --device cuda --steps 3 --gradient-checkpointing
 bench infer --arch sd-turbo --device cuda --sizes 512,1024 --batch 16 --tiled 4096 --mem-cap-gib 24
-STEP_S=${COMPILE_S:-300} bench infer --arch sd-turbo --device cuda --sizes 512 --batch 16 --compile
+[ -n "${SKIP_COMPILE:-}" ] || STEP_S=${COMPILE_S:-300} bench infer --arch sd-turbo --device cuda --sizes 512 --batch 16 --compile

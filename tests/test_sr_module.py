@@ -138,3 +138,39 @@ def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path
     r2 = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=3"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert json.loads(r2.stdout.strip().splitlines()[-1])["global_step"] == 3
+
+
+def _saved_bytes_and_grads(m, b):
+    """Bytes autograd keeps for backward (parameters excluded), and every trainable gradient."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    sizes: dict[int, int] = {}  # storage -> bytes (a tensor saved twice counts once)
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m.generator_loss(b, torch.Generator().manual_seed(0))[0]
+    loss.backward()
+    return sum(sizes.values()), [p.grad.clone() for p in m.net.trainable_parameters()]
+
+
+def test_checkpointing_the_vae_decoder_keeps_less_and_changes_no_gradient():
+    """sr.gradient_checkpointing=[vae_decoder]: only the decoder recomputes; the gradients are
+    those of the plain backward (float32 rounding), and autograd keeps fewer bytes."""
+    plain, cfg = module("sr.gan_weight=0", "sr.neg_prob=0")
+    ckpt, _ = module("sr.gan_weight=0", "sr.neg_prob=0", "sr.gradient_checkpointing=[vae_decoder]")
+    comp = ckpt.net.comp
+    assert comp.vae.decoder.gradient_checkpointing and not comp.vae.encoder.gradient_checkpointing
+    assert not comp.unet.is_gradient_checkpointing
+    with torch.no_grad():  # a non-zero adapter, the same in both, so every LoRA factor has a gradient
+        for p, q in zip(plain.net.trainable_parameters(), ckpt.net.trainable_parameters()):
+            q.copy_(p.add_(torch.randn_like(p) * 1e-2))
+    plain.train(), ckpt.train()
+    b = batch(cfg)
+    kept_plain, g_plain = _saved_bytes_and_grads(plain, b)
+    kept_ckpt, g_ckpt = _saved_bytes_and_grads(ckpt, b)
+    assert kept_ckpt < 0.8 * kept_plain
+    for a, c in zip(g_plain, g_ckpt):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)

@@ -23,7 +23,10 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="unet,vae_encoder,vae_decoder",
+                   default="", metavar="PARTS",
+                   help="checkpoint these parts (comma list of unet, vae_encoder, vae_decoder; "
+                        "the flag alone: all three)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
@@ -41,7 +44,7 @@ def run(args) -> dict:
     cfg = load_config([CONFIG_DIR / "sr_tiny.yaml"], [
         f"model.arch={args.arch}", f"disc.arch={disc_arch}",
         f"disc.input_size={64 if args.arch == 'tiny' else 224}",
-        f"sr.gradient_checkpointing={args.gradient_checkpointing}"])
+        f"sr.gradient_checkpointing=[{args.gradient_checkpointing}]"])
     module = SRModule(cfg.model, cfg.lora, cfg.disc, cfg.sr, cfg.degradation)
     module.lpips, module.cfg.lpips_weight = LPIPS.random(0), 5.0  # random VGG16: cost, not quality
     module.to(device)
@@ -84,4 +87,5 @@ def run(args) -> dict:
             "precision": precision, "img_per_s": round(args.batch / dt, 3),
             "step_s": round(dt, 4), "peak_mem_gib": round(peak / 2 ** 30, 3),
             "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+            "gradient_checkpointing": list(cfg.sr.gradient_checkpointing),
             "trainable_params": trainable, "device": device_name(device)}

@@ -118,11 +118,12 @@ def choice(default: Any, options: Sequence[Any], doc: str = "") -> Any:
     return _field(default, check, doc)
 
 
-def subset(default: Sequence[Any], options: Sequence[Any], doc: str = "") -> Any:
+def subset(default: Sequence[Any], options: Sequence[Any], doc: str = "", *,
+           empty_ok: bool = False) -> Any:
     def check(v):
         bad = [x for x in v if x not in options]
-        if bad or not v:
-            return f"must be a non-empty list from {list(options)}, got {list(v)}"
+        if bad or not (v or empty_ok):
+            return f"must be a {'' if empty_ok else 'non-empty '}list from {list(options)}, got {list(v)}"
         return None
     return _field(list(default), check, doc)
 

@@ -128,7 +128,8 @@ class Degrader:
         if c != 3 or h % s or w % s:
             raise UserError(f"degradation: HR batch must be (B, 3, H, W) with H, W multiples of "
                             f"scale {s}; got {tuple(hr.shape)}")
-        if hr.device != g.device:
+        if hr.device.type != g.device.type or None not in (hr.device.index, g.device.index) \
+                and hr.device.index != g.device.index:  # "cuda" is the current cuda device
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
         hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from degsr.config.fields import Checked, choice, existing_path, number, plain, positive, prob
+from degsr.config.fields import Checked, choice, existing_path, number, plain, positive, prob, subset
 
 VAE_TARGETS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_q", "to_k",
                "to_v", "to_out.0"]
@@ -132,6 +132,9 @@ class DiscConfig(Checked):
 
 
 
+CHECKPOINT_PARTS = ["unet", "vae_encoder", "vae_decoder"]
+
+
 @dataclass
 class SRConfig(Checked):
     """Stage 2 training (``sr.*`` keys; METHOD.md "Stage 2", the reference's recipe)."""
@@ -152,7 +155,10 @@ class SRConfig(Checked):
     weight_decay: float = number(1e-2, "AdamW weight decay", lo=0)
     grad_clip: float = number(1.0, "clip the generator's gradient norm (0 = off)", lo=0)
     accumulate: int = positive(1, "batches per optimizer step (manual optimisation)")
-    gradient_checkpointing: bool = plain(False, "UNet/VAE gradient checkpointing (less memory)")
+    gradient_checkpointing: List[str] = subset(
+        [], CHECKPOINT_PARTS, "parts whose activations are recomputed in the backward pass instead "
+        "of kept (less memory, slower): vae_decoder alone keeps the most for the least time "
+        "(docs/benchmarks.md); all three to fit a 24 GB card", empty_ok=True)
 
     def check(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

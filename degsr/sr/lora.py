@@ -77,6 +77,7 @@ class ModulatedLoRA(nn.Module):
         self.C: torch.Tensor | None = None
         self.is_merged = False
         self.pristine: torch.Tensor | None = None  # W0 while folded (see fold); not a buffer
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (s B, A) while folded
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -237,7 +238,7 @@ def fold(model: nn.Module, C_by_block: CByBlock | None = None, *, offload: bool 
     The first fold keeps a copy of each original weight ``W0`` (on the CPU with ``offload``);
     folding again with another ``C`` recomputes from that copy, so refolds never drift: one
     ``addmm`` per layer (the weight's dtype, float32 accumulation), reading ``W0`` and writing
-    ``W``. For a conv, ``A`` (k x k, stride, padding) followed by 1x1 convs is one k x k conv with
+    ``W``; ``s B`` and ``A`` are read at the first fold (unfold before changing them). For a conv, ``A`` (k x k, stride, padding) followed by 1x1 convs is one k x k conv with
     the same stride and padding whose kernel is ``(B C^T) @ A`` over the channel dimension.
     :func:`unfold` copies ``W0`` back bit-exactly. ``C_by_block`` as for
     :func:`set_modulation`, with one ``C`` for the whole batch (``(1, r, r)`` or identical rows);
@@ -252,22 +253,27 @@ def fold(model: nn.Module, C_by_block: CByBlock | None = None, *, offload: bool 
             C = _single_C(_block_C(C_by_block, layer.block_id), name)
         layers.append((layer, C))
     with torch.no_grad():
+        cts: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # C^T of each block, once per fold
         for layer, C in layers:
             w = layer.base_layer.weight
-            if layer.pristine is None:
+            if layer.pristine is None:  # first fold: keep W0, and s B and A in the fold's dtype
                 layer.pristine = w.detach().to("cpu" if offload else w.device, copy=True)
-            wide = torch.promote_types(layer.lora_A.weight.dtype, torch.float32)
-            B = layer.lora_B.weight.to(wide).reshape(-1, layer.rank)        # (out, r)
+                wide = torch.promote_types(layer.lora_A.weight.dtype, torch.float32)
+                dt = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else wide
+                sB = layer.scaling * layer.lora_B.weight.to(wide)
+                layer.factors = (sB.reshape(-1, layer.rank).to(dt),
+                                 layer.lora_A.weight.reshape(layer.rank, -1).to(dt))
+            B, A = layer.factors                                  # (out, r), (r, in * k * k)
             if C is not None:
-                B = B @ C.to(wide).transpose(0, 1)
-            dt = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else wide
-            A = layer.lora_A.weight.reshape(layer.rank, -1).to(dt)          # (r, in * k * k)
+                key = (layer.block_id, B.dtype)
+                if key not in cts:
+                    cts[key] = C.to(B.dtype).transpose(0, 1)
+                B = B @ cts[key]
             w2 = w.view(w.shape[0], -1)
-            if layer.pristine.device == w.device and dt == w.dtype:
-                torch.addmm(layer.pristine.view_as(w2), (B * layer.scaling).to(dt), A, out=w2)
+            if layer.pristine.device == w.device and A.dtype == w.dtype:
+                torch.addmm(layer.pristine.view_as(w2), B, A, out=w2)
             else:
-                w2.copy_(torch.addmm(layer.pristine.view_as(w2).to(w.device, dt),
-                                     (B * layer.scaling).to(dt), A))
+                w2.copy_(torch.addmm(layer.pristine.view_as(w2).to(w.device, A.dtype), B, A))
             layer.is_merged = True
 
 
@@ -277,7 +283,7 @@ def unfold(model: nn.Module) -> None:
         for _, layer in modulated_layers(model):
             if layer.pristine is not None:
                 layer.base_layer.weight.copy_(layer.pristine)
-                layer.pristine = None
+                layer.pristine = layer.factors = None
             layer.is_merged = False
 
 

@@ -44,9 +44,7 @@ class SRModule(L.LightningModule):
         self.degradation = as_dataclass(degradation)
         self.seed, self.images_every = seed, images_every_n_steps
         self.net = SRModel(as_dataclass(model), as_dataclass(lora))
-        if self.cfg.gradient_checkpointing:
-            self.net.comp.unet.enable_gradient_checkpointing()
-            self.net.comp.vae.enable_gradient_checkpointing()
+        self._checkpoint(self.cfg.gradient_checkpointing)
         self.estimator = None
         if self.cfg.estimator and self.net.modulation is not None:  # plain LoRA: d is unused
             from degsr.estimator.export import load_estimator
@@ -59,6 +57,16 @@ class SRModule(L.LightningModule):
         if self.cfg.gan_weight > 0:
             from degsr.sr.discriminator import build_discriminator
             self.disc = build_discriminator(as_dataclass(disc))
+
+    def _checkpoint(self, parts: list[str]) -> None:
+        """Gradient checkpointing of the listed parts (diffusers' own, per model, then per part)."""
+        comp = self.net.comp
+        if "unet" in parts:
+            comp.unet.enable_gradient_checkpointing()
+        if {"vae_encoder", "vae_decoder"} & set(parts):
+            comp.vae.enable_gradient_checkpointing()
+            comp.vae.encoder.gradient_checkpointing = "vae_encoder" in parts
+            comp.vae.decoder.gradient_checkpointing = "vae_decoder" in parts
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
