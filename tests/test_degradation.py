@@ -286,3 +286,11 @@ def test_measured_noise_label_orders_and_zeroes():
     params_mode = Degrader(preset("s3diff"))(hr, torch.Generator().manual_seed(9))
     measured_mode = deg(hr, torch.Generator().manual_seed(9))
     assert torch.equal(params_mode["lr"], measured_mode["lr"])
+
+
+def test_same_device_takes_indexless_cuda_as_the_current_one():
+    from degsr.degradation.pipeline import same_device
+    dev = torch.device
+    assert same_device(dev("cuda"), dev("cuda", 0)) and same_device(dev("cuda", 1), dev("cuda"))
+    assert not same_device(dev("cuda", 0), dev("cuda", 1))
+    assert not same_device(dev("cpu"), dev("cuda")) and same_device(dev("cpu"), dev("cpu"))

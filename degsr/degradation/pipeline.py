@@ -39,6 +39,12 @@ def quantize(x: Tensor) -> Tensor:
     return (x * 255.0).round().clamp(0, 255) / 255.0
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one; an index-less ``cuda`` (a generator made with
+    ``device="cuda"``) is the current CUDA device, which ``cuda:N`` tensors are on."""
+    return a.type == b.type and (None in (a.index, b.index) or a.index == b.index)
+
+
 class Degrader:
     """The degradation engine for one preset (a ``DegradationConfig``).
 
@@ -128,8 +134,7 @@ class Degrader:
         if c != 3 or h % s or w % s:
             raise UserError(f"degradation: HR batch must be (B, 3, H, W) with H, W multiples of "
                             f"scale {s}; got {tuple(hr.shape)}")
-        if hr.device.type != g.device.type or None not in (hr.device.index, g.device.index) \
-                and hr.device.index != g.device.index:  # "cuda" is the current cuda device
+        if not same_device(hr.device, g.device):
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
         hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
