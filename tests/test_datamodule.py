@@ -25,7 +25,7 @@ import degsr.cli
 from degsr.config.loader import validate
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral
+from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral, echo_position
 from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import TrainStream, read_shard, reflect_pad
 from degsr.data.validation import PairedFolders, SyntheticValSet
@@ -202,6 +202,41 @@ def test_echo_degrades_each_batch_once_and_turns_the_echoes(shards, monkeypatch)
                 assert np.array_equal(o[key].numpy(), _turn_loop(first[key].numpy(), k))
             assert torch.equal(o["scores"], first["scores"])
     assert not torch.equal(outs[0]["hr"], outs[3]["hr"])
+
+
+def test_echo_position_follows_the_loader_order():
+    """echo_position(t) against the order written out by loops: per epoch, per window of W HR
+    batches, E rounds over the window's batches."""
+    for bpe, echo, window in ((6, 1, 1), (6, 3, 1), (6, 3, 2), (4, 2, 4), (6, 8, 3)):
+        order = []
+        for epoch in range(3):
+            for w0 in range(0, bpe, window):
+                for k in range(echo):
+                    for j in range(window):
+                        order.append((epoch * bpe + w0 + j, k, w0))
+        assert [echo_position(t, bpe, echo, window) for t in range(len(order))] == order
+
+
+def test_echo_window_interleaves_batches_and_degrades_each_once(shards, monkeypatch):
+    dm = SRDataModule(data_cfg(train_shards=str(shards), batches_per_epoch=4, echo=2,
+                               echo_window=2), DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    calls = []
+    real = dm.degrader.__call__
+    monkeypatch.setattr(dm.degrader.__class__, "__call__",
+                        lambda self, hr, g: calls.append(1) or real(hr, g))
+    raw = list(dm.train_dataloader())
+    assert [b["echo"] for b in raw] == [0, 0, 1, 1, 0, 0, 1, 1]
+    for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):  # the same crops, second use
+        assert torch.equal(raw[a]["hr"], raw[b]["hr"])
+    assert not torch.equal(raw[0]["hr"], raw[1]["hr"])
+    outs = [dm.on_after_batch_transfer(dm.on_before_batch_transfer(b, 0), 0) for b in raw]
+    assert len(calls) == 4 and len(dm._degraded) == 2  # once per HR batch; one window held
+    for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):
+        assert np.array_equal(outs[b]["lr"].numpy(), _turn_loop(outs[a]["lr"].numpy(), 1))
+    with pytest.raises(ConfigError, match="echo_window"):
+        validate(OmegaConf.structured(DataConfig(batches_per_epoch=5, echo_window=2)), DataConfig)
 
 
 def test_small_images_pad_or_skip(shards):

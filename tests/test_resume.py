@@ -76,12 +76,14 @@ STAGES = {
                         "data.echo=1",
                         "data.num_workers=2", "data.batches_per_epoch=5", "data.shuffle_buffer=8",
                         "trainer.max_steps=12", "trainer.val_every_n_steps=4"], 5),
-    # data echoing: 3 uses of each degraded batch, 2 HR batches (6 steps) per epoch; the stop
-    # lands mid-epoch and mid-echo (step 10 = epoch 1, HR batch 1, echo 1), so the resumed run
-    # skips a batch, re-degrades the next and skips its first use
+    # data echoing: 3 uses of each degraded batch, interleaved over windows of 2 HR batches, 4
+    # HR batches (12 steps) per epoch; the stop lands mid-epoch inside a window (step 20 = epoch
+    # 1, window 1, second use of its first batch), so the resumed run skips a window, re-reads
+    # and re-degrades the next and skips the uses already made
     "estimator-echo": (EST, ["data.crop_size=64", "data.batch_size=4", "data.num_workers=2",
-                             "data.echo=3", "data.batches_per_epoch=2", "data.shuffle_buffer=8",
-                             "trainer.max_steps=14", "trainer.val_every_n_steps=4"], 8),
+                             "data.echo=3", "data.echo_window=2", "data.batches_per_epoch=4",
+                             "data.shuffle_buffer=8",
+                             "trainer.max_steps=24", "trainer.val_every_n_steps=8"], 18),
     # GAN on (tiny ViT critic, DiffAugment draws), online negatives drawn often
     "sr": (SR, ["data.crop_size=32", "data.batch_size=2", "data.num_workers=0",
                 "data.batches_per_epoch=4", "data.shuffle_buffer=4", "sr.neg_prob=0.5",

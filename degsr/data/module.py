@@ -14,11 +14,15 @@ stream at epoch ``t // batches_per_epoch``, batch ``t % batches_per_epoch`` (see
 :mod:`degsr.data.stream`), so model, degradations and crops continue as if never interrupted.
 
 Data echoing (``data.echo = E``, Choi et al. 2019, "Faster neural network training with data
-echoing"): the loader yields each HR batch E times in a row (``batch["echo"]`` = 0 .. E-1); the
-batch is degraded once, at echo 0, and echo k trains on that output turned by the k-th of the 8
+echoing"): the loader yields each HR batch E times (``batch["echo"]`` = 0 .. E-1); the batch is
+degraded once, at its first use, and echo k trains on that output turned by the k-th of the 8
 flips/rotations (:func:`dihedral`); an epoch is ``batches_per_epoch`` HR batches, i.e.
-``batches_per_epoch * E`` training batches. Training batch ``t`` is HR batch ``t // E``, whose
-index keys the degradation generator, so a run resumed mid-echo re-degrades the same batch; with
+``batches_per_epoch * E`` training batches. With ``data.echo_window = W`` the echoes of W HR
+batches are interleaved (b0 b1 .. b(W-1), then each turned once, ...), so consecutive steps see
+different crops (Choi et al. found echoing before shuffling better than repeating a batch in a
+row); W = 1 repeats each batch E times in a row. :func:`echo_position` maps training batch ``t``
+to (HR batch index, echo): the index keys the degradation generator, so a run resumed anywhere in
+a window re-reads the window, re-degrades its batches identically and skips what was used; with
 E = 1 everything is as without echoing.
 
 Data quality: the module counts the samples the workers read and skipped
@@ -32,6 +36,7 @@ Validation: ``val_dataloader()`` returns ``[synthetic, paired]``, each only when
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import lightning as L
@@ -72,19 +77,29 @@ def dihedral(out: dict, k: int) -> dict:
     return turned
 
 
+def echo_position(t: int, batches_per_epoch: int, echo: int, window: int) -> tuple[int, int, int]:
+    """Training batch ``t`` (0-based, over the run) -> (HR batch index over the run, echo k,
+    HR batches into its epoch where its window starts)."""
+    epoch, q = divmod(t, batches_per_epoch * echo)
+    w, r = divmod(q, window * echo)
+    k, j = divmod(r, window)
+    return epoch * batches_per_epoch + w * window + j, k, w * window
+
+
 class ResumableLoader(DataLoader):
     """The training DataLoader, marked resumable for Lightning (``state_dict``/``load_state_dict``).
 
     Its position lives in :meth:`SRDataModule.state_dict` (batches consumed, counted as the
     training loop takes them -- the loader itself runs ahead by its prefetch), which sets the
     stream's start when the loader is made; so there is nothing to save here. With ``echo`` E > 1
-    every batch is yielded E times (``batch["echo"]`` = 0 .. E-1); ``first_echo`` skips the first
-    echoes of the very first batch (a run resumed mid-echo).
+    every batch is yielded E times (``batch["echo"]`` = 0 .. E-1), interleaved over windows of
+    ``window`` batches; ``skip`` leaves out the first uses of the very first window (a run
+    resumed inside it: the stream then starts at the window's first batch).
     """
 
-    def __init__(self, *args, echo: int = 1, first_echo: int = 0, **kwargs):
+    def __init__(self, *args, echo: int = 1, window: int = 1, skip: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.echo, self.first_echo = int(echo), int(first_echo)
+        self.echo, self.window, self.skip = int(echo), int(window), int(skip)
 
     def __len__(self) -> int:
         return super().__len__() * self.echo
@@ -94,11 +109,13 @@ class ResumableLoader(DataLoader):
         return batches if self.echo == 1 else self._echoed(batches)
 
     def _echoed(self, batches):
-        first, self.first_echo = self.first_echo, 0  # only the resumed epoch starts mid-batch
-        for batch in batches:
-            for k in range(first, self.echo):
-                yield {**batch, "echo": k}
-            first = 0
+        skip, self.skip = self.skip, 0  # only the resumed epoch starts inside a window
+        batches = iter(batches)
+        while window := list(itertools.islice(batches, self.window)):
+            for r in range(skip, len(window) * self.echo):
+                k, j = divmod(r, len(window))
+                yield {**window[j], "echo": k}
+            skip = 0
 
     def state_dict(self) -> dict:
         return {}
@@ -119,7 +136,7 @@ class SRDataModule(L.LightningDataModule):
         self.paired_set: PairedFolders | None = None
         self._counts = {"read": 0, "bad": 0, "small": 0}  # this rank
         self._batches = 0  # training batches consumed over the run (all ranks alike)
-        self._degraded: tuple[int, dict] | None = None  # (HR batch index, output): data.echo
+        self._degraded: dict[int, dict] = {}  # HR batch index -> output, this echo window
 
     # ----------------------------------------------------------------- setup and loaders
     def setup(self, stage: str | None = None) -> None:
@@ -154,20 +171,22 @@ class SRDataModule(L.LightningDataModule):
             self.setup("fit")
         d, trainer = self.data, self.trainer
         steps = d.batches_per_epoch * d.echo  # training batches per epoch
+        _, _, window_start = echo_position(self._batches, d.batches_per_epoch, d.echo, d.echo_window)
         stream = TrainStream(
             self.train_urls, crop_size=d.crop_size, batch_size=d.batch_size,
             batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
             small_images=d.small_images, seed=self.seed,
             rank=None if trainer is None else trainer.global_rank,
             start_epoch=self._batches // steps,
-            skip_batches=(self._batches % steps) // d.echo,
+            skip_batches=window_start,
             stall_limit=max(1000, d.min_samples_for_bad_check))
         # Lightning warns that __len__ may be wrong with several workers; here each worker
         # yields its share of batches_per_epoch, so len() is exact.
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
         return ResumableLoader(stream, batch_size=None, num_workers=d.num_workers,
                                persistent_workers=d.num_workers > 0, pin_memory=self._pin(),
-                               echo=d.echo, first_echo=self._batches % d.echo)
+                               echo=d.echo, window=d.echo_window,
+                               skip=self._batches % steps - window_start * d.echo)
 
     @property
     def val_names(self) -> list[str]:
@@ -197,15 +216,21 @@ class SRDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if not self._is_train_batch(batch):
             return batch
-        index = (self._batches - 1) // self.data.echo  # counted in on_before_batch_transfer
-        if self._degraded is None or self._degraded[0] != index:
+        d = self.data  # training batch t = self._batches - 1: counted before the transfer
+        index, k, start = echo_position(self._batches - 1, d.batches_per_epoch, d.echo, d.echo_window)
+        if k != int(batch.get("echo", 0)):
+            raise RuntimeError(f"data echo out of step: batch {self._batches - 1} should be echo "
+                               f"{k}, the loader gave {batch.get('echo', 0)}")
+        if index not in self._degraded:
+            first = (self._batches - 1) // (d.batches_per_epoch * d.echo) * d.batches_per_epoch + start
+            self._degraded = {i: o for i, o in self._degraded.items() if i >= first}  # this window
             hr = batch["hr"]
             hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
             g = make_generator(self.seed, 1000 + self.trainer.global_rank, index, device=hr.device)
             out = self.degrader(hr, g)
             out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
-            self._degraded = (index, out)
-        return dihedral(self._degraded[1], int(batch.get("echo", 0)))
+            self._degraded[index] = out
+        return dihedral(self._degraded[index], k)
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict:
