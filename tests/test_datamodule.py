@@ -180,15 +180,20 @@ def test_dihedral_turns_every_image_alike_and_keeps_scores():
     assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
 
 
-def test_echo_degrades_each_batch_once_and_turns_the_echoes(shards, monkeypatch):
-    dm = SRDataModule(data_cfg(train_shards=str(shards), batches_per_epoch=2, echo=3),
-                      DegradationConfig(), seed=0)
+def echoing_module(shards, monkeypatch, **data) -> tuple[SRDataModule, list]:
+    """A training DataModule whose degrader appends to the returned list at every call."""
+    dm = SRDataModule(data_cfg(train_shards=str(shards), **data), DegradationConfig(), seed=0)
     dm.setup("fit")
     dm.trainer = fake_trainer()
     calls = []
     real = dm.degrader.__call__
     monkeypatch.setattr(dm.degrader.__class__, "__call__",
                         lambda self, hr, g: calls.append(1) or real(hr, g))
+    return dm, calls
+
+
+def test_echo_degrades_each_batch_once_and_turns_the_echoes(shards, monkeypatch):
+    dm, calls = echoing_module(shards, monkeypatch, batches_per_epoch=2, echo=3)
     loader = dm.train_dataloader()
     raw = list(loader)
     assert len(loader) == 6 == len(raw) and [b["echo"] for b in raw] == [0, 1, 2, 0, 1, 2]
@@ -218,14 +223,7 @@ def test_echo_position_follows_the_loader_order():
 
 
 def test_echo_window_interleaves_batches_and_degrades_each_once(shards, monkeypatch):
-    dm = SRDataModule(data_cfg(train_shards=str(shards), batches_per_epoch=4, echo=2,
-                               echo_window=2), DegradationConfig(), seed=0)
-    dm.setup("fit")
-    dm.trainer = fake_trainer()
-    calls = []
-    real = dm.degrader.__call__
-    monkeypatch.setattr(dm.degrader.__class__, "__call__",
-                        lambda self, hr, g: calls.append(1) or real(hr, g))
+    dm, calls = echoing_module(shards, monkeypatch, batches_per_epoch=4, echo=2, echo_window=2)
     raw = list(dm.train_dataloader())
     assert [b["echo"] for b in raw] == [0, 0, 1, 1, 0, 0, 1, 1]
     for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):  # the same crops, second use
