@@ -41,15 +41,16 @@ def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tens
     return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
 
 
-def on_subset(mask: Tensor, x: Tensor, fn) -> Tensor:
+def on_subset(mask: Tensor, x: Tensor, fn, inplace: bool = False) -> Tensor:
     """``x`` with ``fn(idx)`` (the new values of samples ``idx``) where ``mask`` holds: work is
-    spent only on the samples that need it (one host sync for the indices)."""
+    spent only on the samples that need it (one host sync for the indices). ``inplace``: write
+    into ``x`` itself (for a tensor the caller owns) instead of a copy."""
     idx = mask.nonzero().flatten()
     if idx.numel() == 0:
         return x
     if idx.numel() == x.shape[0]:
         return fn(idx)
-    out = x.clone()
+    out = x if inplace else x.clone()
     out[idx] = fn(idx).to(out.dtype)
     return out
 

@@ -84,10 +84,10 @@ class Degrader:
         return {"params": p, "kernels": k}
 
     @staticmethod
-    def _blur(x: Tensor, p: dict, kernels: Tensor, tag: str) -> Tensor:
+    def _blur(x: Tensor, p: dict, kernels: Tensor, tag: str, inplace: bool = False) -> Tensor:
         """Blur the samples whose ``<tag>_applied`` holds, each with its own kernel."""
         return ops.on_subset(p[f"{tag}_applied"], x,
-                             lambda i: filter_per_sample(x[i], kernels[i]))
+                             lambda i: filter_per_sample(x[i], kernels[i]), inplace)
 
     @staticmethod
     def _noise(x: Tensor, p: dict, i: str, g: torch.Generator) -> Tensor:
@@ -121,9 +121,10 @@ class Degrader:
         """Samples ``idx`` after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2 (onto
         ``canvas2``)."""
         q = {name: v[idx] for name, v in p.items()}
-        if g is not None:  # None: the draw without its noise and JPEG (measured noise label)
+        fresh = g is not None  # y is this render's own tensor (else shared by both renders)
+        if fresh:  # g None: the draw without its noise and JPEG (measured noise label)
             y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
-        y = self._blur(y, q, k["blur2"][idx], "blur2")
+        y = self._blur(y, q, k["blur2"][idx], "blur2", inplace=fresh)
         return resize_batch(y, *size1, *self._sizes(q, "2", base2), q["resize2_mode"], canvas2)
 
     def __call__(self, hr: Tensor, generator: torch.Generator) -> dict:
@@ -154,7 +155,7 @@ class Degrader:
 
         # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
         lr = ops.on_subset(p["clean"], lr, lambda i: quantize(F.interpolate(
-            hr[i], size=(lr_h, lr_w), mode="bicubic", antialias=True, align_corners=False)))
+            hr[i], size=(lr_h, lr_w), mode="bicubic", antialias=True, align_corners=False)), True)
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
 
@@ -179,12 +180,12 @@ class Degrader:
         # on the samples that take it at that point
         first, quality = p["final_jpeg_first"], p["jpeg2_quality"]
         if artefacts:
-            x = ops.on_subset(first, x, lambda i: jpeg(x[i], quality[i]))
+            x = ops.on_subset(first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         lr_size = (torch.full_like(size[0], lr_h), torch.full_like(size[1], lr_w))
         x = resize_batch(x, *size, *lr_size, p["final_mode"], (lr_h, lr_w))
         x = filter_per_sample(x, draw["kernels"]["final"])
         if artefacts:
-            x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]))
+            x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         return quantize(x)
 
 
