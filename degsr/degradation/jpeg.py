@@ -75,16 +75,16 @@ def _dct_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
 def _code(plane: Tensor, table: Tensor, factor: Tensor, dct: Tensor) -> Tensor:
     """Quantise/dequantise every 8x8 block of (B, C, H, W) ``plane`` (already centred on 0).
 
-    The 2-D DCT of a block X, D X Dᵀ, is (D ⊗ D) applied to X flattened row-major: one
-    (blocks, 64) x (64, 64) product each way instead of many 8x8 ones.
+    The block DCT D X Dᵀ runs on the image in place, without gathering the blocks: D along the
+    rows of each block band (B, C, H/8, 8, W), then Dᵀ along the columns of each block; the
+    coefficients sit at (B, C, H/8, u, W/8, v), where the table broadcasts as (u, v).
     """
     b, c, h, w = plane.shape
-    blocks = plane.reshape(b, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(b, -1, 64)
-    kron = torch.kron(dct, dct)  # (64, 64): row u*8+v, column y*8+x
-    step = (table.reshape(1, 1, 64) * factor.view(b, 1, 1)).clamp_min(MIN_STEP)
-    coef = torch.matmul(blocks, kron.T).div_(step).round_().mul_(step)
-    blocks = torch.matmul(coef, kron)
-    return blocks.view(b, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(b, c, h, w)
+    coef = torch.matmul(dct, plane.reshape(b, c, h // 8, 8, w))
+    coef = torch.matmul(coef.view(b, c, h // 8, 8, w // 8, 8), dct.T)
+    step = (table.view(1, 1, 1, 8, 1, 8) * factor.view(b, 1, 1, 1, 1, 1)).clamp_min(MIN_STEP)
+    coef = torch.matmul(coef.div_(step).round_().mul_(step), dct)
+    return torch.matmul(dct.T, coef.view(b, c, h // 8, 8, w)).view(b, c, h, w)
 
 
 def _mix(matrix: Tensor, x: Tensor) -> Tensor:

@@ -102,7 +102,10 @@ def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) ->
     def shot(v: Tensor) -> Tensor:
         q = (v * 255.0).round().clamp(0, 255)
         levels = poisson_levels(q)
-        counts = sample_counts(rows_for(q, levels), g).to(q.dtype)  # ~ Poisson(levels * q / 255)
+        if q.device.type == "mps":  # no float64 for the tables there: the library sampler
+            counts = torch.poisson(q / 255.0 * levels, generator=g)
+        else:
+            counts = sample_counts(rows_for(q, levels), g).to(q.dtype)  # ~ Poisson(levels q / 255)
         return counts / levels - q / 255.0
 
     noise = split_apply(~gray, x, lambda i: shot(x[i]),
