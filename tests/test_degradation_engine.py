@@ -108,3 +108,22 @@ def test_split_apply_and_on_subset_match_a_loop():
     y = x.clone()
     out = ops.on_subset(mask, y, lambda i: y[i] + 1, inplace=True)
     assert out is y and torch.equal(y, ref)
+
+
+def test_partition_by_area_is_the_brute_force_optimum():
+    import itertools
+
+    from degsr.degradation.pipeline import partition_by_area
+
+    scales = sorted([0.3, 0.35, 0.5, 0.52, 0.9, 1.0, 1.0, 1.2, 1.45])
+    n = len(scales)
+    for cost in (0.1, 1.0, 5.0):
+        def total(cuts):
+            return sum((j - i) * scales[j - 1] ** 2 + cost for i, j in zip(cuts[:-1], cuts[1:]))
+
+        best = min(total([0, *inner, n]) for k in range(n)
+                   for inner in itertools.combinations(range(1, n), k))
+        cuts = partition_by_area(scales, cost)
+        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(set(cuts))
+        assert math.isclose(total(cuts), best)
+    assert partition_by_area([1.0], 1.0) == [0, 1]

@@ -15,6 +15,7 @@ Samples whose sizes differ after a resize share a canvas (see :mod:`degsr.degrad
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,25 @@ from degsr.errors import UserError
 def _mode_draw(g: torch.Generator, n: int, allowed) -> Tensor:
     ids = torch.tensor([RESIZE_MODES.index(m) for m in allowed], device=g.device)
     return ids[torch.randint(len(ids), (n,), generator=g, device=g.device)]
+
+
+GROUP_COST = 1.0  # fixed cost of one more group (its own calls), in units of the HR area
+
+
+def partition_by_area(scales: list[float], group_cost: float) -> list[int]:
+    """Cut points ``[0, ..., n]`` splitting ascending ``scales`` into runs, minimising the sum
+    over runs of (run length x its largest scale², the padded canvas area) + ``group_cost``."""
+    n = len(scales)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * scales[j - 1] ** 2 + group_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(cut[cuts[-1]])
+    return cuts[::-1]
 
 
 def quantize(x: Tensor) -> Tensor:
@@ -105,9 +125,11 @@ class Degrader:
         """Resize 1 of every sample, per group of similarly sized samples: ``[(idx, y, size1)]``.
 
         The canvas of a group is its largest size (up to 2.25x the HR area), not the preset's
-        bound, so no group pays for the largest. Shared by both renders (it precedes any noise)."""
-        groups, b = [], x.shape[0]
-        for idx in torch.argsort(p["resize1_scale"]).split(max(4, -(-b // 4))):
+        bound; the groups (runs of the samples sorted by scale) minimise the padded area plus a
+        per-group cost (:func:`partition_by_area`). Shared by both renders (before any noise)."""
+        order = torch.argsort(p["resize1_scale"])
+        groups, cuts = [], partition_by_area(p["resize1_scale"][order].tolist(), GROUP_COST)
+        for idx in (order[i:j] for i, j in zip(cuts[:-1], cuts[1:])):
             q = {name: p[name][idx] for name in ("resize1_scale", "resize1_mode")}
             size1 = self._sizes(q, "1", base1)
             canvas1 = (int(size1[0].max()), int(size1[1].max()))
