@@ -73,14 +73,24 @@ def _dct_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _code(plane: Tensor, table: Tensor, factor: Tensor, dct: Tensor) -> Tensor:
-    """Quantise/dequantise every 8x8 block of (B, C, H, W) ``plane`` (already centred on 0)."""
+    """Quantise/dequantise every 8x8 block of (B, C, H, W) ``plane`` (already centred on 0).
+
+    The block DCT D X Dᵀ runs on the image in place, without gathering the blocks: D along the
+    rows of each block band (B, C, H/8, 8, W), then Dᵀ along the columns of each block; the
+    coefficients sit at (B, C, H/8, u, W/8, v), where the table broadcasts as (u, v).
+    """
     b, c, h, w = plane.shape
-    blocks = plane.reshape(b, c, h // 8, 8, w // 8, 8).transpose(3, 4)  # (B, C, h/8, w/8, 8, 8)
-    coef = dct @ blocks @ dct.T
-    step = (table * factor.view(b, 1, 1, 1, 1, 1)).clamp_min(MIN_STEP)
-    coef = torch.round(coef / step) * step
-    blocks = dct.T @ coef @ dct
-    return blocks.transpose(3, 4).reshape(b, c, h, w)
+    coef = torch.matmul(dct, plane.reshape(b, c, h // 8, 8, w))
+    coef = torch.matmul(coef.view(b, c, h // 8, 8, w // 8, 8), dct.T)
+    step = (table.view(1, 1, 1, 8, 1, 8) * factor.view(b, 1, 1, 1, 1, 1)).clamp_min(MIN_STEP)
+    coef = torch.matmul(coef.div_(step).round_().mul_(step), dct)
+    return torch.matmul(dct.T, coef.view(b, c, h // 8, 8, w)).view(b, c, h, w)
+
+
+def _mix(matrix: Tensor, x: Tensor) -> Tensor:
+    """Per-pixel colour transform: (3, K) ``matrix`` times the K channels of (B, K, H, W) ``x``."""
+    b, k, h, w = x.shape
+    return torch.matmul(matrix, x.reshape(b, k, h * w)).view(b, matrix.shape[0], h, w)
 
 
 def jpeg(x: Tensor, quality: Tensor) -> Tensor:
@@ -93,15 +103,18 @@ def jpeg(x: Tensor, quality: Tensor) -> Tensor:
     dtype, device = x.dtype, x.device
     factor = quality_to_factor(torch.as_tensor(quality, device=device).to(dtype).expand(b))
     img = x.clamp(0, 1) * 255.0
-    ycc = torch.einsum("ij,bjhw->bihw", _RGB_TO_YCC.to(img), img)
-    ycc = ycc + torch.tensor([0.0, 128.0, 128.0], dtype=dtype, device=device).view(1, 3, 1, 1)
+    # YCbCr centred on 0 (Y - 128, Cb, Cr: the +128 offsets cancel around the DCT)
+    ycc = _mix(_RGB_TO_YCC.to(img), img)
+    ycc[:, 0] -= 128.0
     ph, pw = -h % 16, -w % 16
     if ph or pw:
         ycc = F.pad(ycc, (0, pw, 0, ph), mode="replicate")
     dct = _dct_matrix(dtype, device)
-    luma = _code(ycc[:, :1] - 128.0, LUMA_TABLE.to(img), factor, dct) + 128.0
-    chroma = F.avg_pool2d(ycc[:, 1:], 2) - 128.0
-    chroma = _code(chroma, CHROMA_TABLE.to(img), factor, dct)  # left centred on 0 for the matrix
-    chroma = chroma.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    rgb = torch.einsum("ij,bjhw->bihw", _YCC_TO_RGB.to(img), torch.cat([luma, chroma], dim=1))
-    return (rgb[:, :, :h, :w].clamp(0.0, 255.0) / 255.0).contiguous()
+    luma = _code(ycc[:, :1], LUMA_TABLE.to(img), factor, dct)
+    chroma = _code(F.avg_pool2d(ycc[:, 1:], 2), CHROMA_TABLE.to(img), factor, dct)
+    # RGB = Y + M[:, 1:] (Cb, Cr): the chroma term at half resolution, then repeated 2x2
+    tint = _mix(_YCC_TO_RGB[:, 1:].to(img), chroma)
+    hh, hw = tint.shape[-2:]
+    tint = tint.view(b, 3, hh, 1, hw, 1).expand(b, 3, hh, 2, hw, 2).reshape(b, 3, 2 * hh, 2 * hw)
+    rgb = (tint[:, :, :h, :w] + luma[:, :, :h, :w]).add_(128.0)
+    return rgb.clamp_(0.0, 255.0).div_(255.0)

@@ -15,6 +15,8 @@ from kornia.color import rgb_to_grayscale
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
+from degsr.degradation.poisson import rows_for, sample_counts
+
 POISSON_LEVELS = 256.0  # typical level count of a photo crop (> 128 distinct values): scores use it
 
 
@@ -39,26 +41,41 @@ def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tens
     return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
 
 
-def on_subset(mask: Tensor, x: Tensor, fn) -> Tensor:
+def on_subset(mask: Tensor, x: Tensor, fn, inplace: bool = False) -> Tensor:
     """``x`` with ``fn(idx)`` (the new values of samples ``idx``) where ``mask`` holds: work is
-    spent only on the samples that need it (one host sync for the indices)."""
+    spent only on the samples that need it (one host sync for the indices). ``inplace``: write
+    into ``x`` itself (for a tensor the caller owns) instead of a copy."""
     idx = mask.nonzero().flatten()
     if idx.numel() == 0:
         return x
     if idx.numel() == x.shape[0]:
         return fn(idx)
-    out = x.clone()
+    out = x if inplace else x.clone()
     out[idx] = fn(idx).to(out.dtype)
+    return out
+
+
+def split_apply(mask: Tensor, like: Tensor, on_true, on_false) -> Tensor:
+    """A tensor shaped as ``like`` holding ``on_true(idx)`` for the samples where ``mask`` holds
+    and ``on_false(idx)`` for the others (``on_true`` first; each only on a non-empty subset):
+    the two halves are written into one new tensor, nothing is copied twice."""
+    yes = mask.nonzero().flatten()
+    if yes.numel() == like.shape[0]:
+        return on_true(yes)
+    no = (~mask).nonzero().flatten()
+    if yes.numel() == 0:
+        return on_false(no)
+    out = like.new_empty(like.shape)
+    out[yes] = on_true(yes).to(out.dtype)
+    out[no] = on_false(no).to(out.dtype)
     return out
 
 
 def gaussian_noise(g: torch.Generator, x: Tensor, sigma: Tensor, gray: Tensor) -> Tensor:
     """Additive N(0, sigma/255) per sample; ``gray`` samples share one noise field over channels."""
     b, c, h, w = x.shape
-    noise = torch.zeros_like(x)
-    noise = on_subset(~gray, noise, lambda i: torch.randn(
-        (len(i), c, h, w), generator=g, device=g.device, dtype=x.dtype))
-    noise = on_subset(gray, noise, lambda i: torch.randn(
+    noise = split_apply(~gray, x, lambda i: torch.randn(
+        (len(i), c, h, w), generator=g, device=g.device, dtype=x.dtype), lambda i: torch.randn(
         (len(i), 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand(-1, c, -1, -1))
     return noise * (sigma.view(-1, 1, 1, 1).to(x.dtype) / 255.0)
 
@@ -79,17 +96,20 @@ def poisson_levels(v255: Tensor) -> Tensor:
 def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
     """Signal-dependent noise: (Poisson(L v) / L - v) * scale, v the image on the 1/255 grid and
     L = 2**ceil(log2(#distinct values of v)) per sample (256 for most photo crops), as the
-    reference. ``gray`` samples draw it once on the luma and repeat it over the channels.
+    reference (drawn by table inversion, :mod:`degsr.degradation.poisson`). ``gray`` samples
+    draw it once on the luma and repeat it over the channels.
     """
     def shot(v: Tensor) -> Tensor:
         q = (v * 255.0).round().clamp(0, 255)
         levels = poisson_levels(q)
-        v = q / 255.0
-        return torch.poisson(v * levels, generator=g) / levels - v
+        if q.device.type == "mps":  # no float64 for the tables there: the library sampler
+            counts = torch.poisson(q / 255.0 * levels, generator=g)
+        else:
+            counts = sample_counts(rows_for(q, levels), g).to(q.dtype)  # ~ Poisson(levels q / 255)
+        return counts / levels - q / 255.0
 
-    noise = torch.zeros_like(x)
-    noise = on_subset(~gray, noise, lambda i: shot(x[i]))
-    noise = on_subset(gray, noise, lambda i: shot(rgb_to_grayscale(x[i])).expand(-1, x.shape[1], -1, -1))
+    noise = split_apply(~gray, x, lambda i: shot(x[i]),
+                        lambda i: shot(rgb_to_grayscale(x[i])).expand(-1, x.shape[1], -1, -1))
     return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
 
 

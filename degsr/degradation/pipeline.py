@@ -15,6 +15,7 @@ Samples whose sizes differ after a resize share a canvas (see :mod:`degsr.degrad
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from degsr.config.schema import DegradationConfig
 from degsr.degradation import ops
 from degsr.degradation.jpeg import jpeg
 from degsr.degradation.kernels import filter_per_sample, sample_blur_kernels, sample_sinc_kernels
-from degsr.degradation.resize import RESIZE_MODES, resize_batch
+from degsr.degradation.resize import RESIZE_MODES, resize_batch, resize_matrices
 from degsr.degradation.scores import degradation_scores
 from degsr.errors import UserError
 
@@ -33,6 +34,25 @@ from degsr.errors import UserError
 def _mode_draw(g: torch.Generator, n: int, allowed) -> Tensor:
     ids = torch.tensor([RESIZE_MODES.index(m) for m in allowed], device=g.device)
     return ids[torch.randint(len(ids), (n,), generator=g, device=g.device)]
+
+
+GROUP_COST = 1.0  # fixed cost of one more group (its own calls), in units of the HR area
+
+
+def partition_by_area(scales: list[float], group_cost: float) -> list[int]:
+    """Cut points ``[0, ..., n]`` splitting ascending ``scales`` into runs, minimising the sum
+    over runs of (run length x its largest scale², the padded canvas area) + ``group_cost``."""
+    n = len(scales)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * scales[j - 1] ** 2 + group_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(cut[cuts[-1]])
+    return cuts[::-1]
 
 
 def quantize(x: Tensor) -> Tensor:
@@ -90,38 +110,49 @@ class Degrader:
         return {"params": p, "kernels": k}
 
     @staticmethod
-    def _blur(x: Tensor, p: dict, kernels: Tensor, tag: str) -> Tensor:
+    def _blur(x: Tensor, p: dict, kernels: Tensor, tag: str, inplace: bool = False) -> Tensor:
         """Blur the samples whose ``<tag>_applied`` holds, each with its own kernel."""
         return ops.on_subset(p[f"{tag}_applied"], x,
-                             lambda i: filter_per_sample(x[i], kernels[i]))
+                             lambda i: filter_per_sample(x[i], kernels[i]), inplace)
 
     @staticmethod
     def _noise(x: Tensor, p: dict, i: str, g: torch.Generator) -> Tensor:
         gauss, gray = p[f"noise{i}_gaussian"], p[f"noise{i}_gray"]
-        x = ops.on_subset(gauss, x, lambda j: (x[j] + ops.gaussian_noise(
-            g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp(0, 1))
-        return ops.on_subset(~gauss, x, lambda j: (x[j] + ops.poisson_noise(
-            g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j])).clamp(0, 1))
+        return ops.split_apply(gauss, x, lambda j: (x[j] + ops.gaussian_noise(
+            g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp_(0, 1), lambda j: (x[j] + ops.poisson_noise(
+            g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j])).clamp_(0, 1))
 
     @staticmethod
     def _sizes(p: dict, i: str, base: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Sizes after resize ``i``: base * factor (the reference's sizes are relative to base)."""
         return tuple((b * p[f"resize{i}_scale"]).to(torch.long).clamp(min=1) for b in base)
 
-    def _middle(self, x: Tensor, p: dict, k: dict, g: torch.Generator | None, idx: Tensor,
-                base1: tuple[int, int], base2: tuple[int, int], canvas2: tuple[int, int]) -> Tensor:
-        """Samples ``idx``: resize 1 -> noise -> JPEG -> blur 2 -> resize 2 (onto ``canvas2``).
+    def _resize1(self, x: Tensor, p: dict, base1: tuple[int, int]) -> list[tuple]:
+        """Resize 1 of every sample, per group of similarly sized samples: ``[(idx, y, size1)]``.
 
-        Run per group of similarly sized samples: the canvas after resize 1 is the group's largest
-        size (up to 2.25x the HR area), not the preset's bound, so no group pays for the largest."""
+        The canvas of a group is its largest size (up to 2.25x the HR area), not the preset's
+        bound; the groups (runs of the samples sorted by scale) minimise the padded area plus a
+        per-group cost (:func:`partition_by_area`). Shared by both renders (before any noise)."""
+        order = torch.argsort(p["resize1_scale"])
+        groups, cuts = [], partition_by_area(p["resize1_scale"][order].tolist(), GROUP_COST)
+        for idx in (order[i:j] for i, j in zip(cuts[:-1], cuts[1:])):
+            q = {name: p[name][idx] for name in ("resize1_scale", "resize1_mode")}
+            size1 = self._sizes(q, "1", base1)
+            canvas1 = (int(size1[0].max()), int(size1[1].max()))
+            full = tuple(torch.full_like(size1[0], n) for n in base1)
+            groups.append((idx, resize_batch(x[idx], *full, *size1, q["resize1_mode"], canvas1), size1))
+        return groups
+
+    def _middle(self, y: Tensor, p: dict, k: dict, g: torch.Generator | None, idx: Tensor,
+                size1: tuple[Tensor, Tensor], base2: tuple[int, int],
+                canvas2: tuple[int, int]) -> Tensor:
+        """Samples ``idx`` after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2 (onto
+        ``canvas2``)."""
         q = {name: v[idx] for name, v in p.items()}
-        size1 = self._sizes(q, "1", base1)
-        canvas1 = (int(size1[0].max()), int(size1[1].max()))
-        full = tuple(torch.full_like(size1[0], b) for b in base1)
-        y = resize_batch(x[idx], *full, *size1, q["resize1_mode"], canvas1)
-        if g is not None:  # None: the draw without its noise and JPEG (measured noise label)
+        fresh = g is not None  # y is this render's own tensor (else shared by both renders)
+        if fresh:  # g None: the draw without its noise and JPEG (measured noise label)
             y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
-        y = self._blur(y, q, k["blur2"][idx], "blur2")
+        y = self._blur(y, q, k["blur2"][idx], "blur2", inplace=fresh)
         return resize_batch(y, *size1, *self._sizes(q, "2", base2), q["resize2_mode"], canvas2)
 
     def __call__(self, hr: Tensor, generator: torch.Generator) -> dict:
@@ -141,45 +172,58 @@ class Degrader:
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s
         blurred = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")  # before any noise: shared
-        lr = self._render(blurred, draw, g, (lr_h, lr_w))
+        groups = self._resize1(blurred, p, (h, w))
+        lr = self._render(groups, draw, g, (lr_h, lr_w))
         scores = degradation_scores(p, cfg)
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
-            quiet = self._render(blurred, draw, None, (lr_h, lr_w))  # without noise and JPEG
+            quiet = self._render(groups, draw, None, (lr_h, lr_w))  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
             scores[:, 1] = torch.where(p["clean"].bool(), 0.0,
                                        (visible / cfg.noise_label_ref).clamp(0, 1))
 
         # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
-        clean_lr = quantize(F.interpolate(hr, size=(lr_h, lr_w), mode="bicubic", antialias=True,
-                                          align_corners=False))
-        lr = torch.where(p["clean"].view(-1, 1, 1, 1), clean_lr, lr)
-        lr_up = F.interpolate(lr, size=(h, w), mode=cfg.upsample_mode,
-                              **({} if cfg.upsample_mode == "nearest" else {"align_corners": False}))
-        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": lr_up.clamp(0, 1), "clean": p["clean"],
-                "scores": scores, "params": dict(p)}
+        lr = ops.on_subset(p["clean"], lr, lambda i: quantize(F.interpolate(
+            hr[i], size=(lr_h, lr_w), mode="bicubic", antialias=True, align_corners=False)), True)
+        return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
+                "clean": p["clean"], "scores": scores, "params": dict(p)}
 
-    def _render(self, x: Tensor, draw: dict, g: torch.Generator | None,
+    def _render(self, groups: list[tuple], draw: dict, g: torch.Generator | None,
                 lr_hw: tuple[int, int]) -> Tensor:
-        """The degraded LR of ``draw`` from the HR after its first blur ``x`` (quantised);
+        """The degraded LR of ``draw`` from the groups of :meth:`_resize1` (quantised);
         ``g`` None: without noise and JPEG."""
         cfg, p = self.cfg, draw["params"]
-        (h, w), (lr_h, lr_w) = x.shape[-2:], lr_hw
-        b, c = x.shape[:2]
+        lr_h, lr_w = lr_hw
+        b = sum(len(idx) for idx, _, _ in groups)
         artefacts = g is not None
 
-        # first order: blur (done) -> resize (relative to HR) -> noise -> JPEG; second order: blur
-        # -> resize (relative to the LR size, as the reference); similar sizes share a canvas
+        # first order: blur (done) -> resize (relative to HR; done) -> noise -> JPEG; second
+        # order: blur -> resize (relative to the LR size, as the reference); groups share a canvas
         canvas2 = tuple(max(1, int(n * max(1.0, cfg.second.resize_range[1]))) for n in (lr_h, lr_w))
-        mid = x.new_empty(b, c, *canvas2)
-        by_size = torch.argsort(p["resize1_scale"])
-        for idx in by_size.split(max(4, -(-b // 4))):
-            mid[idx] = self._middle(x, p, draw["kernels"], g, idx, (h, w), (lr_h, lr_w), canvas2)
+        y0 = groups[0][1]
+        mid = y0.new_empty(b, y0.shape[1], *canvas2)
+        for idx, y, size1 in groups:
+            mid[idx] = self._middle(y, p, draw["kernels"], g, idx, size1, (lr_h, lr_w), canvas2)
         x, size = (self._noise(mid, p, "2", g) if artefacts else mid), self._sizes(p, "2", (lr_h, lr_w))
-        # final: [resize to LR + sinc] and JPEG, in a random order per sample
-        first = p["final_jpeg_first"].view(-1, 1, 1, 1)
+        # final: [resize to LR + sinc] and JPEG, in a random order per sample; JPEG runs only
+        # on the samples that take it at that point
+        first, quality = p["final_jpeg_first"], p["jpeg2_quality"]
         if artefacts:
-            x = torch.where(first, jpeg(x, p["jpeg2_quality"]), x)
+            x = ops.on_subset(first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         lr_size = (torch.full_like(size[0], lr_h), torch.full_like(size[1], lr_w))
         x = resize_batch(x, *size, *lr_size, p["final_mode"], (lr_h, lr_w))
         x = filter_per_sample(x, draw["kernels"]["final"])
-        return quantize(torch.where(first, x, jpeg(x, p["jpeg2_quality"])) if artefacts else x)
+        if artefacts:
+            x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
+        return quantize(x)
+
+
+def upsample(lr: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """``F.interpolate(lr, size, mode, align_corners=False)`` clamped to [0, 1]; the modes
+    :func:`resize_matrices` covers run as two matrix products (faster than the bicubic kernel)."""
+    if mode not in RESIZE_MODES:
+        return F.interpolate(lr, size=size, mode=mode).clamp(0, 1)
+    mode_id = torch.tensor([RESIZE_MODES.index(mode)], device=lr.device)
+    rh, rw = (resize_matrices(torch.tensor([n_in], device=lr.device),
+                              torch.tensor([n_out], device=lr.device), mode_id, n_in, n_out,
+                              lr.dtype)[0] for n_in, n_out in zip(lr.shape[-2:], size))
+    return torch.matmul(rh, torch.matmul(lr, rw.T)).clamp_(0, 1)

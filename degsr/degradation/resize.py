@@ -32,41 +32,56 @@ def _cubic_weights(t: Tensor) -> list[Tensor]:
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
+def resize_taps(n_in: Tensor, n_out: Tensor, modes: Tensor, size_out: int,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Source indices and weights ``(B, size_out, T)`` of every output row (T >= 4 taps).
+
+    Row ``i`` of sample ``b`` is ``sum_t weight[b, i, t] * x[index[b, i, t]]``; unused taps have
+    weight 0. ``modes[b]`` indexes RESIZE_MODES; rows past ``n_out[b]`` repeat row
+    ``n_out[b] - 1``; indices stay below ``n_in[b]``. T covers the widest area bin (one host
+    sync), at least the 4 bicubic taps.
+    """
+    device = n_in.device
+    n_in = n_in.to(torch.long).view(-1, 1, 1)
+    n_out = n_out.to(torch.long).view(-1, 1, 1)
+    i = torch.minimum(torch.arange(size_out, device=device).view(1, -1, 1), n_out - 1)
+    last = n_in - 1
+
+    # area == adaptive average pooling: integer bins [floor(i*n/m), ceil((i+1)*n/m))
+    start = (i * n_in) // n_out
+    width = ((i + 1) * n_in + n_out - 1) // n_out - start
+    t = torch.arange(max(4, int(width.max())), device=device).view(1, 1, -1)
+    area_idx = torch.minimum(start + t, last)
+    area_w = (t < width).to(dtype) / width.to(dtype)
+
+    src = (i.to(dtype) + 0.5) * (n_in.to(dtype) / n_out.to(dtype)) - 0.5
+    lin_src = src.clamp(min=0)
+    i0 = lin_src.floor()
+    frac = lin_src - i0
+    lin_idx = torch.minimum(i0.to(torch.long) + t.clamp(max=1), last)
+    lin_w = torch.where(t == 0, 1 - frac, torch.where(t == 1, frac, torch.zeros_like(frac)))
+
+    c0 = src.floor()
+    cubic = torch.cat(_cubic_weights(src - c0), dim=-1)  # (B, size_out, 4)
+    cub_idx = torch.minimum((c0.to(torch.long) + t.clamp(max=3) - 1).clamp(min=0), last)
+    cub_w = torch.nn.functional.pad(cubic, (0, t.shape[-1] - 4))
+
+    m = modes.view(-1, 1, 1)
+    index = torch.where(m == 0, area_idx, torch.where(m == 1, lin_idx, cub_idx))
+    weight = torch.where(m == 0, area_w, torch.where(m == 1, lin_w, cub_w))
+    return index, weight
+
+
 def resize_matrices(n_in: Tensor, n_out: Tensor, modes: Tensor, size_in: int, size_out: int,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, size_out, size_in) matrices resizing length ``n_in[b]`` to ``n_out[b]``.
 
     ``modes[b]`` indexes RESIZE_MODES. Rows past ``n_out[b]`` repeat row ``n_out[b] - 1``; columns
-    past ``n_in[b]`` are zero.
+    past ``n_in[b]`` are zero. Built by scattering the taps of :func:`resize_taps`.
     """
-    device = n_in.device
-    n_in = n_in.to(torch.long).view(-1, 1, 1)
-    n_out = n_out.to(torch.long).view(-1, 1, 1)
-    i = torch.arange(size_out, device=device).view(1, -1, 1)
-    i = torch.minimum(i, n_out - 1)
-    j = torch.arange(size_in, device=device).view(1, 1, -1)
-    scale = n_in.to(dtype) / n_out.to(dtype)
-    last = n_in - 1
-
-    # area == adaptive average pooling: integer bins [floor(i*n/m), ceil((i+1)*n/m))
-    start = (i * n_in) // n_out
-    end = ((i + 1) * n_in + n_out - 1) // n_out
-    area = ((j >= start) & (j < end)).to(dtype) / (end - start).to(dtype)
-
-    src = (i.to(dtype) + 0.5) * scale - 0.5
-    lin_src = src.clamp(min=0)
-    i0 = lin_src.floor()
-    frac = lin_src - i0
-    i0 = i0.to(torch.long)
-    bilinear = (1 - frac) * (j == torch.minimum(i0, last)) + frac * (j == torch.minimum(i0 + 1, last))
-
-    c0 = src.floor()
-    weights = _cubic_weights(src - c0)
-    c0 = c0.to(torch.long)
-    bicubic = sum(w * (j == torch.minimum((c0 + k - 1).clamp(min=0), last)) for k, w in enumerate(weights))
-
-    m = modes.view(-1, 1, 1)
-    return torch.where(m == 0, area, torch.where(m == 1, bilinear, bicubic))
+    index, weight = resize_taps(n_in, n_out, modes, size_out, dtype)
+    out = torch.zeros(index.shape[0], size_out, size_in, dtype=dtype, device=index.device)
+    return out.scatter_add_(2, index, weight)
 
 
 def resize_batch(x: Tensor, in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Tensor,

@@ -1,0 +1,129 @@
+"""The engine's faster paths against independent computations: the table-inversion Poisson
+sampler (scipy's CDF), the matrix upsampling (F.interpolate), the subset helpers (loops)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from degsr.degradation import ops, poisson
+from degsr.degradation.pipeline import upsample
+from degsr.degradation.resize import RESIZE_MODES, resize_taps
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("e,q", [(8, 255), (8, 128), (8, 3), (6, 100), (2, 200), (0, 255), (8, 0)])
+def test_counts_are_the_inverse_cdf_of_their_uniforms(e, q):
+    """Each count is min{k : F(k) > u} for its float64 uniform (the first draw of the generator),
+    F from scipy; 200k draws reach the far tails (the bracket search) as well."""
+    n = 200_000
+    rows = torch.full((n,), e * 256 + q)
+    got = poisson.sample_counts(rows, gen(3)).double().numpy()
+    u = torch.rand(n, generator=gen(3), dtype=torch.float64).numpy()
+    lam = 2 ** e * q / 255
+    cdf = stats.poisson.cdf(np.arange(poisson.K_MAX), lam)
+    expect = np.searchsorted(cdf, u, side="right")
+    near = np.abs(cdf[np.clip(expect, 0, poisson.K_MAX - 1)] - u) < 1e-12  # ties at rounding level
+    near |= np.abs(cdf[np.clip(expect - 1, 0, poisson.K_MAX - 1)] - u) < 1e-12
+    assert (got == expect)[~near].all()
+    assert near.mean() < 1e-3
+    if lam > 0:
+        assert abs(got.mean() / lam - 1) < 6 / math.sqrt(n * lam)
+
+
+def test_table_rows_and_tails_are_exact():
+    cdf, lo_mark, at_lo = poisson.tables(torch.device("cpu"))
+    lam = poisson.rates()
+    assert lam[8 * 256 + 255] == 256.0 and lam[0] == 0.0
+    ref = stats.poisson.cdf(np.arange(poisson.K_MAX)[None], lam.numpy()[:, None])
+    np.testing.assert_allclose(cdf[:, :-1].numpy(), ref[:, :-1], rtol=1e-12, atol=1e-14)
+    assert (1 - ref[:, -1]).max() < 1e-100  # the truncated tail
+    lo = torch.where(lo_mark < 0, -1 - lo_mark, lo_mark).long()
+    torch.testing.assert_close(at_lo, torch.gather(cdf, 1, lo))
+    assert (lo_mark < 0).double().mean() < 0.01  # the bracket search is the exception
+
+
+def test_poisson_noise_depends_on_the_generator_only():
+    x = torch.rand(3, 3, 40, 40)
+    scale, gray = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([False, True, False])
+    a = ops.poisson_noise(gen(1), x, scale, gray)
+    assert torch.equal(a, ops.poisson_noise(gen(1), x, scale, gray))
+    assert not torch.equal(a, ops.poisson_noise(gen(2), x, scale, gray))
+    assert torch.equal(a[1, 0], a[1, 2])  # gray: one field over the channels
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest", "area"])
+@pytest.mark.parametrize("size", [(64, 64), (48, 36)])
+def test_upsample_equals_interpolate(mode, size):
+    lr = torch.rand(3, 3, *size, dtype=torch.float64)
+    out = (size[0] * 4, size[1] * 4)
+    kw = {} if mode in ("nearest", "area") else {"align_corners": False}
+    ref = F.interpolate(lr, size=out, mode=mode, **kw).clamp(0, 1)
+    torch.testing.assert_close(upsample(lr, out, mode), ref, rtol=0, atol=1e-12)
+    got32 = upsample(lr.float(), out, mode)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_resize_taps_weights_sum_to_one_and_stay_inside():
+    n_in = torch.tensor([100, 40, 17, 9, 64, 30])
+    n_out = torch.tensor([7, 17, 40, 10, 19, 30])
+    for m in range(len(RESIZE_MODES)):
+        modes = torch.full_like(n_in, m)
+        index, weight = resize_taps(n_in, n_out, modes, 45, torch.float64)
+        torch.testing.assert_close(weight.sum(-1), torch.ones(6, 45, dtype=torch.float64))
+        assert (index >= 0).all() and (index < n_in.view(-1, 1, 1)).all()
+    assert index.shape[-1] >= math.ceil(100 / 7)  # the widest area bin
+
+
+def test_split_apply_and_on_subset_match_a_loop():
+    x = torch.rand(5, 2, 3, 3)
+    mask = torch.tensor([True, False, True, True, False])
+    calls = []
+
+    def yes(i):
+        calls.append(("yes", i.tolist()))
+        return x[i] * 2
+
+    def no(i):
+        calls.append(("no", i.tolist()))
+        return x[i] - 1
+
+    out = ops.split_apply(mask, x, yes, no)
+    assert calls == [("yes", [0, 2, 3]), ("no", [1, 4])]
+    for b in range(5):
+        torch.testing.assert_close(out[b], x[b] * 2 if mask[b] else x[b] - 1)
+    assert torch.equal(ops.split_apply(torch.ones(5, dtype=torch.bool), x, yes, no), x * 2)
+    assert torch.equal(ops.split_apply(torch.zeros(5, dtype=torch.bool), x, yes, no), x - 1)
+
+    ref = torch.where(mask.view(-1, 1, 1, 1), x + 1, x)
+    kept = x.clone()
+    assert torch.equal(ops.on_subset(mask, x, lambda i: x[i] + 1), ref) and torch.equal(x, kept)
+    y = x.clone()
+    out = ops.on_subset(mask, y, lambda i: y[i] + 1, inplace=True)
+    assert out is y and torch.equal(y, ref)
+
+
+def test_partition_by_area_is_the_brute_force_optimum():
+    import itertools
+
+    from degsr.degradation.pipeline import partition_by_area
+
+    scales = sorted([0.3, 0.35, 0.5, 0.52, 0.9, 1.0, 1.0, 1.2, 1.45])
+    n = len(scales)
+    for cost in (0.1, 1.0, 5.0):
+        def total(cuts):
+            return sum((j - i) * scales[j - 1] ** 2 + cost for i, j in zip(cuts[:-1], cuts[1:]))
+
+        best = min(total([0, *inner, n]) for k in range(n)
+                   for inner in itertools.combinations(range(1, n), k))
+        cuts = partition_by_area(scales, cost)
+        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(set(cuts))
+        assert math.isclose(total(cuts), best)
+    assert partition_by_area([1.0], 1.0) == [0, 1]
