@@ -96,16 +96,17 @@ def poisson_levels(v255: Tensor) -> Tensor:
 def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
     """Signal-dependent noise: (Poisson(L v) / L - v) * scale, v the image on the 1/255 grid and
     L = 2**ceil(log2(#distinct values of v)) per sample (256 for most photo crops), as the
-    reference (drawn by table inversion, :mod:`degsr.degradation.poisson`). ``gray`` samples
+    reference (on the CPU drawn by table inversion, :mod:`degsr.degradation.poisson`; elsewhere
+    by ``torch.poisson``). ``gray`` samples
     draw it once on the luma and repeat it over the channels.
     """
     def shot(v: Tensor) -> Tensor:
         q = (v * 255.0).round().clamp(0, 255)
         levels = poisson_levels(q)
-        if q.device.type == "mps":  # no float64 for the tables there: the library sampler
-            counts = torch.poisson(q / 255.0 * levels, generator=g)
-        else:
+        if q.device.type == "cpu":  # torch.poisson is a serial per-element sampler there
             counts = sample_counts(rows_for(q, levels), g).to(q.dtype)  # ~ Poisson(levels q / 255)
+        else:  # parallel on accelerators (and MPS has no float64 for the tables)
+            counts = torch.poisson(q / 255.0 * levels, generator=g)
         return counts / levels - q / 255.0
 
     noise = split_apply(~gray, x, lambda i: shot(x[i]),

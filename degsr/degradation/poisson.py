@@ -8,7 +8,9 @@ generator. A guide table ``G[m] = min{k : C[k] > m / M}`` brackets the answer fo
 ``u in [m/M, (m+1)/M)`` to ``[G[m], G[m+1]]``; almost always the bracket holds at most one CDF
 step and one comparison settles it, the rest (far tails) are searched in their bracket.
 
-This replaces ``torch.poisson`` (a per-element rejection sampler, serial on the CPU): the draws
+On the CPU this replaces ``torch.poisson`` (a per-element sampler, serial there: ~40 ms per
+million draws against ~15 ms here); on accelerators ``torch.poisson`` runs in parallel and is
+kept. The draws
 follow the same distribution (up to the float64 CDF, truncated where the tail is below 1e-100)
 but are not the same numbers.
 """
