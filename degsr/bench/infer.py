@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", choices=["tiny", "sd-turbo"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default="512,1024", help="output sizes (square), comma separated")
-    p.add_argument("--batch", type=int, default=16, help="batch for the throughput figure at 512²")
+    p.add_argument("--batch", type=int, default=16, help="batch for the throughput figure at 512² (0: skip)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet, VAE encoder and decoder (both paths)")
