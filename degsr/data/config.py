@@ -39,8 +39,7 @@ class DataConfig:
     echo_window: int = positive(1, "data echoing: HR batches whose echoes are interleaved (W "
                                    "batches, then their W second uses, ...): consecutive steps "
                                    "see different crops. 1 = each batch's echoes in a row. Holds "
-                                   "W degraded batches on the device; batches_per_epoch must be "
-                                   "a multiple of it")
+                                   "W degraded batches on the device")
     small_images: str = choice("pad", SMALL_IMAGE_POLICIES, "image smaller than crop_size: 'pad' "
                                "(reflect-pad up to the crop) or 'skip' (counted, not an error)")
     val_crops: int = positive(32, "size of the fixed synthetic val set (crops, degraded once)")
@@ -50,8 +49,5 @@ class DataConfig:
     min_samples_for_bad_check: int = positive(200, "samples read before max_bad_fraction applies")
 
     def check(self):
-        if self.batches_per_epoch % self.echo_window:
-            yield "echo_window", (f"must divide data.batches_per_epoch={self.batches_per_epoch}, "
-                                  f"got {self.echo_window}")
         if bool(self.val_paired_lr) != bool(self.val_paired_hr):
             yield "val_paired_hr", "set val_paired_lr and val_paired_hr together (or neither)"

@@ -79,10 +79,12 @@ def dihedral(out: dict, k: int) -> dict:
 
 def echo_position(t: int, batches_per_epoch: int, echo: int, window: int) -> tuple[int, int, int]:
     """Training batch ``t`` (0-based, over the run) -> (HR batch index over the run, echo k,
-    HR batches into its epoch where its window starts)."""
+    HR batches into its epoch where its window starts). An epoch's last window holds what is
+    left when ``batches_per_epoch`` is not a multiple of ``window``."""
     epoch, q = divmod(t, batches_per_epoch * echo)
     w, r = divmod(q, window * echo)
-    k, j = divmod(r, window)
+    size = min(window, batches_per_epoch - w * window)
+    k, j = divmod(r, size)
     return epoch * batches_per_epoch + w * window + j, k, w * window
 
 
