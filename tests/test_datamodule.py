@@ -215,6 +215,7 @@ def test_echo_position_follows_the_loader_order():
     for bpe, echo, window in ((6, 1, 1), (6, 3, 1), (6, 3, 2), (4, 2, 4), (6, 8, 3), (7, 3, 3),
                               (5, 1, 8), (3, 8, 8)):
         order = []
+        window = window if echo > 1 else 1  # no echoing: nothing to interleave
         for epoch in range(3):
             for w0 in range(0, bpe, window):
                 size = min(window, bpe - w0)  # the epoch's last window: what is left

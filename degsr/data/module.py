@@ -80,7 +80,9 @@ def dihedral(out: dict, k: int) -> dict:
 def echo_position(t: int, batches_per_epoch: int, echo: int, window: int) -> tuple[int, int, int]:
     """Training batch ``t`` (0-based, over the run) -> (HR batch index over the run, echo k,
     HR batches into its epoch where its window starts). An epoch's last window holds what is
-    left when ``batches_per_epoch`` is not a multiple of ``window``."""
+    left when ``batches_per_epoch`` is not a multiple of ``window``. Without echoing (E = 1)
+    there is nothing to interleave: windows of one batch."""
+    window = window if echo > 1 else 1
     epoch, q = divmod(t, batches_per_epoch * echo)
     w, r = divmod(q, window * echo)
     size = min(window, batches_per_epoch - w * window)
