@@ -291,11 +291,13 @@ def test_train_sh_reports_a_devices_mismatch_in_one_line(mismatch_job):
 
 
 def test_train_sh_preempted_by_sigusr1_requeues_and_resumes(slurm_env, shards, tmp_path):
-    steps = 12
+    # long enough that the signal lands mid-run however fast the steps are (echo 1: every step
+    # degrades its own batch; the tiny config's echo 8 finished 12 steps in 2 s)
+    steps = 60
     job, run = train_job(slurm_env, shards, tmp_path, "degsr-test-preempt", "logger.wandb=false",
-                         f"trainer.max_steps={steps}")
-    job.wait_for("checkpoint at step 3",
-                 lambda: events(run) and (run / "checkpoints/step0000003.ckpt").exists(), 120)
+                         f"trainer.max_steps={steps}", "data.echo=1")
+    job.wait_for("a step checkpoint",
+                 lambda: events(run) and any((run / "checkpoints").glob("step*.ckpt")), 120)
     # what `#SBATCH --signal=SIGUSR1@90` does before the time limit: SIGUSR1 to every task
     sent = time.monotonic()
     r = subprocess.run(["scancel", "--signal=USR1", job.id], env=slurm_env, capture_output=True,
