@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -253,6 +254,14 @@ def fit(cfg: DictConfig) -> dict:
         console.log.info(f"resuming from {resume}")
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    except BaseException:
+        # the ranks this process started (Lightning's subprocess launcher) must not outlive the
+        # error: one could wait in a collective for this rank forever (seen: a NaN stop on both
+        # ranks left rank 1 blocked after rank 0 exited)
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if trainer.global_rank == 0 and getattr(launcher, "procs", None):
+            launcher.kill(signal.SIGKILL)
+        raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
