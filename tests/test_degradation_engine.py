@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from degsr.degradation import ops, poisson
-from degsr.degradation.pipeline import upsample
+from degsr.degradation.pipeline import Degrader, upsample
 from degsr.degradation.resize import RESIZE_MODES, resize_taps
 
 
@@ -108,6 +108,69 @@ def test_split_apply_and_on_subset_match_a_loop():
     y = x.clone()
     out = ops.on_subset(mask, y, lambda i: y[i] + 1, inplace=True)
     assert out is y and torch.equal(y, ref)
+
+
+def test_dense_masks_give_the_subset_results():
+    """Dense (every sample computed, the mask applied by torch.where: the accelerator way) equals
+    the subset way, for both helpers; the loop reference is the one above."""
+    x = torch.rand(5, 2, 3, 3)
+    mask = torch.tensor([True, False, True, True, False])
+    with ops.dense_masks(True):
+        dense = (ops.split_apply(mask, x, lambda i: x[i] * 2, lambda i: x[i] - 1),
+                 ops.on_subset(mask, x, lambda i: x[i] + 1))
+    with ops.dense_masks(False):
+        subset = (ops.split_apply(mask, x, lambda i: x[i] * 2, lambda i: x[i] - 1),
+                  ops.on_subset(mask, x, lambda i: x[i] + 1))
+    for a, b in zip(dense, subset):
+        assert torch.equal(a, b)
+    assert not ops.is_dense(x) and ops.is_dense(torch.empty(0, device="meta"))
+
+
+def test_pipeline_dense_equals_subset_without_noise():
+    """The whole chain, dense vs subset, on one draw: equal when the noise is zero (the two ways
+    draw different noise fields; everything else, blurs, JPEGs, the clean switch, is the same)."""
+    from tests.test_degradation import photos, preset
+
+    zero = [f"degradation.{r}.{k}=[0,0]" for r in ("first", "second")
+            for k in ("noise_sigma", "poisson_scale")]
+    degrader = Degrader(preset("s3diff", "degradation.no_degradation_prob=0.3",
+                              "degradation.second.blur_prob=0.5", *zero))
+    hr = photos(12, 64, seed=4)
+    outs = []
+    for dense in (True, False):
+        with ops.dense_masks(dense):
+            outs.append(degrader(hr, torch.Generator().manual_seed(9)))
+    p = outs[0]["params"]
+    for flag in ("blur2_applied", "final_jpeg_first", "clean"):  # both branches taken
+        assert p[flag].any() and not p[flag].all()
+    for key in ("lr", "lr_up", "scores"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=1e-6)
+
+
+def test_plan_groups_cover_the_batch_once():
+    """Whatever the group cost, the groups of resize 1 partition the batch and each group's
+    matrices fit its canvas (its largest size) with rows that average their taps."""
+    from degsr.degradation import pipeline
+    from tests.test_degradation import preset
+
+    degrader = Degrader(preset("s3diff"))
+    draw = degrader.sample(16, torch.Generator().manual_seed(2))
+    p = draw["params"]
+    for cost in (0.0, pipeline.GROUP_COST, pipeline.ACCEL_GROUP_COST, 1e9):
+        saved, pipeline.GROUP_COST = pipeline.GROUP_COST, cost
+        try:
+            plan = degrader._plan(p, (64, 48), (16, 12), torch.float32)
+        finally:
+            pipeline.GROUP_COST = saved
+        idx = torch.cat([g["idx"] for g in plan["groups"]])
+        assert sorted(idx.tolist()) == list(range(16))
+        assert len(plan["groups"]) == {0.0: 16, 1e9: 1}.get(cost, len(plan["groups"]))
+        for g in plan["groups"]:
+            rh, rw = g["r1"]
+            assert rh.shape[1:] == (int((64 * p["resize1_scale"][g["idx"]]).long().max()), 64)
+            assert rw.shape[1:] == (int((48 * p["resize1_scale"][g["idx"]]).long().max()), 48)
+            torch.testing.assert_close(rh.sum(-1), torch.ones(rh.shape[:2]))  # rows are averages
+            assert g["r2"][0].shape[-1] == rh.shape[1] and g["r2"][1].shape[-1] == rw.shape[1]
 
 
 def test_partition_by_area_is_the_brute_force_optimum():

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler tables of the batched call to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
@@ -36,6 +38,8 @@ def run(args) -> dict:
                 degrader(hr[i:i + 1], g)
 
     t_batch = time_calls(batched, device, args.iters)
+    if args.profile:
+        profile_tables(batched, device, args.iters)
     t_single = time_calls(per_image, device, max(1, args.iters // 2))
     return {"bench": "degradation", "preset": args.preset, "size": args.size, "batch": args.batch,
             "img_per_s": round(args.batch / t_batch, 2),
@@ -55,3 +59,24 @@ def _photo_batch(n: int, size: int) -> torch.Tensor:
     ys = torch.randint(0, img.shape[1] - size + 1, (n,), generator=g)
     xs = torch.randint(0, img.shape[2] - size + 1, (n,), generator=g)
     return torch.stack([img[:, y:y + size, x:x + size] for y, x in zip(ys.tolist(), xs.tolist())])
+
+
+def profile_tables(fn, device: torch.device, iters: int) -> None:
+    """torch.profiler over ``iters`` calls of ``fn``: the top operators by device time (by CPU
+    time on the CPU) and, on accelerators, by host time (launches and syncs show there)."""
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    table = prof.key_averages()
+    keys = (["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda"
+            else ["self_cpu_time_total"])
+    for key in keys:
+        print(f"== profile of {iters} batched calls, by {key}", file=sys.stderr)
+        print(table.table(sort_by=key, row_limit=30, max_name_column_width=60), file=sys.stderr)

@@ -9,6 +9,8 @@ tensors so each sample gets its own.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from kornia.color import rgb_to_grayscale
@@ -41,10 +43,39 @@ def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tens
     return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
 
 
+_DENSE: ContextVar[bool | None] = ContextVar("dense_masks", default=None)
+
+
+@contextmanager
+def dense_masks(dense: bool | None):
+    """Force (True/False) or restore (None: by device) the dense way of the masked operations."""
+    token = _DENSE.set(dense)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
+
+
+def is_dense(x: Tensor) -> bool:
+    """Whether masked operations on ``x`` run dense: every sample computed, the mask applied by
+    ``torch.where``. The default on accelerators, where finding a subset costs a host sync
+    and per-subset launches cost more than the arithmetic they save; on the CPU the subset
+    way (compute only the samples that need it) wins."""
+    forced = _DENSE.get()
+    return x.device.type != "cpu" if forced is None else forced
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
 def on_subset(mask: Tensor, x: Tensor, fn, inplace: bool = False) -> Tensor:
     """``x`` with ``fn(idx)`` (the new values of samples ``idx``) where ``mask`` holds: work is
     spent only on the samples that need it (one host sync for the indices). ``inplace``: write
-    into ``x`` itself (for a tensor the caller owns) instead of a copy."""
+    into ``x`` itself (for a tensor the caller owns) instead of a copy. Dense (:func:`is_dense`):
+    ``fn`` runs on every sample and ``torch.where`` keeps the masked ones."""
+    if is_dense(x):
+        return torch.where(_rows(mask, x), fn(torch.arange(x.shape[0], device=x.device)).to(x.dtype), x)
     idx = mask.nonzero().flatten()
     if idx.numel() == 0:
         return x
@@ -58,7 +89,12 @@ def on_subset(mask: Tensor, x: Tensor, fn, inplace: bool = False) -> Tensor:
 def split_apply(mask: Tensor, like: Tensor, on_true, on_false) -> Tensor:
     """A tensor shaped as ``like`` holding ``on_true(idx)`` for the samples where ``mask`` holds
     and ``on_false(idx)`` for the others (``on_true`` first; each only on a non-empty subset):
-    the two halves are written into one new tensor, nothing is copied twice."""
+    the two halves are written into one new tensor, nothing is copied twice. Dense: both on
+    every sample, selected by ``torch.where``."""
+    if is_dense(like):
+        every = torch.arange(like.shape[0], device=like.device)
+        yes = on_true(every).to(like.dtype)
+        return torch.where(_rows(mask, like), yes, on_false(every).to(like.dtype))
     yes = mask.nonzero().flatten()
     if yes.numel() == like.shape[0]:
         return on_true(yes)

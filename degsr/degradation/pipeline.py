@@ -26,7 +26,8 @@ from degsr.config.schema import DegradationConfig
 from degsr.degradation import ops
 from degsr.degradation.jpeg import jpeg
 from degsr.degradation.kernels import filter_per_sample, sample_blur_kernels, sample_sinc_kernels
-from degsr.degradation.resize import RESIZE_MODES, resize_batch, resize_matrices
+from degsr.degradation.resize import (RESIZE_MODES, apply_resize, resize_matrices, resize_taps,
+                                      scatter_taps, tap_bound)
 from degsr.degradation.scores import degradation_scores
 from degsr.errors import UserError
 
@@ -37,6 +38,7 @@ def _mode_draw(g: torch.Generator, n: int, allowed) -> Tensor:
 
 
 GROUP_COST = 1.0  # fixed cost of one more group (its own calls), in units of the HR area
+ACCEL_GROUP_COST = 16.0  # the same on accelerators: launches cost more there, pixels less
 
 
 def partition_by_area(scales: list[float], group_cost: float) -> list[int]:
@@ -122,38 +124,61 @@ class Degrader:
             g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp_(0, 1), lambda j: (x[j] + ops.poisson_noise(
             g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j])).clamp_(0, 1))
 
-    @staticmethod
-    def _sizes(p: dict, i: str, base: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Sizes after resize ``i``: base * factor (the reference's sizes are relative to base)."""
-        return tuple((b * p[f"resize{i}_scale"]).to(torch.long).clamp(min=1) for b in base)
+    def _plan(self, p: dict, hw: tuple[int, int], lr_hw: tuple[int, int], dtype) -> list[dict]:
+        """The resize matrices of every stage, built once a call for both renders, per group.
 
-    def _resize1(self, x: Tensor, p: dict, base1: tuple[int, int]) -> list[tuple]:
-        """Resize 1 of every sample, per group of similarly sized samples: ``[(idx, y, size1)]``.
+        Sizes are base x factor (resize 2 relative to the LR size, as the reference). The groups
+        (runs of the samples sorted by resize-1 scale, :func:`partition_by_area`) share a
+        canvas: their largest size. Decided on the host from one copy of the scale draws (the
+        call's one host sync), with the taps of each stage built for all samples at once.
+        """
+        s1, s2 = torch.stack([p["resize1_scale"], p["resize2_scale"]]).cpu()
+        device, b = p["resize1_scale"].device, s1.shape[0]
+        size1 = [(n * s1).to(torch.long).clamp(min=1) for n in hw]
+        size2 = [(n * s2).to(torch.long).clamp(min=1) for n in lr_hw]
+        full = [torch.full_like(size1[0], n) for n in (*hw, *lr_hw)]
+        order = torch.argsort(s1, stable=True)
+        cost = GROUP_COST if device.type == "cpu" else ACCEL_GROUP_COST
+        cuts = partition_by_area(s1[order].tolist(), cost)
+        # one upload while the device queue is empty: order and every size
+        dev = torch.stack([order, *size1, *size2, *full]).to(device)
+        order_d, sizes1, sizes2, full_d = dev[0], dev[1:3], dev[3:5], dev[5:]
+        both = lambda t: torch.cat([t, t])  # noqa: E731  (rows H then W)
 
-        The canvas of a group is its largest size (up to 2.25x the HR area), not the preset's
-        bound; the groups (runs of the samples sorted by scale) minimise the padded area plus a
-        per-group cost (:func:`partition_by_area`). Shared by both renders (before any noise)."""
-        order = torch.argsort(p["resize1_scale"])
-        groups, cuts = [], partition_by_area(p["resize1_scale"][order].tolist(), GROUP_COST)
-        for idx in (order[i:j] for i, j in zip(cuts[:-1], cuts[1:])):
-            q = {name: p[name][idx] for name in ("resize1_scale", "resize1_mode")}
-            size1 = self._sizes(q, "1", base1)
-            canvas1 = (int(size1[0].max()), int(size1[1].max()))
-            full = tuple(torch.full_like(size1[0], n) for n in base1)
-            groups.append((idx, resize_batch(x[idx], *full, *size1, q["resize1_mode"], canvas1), size1))
-        return groups
+        def taps(n_in, n_out, host_in, host_out, modes):
+            size_out = int(torch.cat(host_out).max())
+            return resize_taps(n_in.reshape(-1), n_out.reshape(-1), both(modes), size_out, dtype,
+                               taps=tap_bound(torch.cat(host_in), torch.cat(host_out)))
 
-    def _middle(self, y: Tensor, p: dict, k: dict, g: torch.Generator | None, idx: Tensor,
-                size1: tuple[Tensor, Tensor], base2: tuple[int, int],
-                canvas2: tuple[int, int]) -> Tensor:
-        """Samples ``idx`` after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2 (onto
-        ``canvas2``)."""
-        q = {name: v[idx] for name, v in p.items()}
+        t1 = taps(full_d[:2], sizes1, full[:2], size1, p["resize1_mode"])
+        t2 = taps(sizes1, sizes2, size1, size2, p["resize2_mode"])
+        canvas2 = tuple(int(n.max()) for n in size2)
+
+        def matrices(t, rows, canvas_out, canvas_in):  # rows: samples; H then W
+            return [scatter_taps(t[0][rows + k * b, :canvas_out[k]], t[1][rows + k * b, :canvas_out[k]],
+                                 canvas_in[k]) for k in (0, 1)]
+
+        groups = []
+        for i, j in zip(cuts[:-1], cuts[1:]):
+            idx, host_idx = order_d[i:j], order[i:j]
+            canvas1 = tuple(int(n[host_idx].max()) for n in size1)
+            groups.append({"idx": idx, "r1": matrices(t1, idx, canvas1, hw),
+                           "r2": matrices(t2, idx, canvas2, canvas1)})
+        tf = taps(sizes2, full_d[2:], size2, full[2:], p["final_mode"])
+        every = torch.arange(b, device=device)
+        return {"groups": groups, "canvas2": canvas2,
+                "final": matrices(tf, every, lr_hw, canvas2)}
+
+    def _middle(self, y: Tensor, p: dict, k: dict, g: torch.Generator | None, group: dict) -> Tensor:
+        """The group's samples after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2."""
+        idx = group["idx"]
+        q = {name: p[name][idx] for name in ("noise1_gaussian", "noise1_gray", "noise1_sigma",
+                                             "noise1_poisson_scale", "jpeg1_quality", "blur2_applied")}
         fresh = g is not None  # y is this render's own tensor (else shared by both renders)
         if fresh:  # g None: the draw without its noise and JPEG (measured noise label)
             y = jpeg(self._noise(y, q, "1", g), q["jpeg1_quality"])
         y = self._blur(y, q, k["blur2"][idx], "blur2", inplace=fresh)
-        return resize_batch(y, *size1, *self._sizes(q, "2", base2), q["resize2_mode"], canvas2)
+        return apply_resize(y, *group["r2"])
 
     def __call__(self, hr: Tensor, generator: torch.Generator) -> dict:
         return self.apply(hr, self.sample(hr.shape[0], generator), generator)
@@ -172,11 +197,12 @@ class Degrader:
               if cfg.usm_sharpen else hr)
         lr_h, lr_w = h // s, w // s
         blurred = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")  # before any noise: shared
-        groups = self._resize1(blurred, p, (h, w))
-        lr = self._render(groups, draw, g, (lr_h, lr_w))
+        plan = self._plan(p, (h, w), (lr_h, lr_w), blurred.dtype)
+        resized = [apply_resize(blurred[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
+        lr = self._render(plan, resized, draw, g)
         scores = degradation_scores(p, cfg)
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
-            quiet = self._render(groups, draw, None, (lr_h, lr_w))  # without noise and JPEG
+            quiet = self._render(plan, resized, draw, None)  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
             scores[:, 1] = torch.where(p["clean"].bool(), 0.0,
                                        (visible / cfg.noise_label_ref).clamp(0, 1))
@@ -187,31 +213,23 @@ class Degrader:
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
 
-    def _render(self, groups: list[tuple], draw: dict, g: torch.Generator | None,
-                lr_hw: tuple[int, int]) -> Tensor:
-        """The degraded LR of ``draw`` from the groups of :meth:`_resize1` (quantised);
-        ``g`` None: without noise and JPEG."""
-        cfg, p = self.cfg, draw["params"]
-        lr_h, lr_w = lr_hw
-        b = sum(len(idx) for idx, _, _ in groups)
-        artefacts = g is not None
-
-        # first order: blur (done) -> resize (relative to HR; done) -> noise -> JPEG; second
-        # order: blur -> resize (relative to the LR size, as the reference); groups share a canvas
-        canvas2 = tuple(max(1, int(n * max(1.0, cfg.second.resize_range[1]))) for n in (lr_h, lr_w))
-        y0 = groups[0][1]
-        mid = y0.new_empty(b, y0.shape[1], *canvas2)
-        for idx, y, size1 in groups:
-            mid[idx] = self._middle(y, p, draw["kernels"], g, idx, size1, (lr_h, lr_w), canvas2)
-        x, size = (self._noise(mid, p, "2", g) if artefacts else mid), self._sizes(p, "2", (lr_h, lr_w))
+    def _render(self, plan: dict, resized: list[Tensor], draw: dict,
+                g: torch.Generator | None) -> Tensor:
+        """The degraded LR of ``draw`` from the resize-1 outputs of the plan's groups
+        (quantised); ``g`` None: without noise and JPEG."""
+        p, artefacts = draw["params"], g is not None
+        # first order: blur -> resize (done) -> noise -> JPEG; second order: blur -> resize
+        b, y0 = sum(len(gr["idx"]) for gr in plan["groups"]), resized[0]
+        mid = y0.new_empty(b, y0.shape[1], *plan["canvas2"])
+        for group, y in zip(plan["groups"], resized):
+            mid[group["idx"]] = self._middle(y, p, draw["kernels"], g, group)
+        x = self._noise(mid, p, "2", g) if artefacts else mid
         # final: [resize to LR + sinc] and JPEG, in a random order per sample; JPEG runs only
         # on the samples that take it at that point
         first, quality = p["final_jpeg_first"], p["jpeg2_quality"]
         if artefacts:
             x = ops.on_subset(first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
-        lr_size = (torch.full_like(size[0], lr_h), torch.full_like(size[1], lr_w))
-        x = resize_batch(x, *size, *lr_size, p["final_mode"], (lr_h, lr_w))
-        x = filter_per_sample(x, draw["kernels"]["final"])
+        x = filter_per_sample(apply_resize(x, *plan["final"]), draw["kernels"]["final"])
         if artefacts:
             x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         return quantize(x)

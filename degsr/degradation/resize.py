@@ -33,13 +33,14 @@ def _cubic_weights(t: Tensor) -> list[Tensor]:
 
 
 def resize_taps(n_in: Tensor, n_out: Tensor, modes: Tensor, size_out: int,
-                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+                dtype: torch.dtype = torch.float32, taps: int | None = None) -> tuple[Tensor, Tensor]:
     """Source indices and weights ``(B, size_out, T)`` of every output row (T >= 4 taps).
 
     Row ``i`` of sample ``b`` is ``sum_t weight[b, i, t] * x[index[b, i, t]]``; unused taps have
     weight 0. ``modes[b]`` indexes RESIZE_MODES; rows past ``n_out[b]`` repeat row
-    ``n_out[b] - 1``; indices stay below ``n_in[b]``. T covers the widest area bin (one host
-    sync), at least the 4 bicubic taps.
+    ``n_out[b] - 1``; indices stay below ``n_in[b]``. T covers the widest area bin, at least
+    the 4 bicubic taps: ``taps`` when the caller knows a bound (:func:`tap_bound`), else measured
+    (one host sync).
     """
     device = n_in.device
     n_in = n_in.to(torch.long).view(-1, 1, 1)
@@ -50,7 +51,7 @@ def resize_taps(n_in: Tensor, n_out: Tensor, modes: Tensor, size_out: int,
     # area == adaptive average pooling: integer bins [floor(i*n/m), ceil((i+1)*n/m))
     start = (i * n_in) // n_out
     width = ((i + 1) * n_in + n_out - 1) // n_out - start
-    t = torch.arange(max(4, int(width.max())), device=device).view(1, 1, -1)
+    t = torch.arange(max(4, taps or int(width.max())), device=device).view(1, 1, -1)
     area_idx = torch.minimum(start + t, last)
     area_w = (t < width).to(dtype) / width.to(dtype)
 
@@ -72,6 +73,18 @@ def resize_taps(n_in: Tensor, n_out: Tensor, modes: Tensor, size_out: int,
     return index, weight
 
 
+def tap_bound(n_in: Tensor, n_out: Tensor) -> int:
+    """An upper bound on the widest area bin of lengths ``n_in -> n_out`` (host tensors):
+    a bin spans at most ceil(n_in / n_out) + 1 source rows."""
+    return int((-(-n_in // n_out)).max()) + 1
+
+
+def scatter_taps(index: Tensor, weight: Tensor, size_in: int) -> Tensor:
+    """The (B, size_out, size_in) matrices of the taps of :func:`resize_taps`."""
+    out = weight.new_zeros(*index.shape[:2], size_in)
+    return out.scatter_add_(2, index, weight)
+
+
 def resize_matrices(n_in: Tensor, n_out: Tensor, modes: Tensor, size_in: int, size_out: int,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, size_out, size_in) matrices resizing length ``n_in[b]`` to ``n_out[b]``.
@@ -79,9 +92,12 @@ def resize_matrices(n_in: Tensor, n_out: Tensor, modes: Tensor, size_in: int, si
     ``modes[b]`` indexes RESIZE_MODES. Rows past ``n_out[b]`` repeat row ``n_out[b] - 1``; columns
     past ``n_in[b]`` are zero. Built by scattering the taps of :func:`resize_taps`.
     """
-    index, weight = resize_taps(n_in, n_out, modes, size_out, dtype)
-    out = torch.zeros(index.shape[0], size_out, size_in, dtype=dtype, device=index.device)
-    return out.scatter_add_(2, index, weight)
+    return scatter_taps(*resize_taps(n_in, n_out, modes, size_out, dtype), size_in)
+
+
+def apply_resize(x: Tensor, rh: Tensor, rw: Tensor) -> Tensor:
+    """Each sample b of (B, C, H, W) ``x`` as ``rh[b] @ x[b] @ rw[b]ᵀ`` (every channel)."""
+    return rh.unsqueeze(1) @ x @ rw.transpose(1, 2).unsqueeze(1)
 
 
 def resize_batch(x: Tensor, in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Tensor,
@@ -92,4 +108,4 @@ def resize_batch(x: Tensor, in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Te
     """
     rh = resize_matrices(in_h, out_h, modes, x.shape[-2], canvas[0], x.dtype)
     rw = resize_matrices(in_w, out_w, modes, x.shape[-1], canvas[1], x.dtype)
-    return rh.unsqueeze(1) @ x @ rw.transpose(1, 2).unsqueeze(1)
+    return apply_resize(x, rh, rw)

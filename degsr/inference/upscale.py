@@ -40,7 +40,7 @@ class UpscaleOptions:
 def compile_parts(comp) -> None:
     """torch.compile (in place) what runs per image: the UNet, the VAE encoder and decoder."""
     for part in (comp.unet, comp.vae.encoder, comp.vae.decoder):
-        part.compile()
+        part.compile(dynamic=False)  # static shapes: a batch-2 (CFG) call must not turn the batch-1 graph dynamic
 
 
 class Upscaler:
