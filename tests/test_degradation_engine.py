@@ -190,3 +190,33 @@ def test_partition_by_area_is_the_brute_force_optimum():
         assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(set(cuts))
         assert math.isclose(total(cuts), best)
     assert partition_by_area([1.0], 1.0) == [0, 1]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 47)])
+def test_fft_filter_matches_direct_correlation(size):
+    """The FFT path (accelerators) against a float64 direct cross-correlation (asymmetric kernels)."""
+    from degsr.degradation.kernels import fft_filter
+
+    torch.manual_seed(0)
+    imgs = torch.rand(3, 2, *size, dtype=torch.float64)
+    kers = torch.rand(3, 21, 21, dtype=torch.float64)
+    kers /= kers.sum((1, 2), keepdim=True)
+    for b in range(3):
+        x = F.pad(imgs[b:b + 1], [10] * 4, mode="reflect")
+        ref = F.conv2d(x, kers[b].expand(2, 1, 21, 21), groups=2)
+        torch.testing.assert_close(fft_filter(imgs, kers)[b:b + 1], ref, rtol=0, atol=1e-12)
+        got32 = fft_filter(imgs.float(), kers.float())[b:b + 1]
+        torch.testing.assert_close(got32.double(), ref, rtol=0, atol=2e-6)
+
+
+def test_poisson_noise_of_active_samples_is_unchanged():
+    """``active`` (the dense way: the samples whose noise is kept) leaves their noise exactly as
+    drawn without it, from the same stream; the others draw Poisson(0)."""
+    x = torch.rand(4, 3, 24, 24)
+    scale, gray = torch.tensor([1.0, 0.5, 2.0, 1.5]), torch.tensor([False, True, False, True])
+    active = torch.tensor([True, True, False, False])
+    full = ops.poisson_noise(gen(5), x, scale, gray)
+    part = ops.poisson_noise(gen(5), x, scale, gray, active)
+    assert torch.equal(part[:2], full[:2])
+    q = (x * 255).round() / 255
+    torch.testing.assert_close(part[2], -q[2] * 2.0)  # counts 0: the noise is -v * scale

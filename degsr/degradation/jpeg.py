@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from degsr.degradation.ops import constant
+
 # JPEG standard (ITU-T T.81) Annex K tables, K.1 luminance and K.2 chrominance, in the standard
 # orientation: row = vertical frequency, column = horizontal frequency. BasicSR stores the luma
 # table transposed (``y_table = ... .T``) while indexing coefficients (vertical, horizontal), so
@@ -72,6 +74,10 @@ def _dct_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
     return d.to(dtype=dtype, device=device)
 
 
+_DCT = _dct_matrix(torch.float64, torch.device("cpu"))
+_YCC_CHROMA = _YCC_TO_RGB[:, 1:].contiguous()  # the chroma columns of YCbCr -> RGB
+
+
 def _code(plane: Tensor, table: Tensor, factor: Tensor, dct: Tensor) -> Tensor:
     """Quantise/dequantise every 8x8 block of (B, C, H, W) ``plane`` (already centred on 0).
 
@@ -104,16 +110,16 @@ def jpeg(x: Tensor, quality: Tensor) -> Tensor:
     factor = quality_to_factor(torch.as_tensor(quality, device=device).to(dtype).expand(b))
     img = x.clamp(0, 1) * 255.0
     # YCbCr centred on 0 (Y - 128, Cb, Cr: the +128 offsets cancel around the DCT)
-    ycc = _mix(_RGB_TO_YCC.to(img), img)
+    ycc = _mix(constant(_RGB_TO_YCC, img.dtype, img.device), img)
     ycc[:, 0] -= 128.0
     ph, pw = -h % 16, -w % 16
     if ph or pw:
         ycc = F.pad(ycc, (0, pw, 0, ph), mode="replicate")
-    dct = _dct_matrix(dtype, device)
-    luma = _code(ycc[:, :1], LUMA_TABLE.to(img), factor, dct)
-    chroma = _code(F.avg_pool2d(ycc[:, 1:], 2), CHROMA_TABLE.to(img), factor, dct)
+    dct = constant(_DCT, dtype, device)
+    luma = _code(ycc[:, :1], constant(LUMA_TABLE, img.dtype, img.device), factor, dct)
+    chroma = _code(F.avg_pool2d(ycc[:, 1:], 2), constant(CHROMA_TABLE, img.dtype, img.device), factor, dct)
     # RGB = Y + M[:, 1:] (Cb, Cr): the chroma term at half resolution, then repeated 2x2
-    tint = _mix(_YCC_TO_RGB[:, 1:].to(img), chroma)
+    tint = _mix(constant(_YCC_CHROMA, img.dtype, img.device), chroma)
     hh, hw = tint.shape[-2:]
     tint = tint.view(b, 3, hh, 1, hw, 1).expand(b, 3, hh, 2, hw, 2).reshape(b, 3, 2 * hh, 2 * hw)
     rgb = (tint[:, :, :h, :w] + luma[:, :, :h, :w]).add_(128.0)

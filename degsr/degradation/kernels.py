@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from degsr.degradation.ops import constant
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso", "sinc")
 """Index order of ``params["kernel_type"]``."""
@@ -143,9 +146,8 @@ def kernel_std(kernels: Tensor) -> Tensor:
 def _uniform(generator: torch.Generator, batch: int, low, high, device, dtype) -> Tensor:
     """``U[low, high]`` of shape ``(B,)``, drawn in float64 on the generator's device (dtype-independent)."""
     u = torch.rand(batch, generator=generator, device=generator.device, dtype=torch.float64)
-    low = torch.as_tensor(low, dtype=torch.float64, device=generator.device)
-    high = torch.as_tensor(high, dtype=torch.float64, device=generator.device)
-    return (low + (high - low) * u).to(device=device, dtype=dtype)
+    low, high = float(low), float(high)  # Python floats: kernel arguments, no upload
+    return (u * (high - low) + low).to(device=device, dtype=dtype)
 
 
 def _check_sizes(kernel_sizes, max_size: int) -> None:
@@ -156,7 +158,7 @@ def _check_sizes(kernel_sizes, max_size: int) -> None:
 def _choice(generator: torch.Generator, batch: int, values, device) -> Tensor:
     """Uniform draw ``(B,)`` long from the list ``values``."""
     idx = torch.randint(len(values), (batch,), generator=generator, device=generator.device)
-    return torch.as_tensor(list(values), dtype=torch.long, device=generator.device)[idx].to(device)
+    return constant(list(values), torch.long, generator.device)[idx].to(device)
 
 
 def _split_beta(generator: torch.Generator, batch: int, beta_range, device, dtype) -> Tensor:
@@ -183,10 +185,10 @@ def sample_blur_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
     _check_sizes(kernel_sizes, max_size)
     size = _choice(generator, batch, kernel_sizes, device)
     is_sinc = _uniform(generator, batch, 0.0, 1.0, device, torch.float64) < sinc_prob
-    probs = torch.as_tensor(list(kernel_probs), dtype=torch.float64, device=device)
+    probs = constant(list(kernel_probs), torch.float64, device)
     cdf = torch.cumsum(probs / probs.sum(), dim=0)
     pick = torch.searchsorted(cdf, _uniform(generator, batch, 0.0, 1.0, device, torch.float64), right=True)
-    type_ids = torch.as_tensor([KERNEL_TYPES.index(t) for t in kernel_types], device=device)
+    type_ids = constant([KERNEL_TYPES.index(t) for t in kernel_types], torch.long, device)
     ktype = torch.where(is_sinc, len(KERNEL_TYPES) - 1, type_ids[pick.clamp(max=len(kernel_types) - 1)])
 
     sx = _uniform(generator, batch, *sigma_range, device, dtype)
@@ -241,14 +243,48 @@ def sample_sinc_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
     return kernels, {"final_sinc": is_sinc, "final_kernel_size": size, "final_omega_c": omega}
 
 
+FFT_MIN_KERNEL = 11  # from this kernel width on, accelerators filter by FFT
+
+
+def _fft_length(n: int) -> int:
+    """The smallest length >= ``n`` whose prime factors are all <= 7 (fast for cuFFT/pocketfft)."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_filter(images: Tensor, kernels: Tensor) -> Tensor:
+    """:func:`filter_per_sample` with reflect padding, by FFT: the padded image's spectrum times
+    the conjugate spectrum of the kernel (cross-correlation). The transform covers the padded
+    image, so no output pixel wraps around; the cost does not depend on the kernel size."""
+    h, w = images.shape[-2:]
+    r = kernels.shape[-1] // 2
+    padded = F.pad(images, (r, r, r, r), mode="reflect")
+    size = (_fft_length(h + 2 * r), _fft_length(w + 2 * r))
+    spectrum = torch.fft.rfft2(padded, s=size)
+    spectrum *= torch.fft.rfft2(kernels.to(images.dtype), s=size).conj_physical().unsqueeze(1)
+    return torch.fft.irfft2(spectrum, s=size)[..., :h, :w].contiguous()
+
+
 def filter_per_sample(images: Tensor, kernels: Tensor) -> Tensor:
     """Blur each sample of ``images`` ``(B, C, H, W)`` with its own kernel ``(B, k, k)``.
 
     Cross-correlation with reflect padding (``kornia.filters.filter2d``); the kernels here are
     point-symmetric, so this equals convolution. Images no wider than ``k // 2`` (tiny crops)
-    are padded by replication instead.
+    are padded by replication instead. On accelerators, kernels of width >= ``FFT_MIN_KERNEL``
+    go through :func:`fft_filter` (equal up to float rounding; there the direct depthwise
+    convolution is the slowest step of the engine, on the CPU the FFT gained little).
     """
     from kornia.filters import filter2d
 
-    small = min(images.shape[-2:]) <= kernels.shape[-1] // 2  # reflect needs a wider image
+    k = kernels.shape[-1]
+    if images.device.type != "cpu" and k >= FFT_MIN_KERNEL and min(images.shape[-2:]) >= 2 * k:
+        return fft_filter(images, kernels)
+    small = min(images.shape[-2:]) <= k // 2  # reflect needs a wider image
     return filter2d(images, kernels.to(images.dtype), border_type="replicate" if small else "reflect")

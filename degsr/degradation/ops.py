@@ -22,6 +22,19 @@ from degsr.degradation.poisson import rows_for, sample_counts
 POISSON_LEVELS = 256.0  # typical level count of a photo crop (> 128 distinct values): scores use it
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def constant(values, dtype: torch.dtype, device) -> Tensor:
+    """A small constant (numbers, nested lists or a module-level tensor) on ``device``, uploaded
+    once per process: on an accelerator every host-to-device copy waits for the queue."""
+    key = (id(values) if isinstance(values, Tensor) else repr(values), dtype, str(device))
+    if key not in _CONSTANTS:
+        t = values if isinstance(values, Tensor) else torch.tensor(values)
+        _CONSTANTS[key] = t.to(device=device, dtype=dtype)
+    return _CONSTANTS[key]
+
+
 def uniform(g: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
     return torch.rand(n, generator=g, device=g.device) * (hi - lo) + lo
 
@@ -32,7 +45,7 @@ def bernoulli(g: torch.Generator, n: int, p: float) -> Tensor:
 
 def categorical(g: torch.Generator, n: int, probs) -> Tensor:
     """(n,) long indices drawn with the given probabilities."""
-    p = torch.as_tensor(list(probs), dtype=torch.float32, device=g.device)
+    p = constant(list(probs), torch.float32, g.device)
     return torch.multinomial(p.expand(n, -1), 1, replacement=True, generator=g).view(n)
 
 
@@ -123,30 +136,34 @@ def poisson_levels(v255: Tensor) -> Tensor:
     """
     b = v255.shape[0]
     flat = v255.reshape(b, -1).long()
-    hist = torch.zeros(b, 256, device=v255.device, dtype=torch.int32)
-    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-    distinct = (hist > 0).sum(1).clamp(min=1).to(v255.dtype)
+    seen = torch.zeros(b, 256, device=v255.device, dtype=torch.int32)
+    seen.scatter_(1, flat, 1)  # presence, not counts: no atomic adds piling on a few bins
+    distinct = seen.sum(1).clamp(min=1).to(v255.dtype)
     return torch.exp2(torch.ceil(torch.log2(distinct))).view(b, 1, 1, 1)
 
 
-def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor) -> Tensor:
+def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor,
+                  active: Tensor | None = None) -> Tensor:
     """Signal-dependent noise: (Poisson(L v) / L - v) * scale, v the image on the 1/255 grid and
     L = 2**ceil(log2(#distinct values of v)) per sample (256 for most photo crops), as the
     reference (on the CPU drawn by table inversion, :mod:`degsr.degradation.poisson`; elsewhere
     by ``torch.poisson``). ``gray`` samples
-    draw it once on the luma and repeat it over the channels.
+    draw it once on the luma and repeat it over the channels. ``active`` (B,): the samples whose
+    noise is used (the others get some values at the cost of Poisson(0) draws: the dense way).
     """
-    def shot(v: Tensor) -> Tensor:
+    def shot(v: Tensor, use: Tensor) -> Tensor:
         q = (v * 255.0).round().clamp(0, 255)
         levels = poisson_levels(q)
+        drawn = q * _rows(use, q)  # unused samples draw Poisson(0): nearly free on accelerators
         if q.device.type == "cpu":  # torch.poisson is a serial per-element sampler there
-            counts = sample_counts(rows_for(q, levels), g).to(q.dtype)  # ~ Poisson(levels q / 255)
+            counts = sample_counts(rows_for(drawn, levels), g).to(q.dtype)  # ~ Poisson(L q / 255)
         else:  # parallel on accelerators (and MPS has no float64 for the tables)
-            counts = torch.poisson(q / 255.0 * levels, generator=g)
+            counts = torch.poisson(drawn / 255.0 * levels, generator=g)
         return counts / levels - q / 255.0
 
-    noise = split_apply(~gray, x, lambda i: shot(x[i]),
-                        lambda i: shot(rgb_to_grayscale(x[i])).expand(-1, x.shape[1], -1, -1))
+    use = torch.ones_like(gray) if active is None else active
+    noise = split_apply(~gray, x, lambda i: shot(x[i], use[i] & ~gray[i]), lambda i: shot(
+        rgb_to_grayscale(x[i]), use[i] & gray[i]).expand(-1, x.shape[1], -1, -1))
     return noise * scale.view(-1, 1, 1, 1).to(x.dtype)
 
 

@@ -33,7 +33,7 @@ from degsr.errors import UserError
 
 
 def _mode_draw(g: torch.Generator, n: int, allowed) -> Tensor:
-    ids = torch.tensor([RESIZE_MODES.index(m) for m in allowed], device=g.device)
+    ids = ops.constant([RESIZE_MODES.index(m) for m in allowed], torch.long, g.device)
     return ids[torch.randint(len(ids), (n,), generator=g, device=g.device)]
 
 
@@ -122,7 +122,7 @@ class Degrader:
         gauss, gray = p[f"noise{i}_gaussian"], p[f"noise{i}_gray"]
         return ops.split_apply(gauss, x, lambda j: (x[j] + ops.gaussian_noise(
             g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp_(0, 1), lambda j: (x[j] + ops.poisson_noise(
-            g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j])).clamp_(0, 1))
+            g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j], ~gauss[j])).clamp_(0, 1))
 
     def _plan(self, p: dict, hw: tuple[int, int], lr_hw: tuple[int, int], dtype) -> list[dict]:
         """The resize matrices of every stage, built once a call for both renders, per group.
@@ -240,8 +240,8 @@ def upsample(lr: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     :func:`resize_matrices` covers run as two matrix products (faster than the bicubic kernel)."""
     if mode not in RESIZE_MODES:
         return F.interpolate(lr, size=size, mode=mode).clamp(0, 1)
-    mode_id = torch.tensor([RESIZE_MODES.index(mode)], device=lr.device)
-    rh, rw = (resize_matrices(torch.tensor([n_in], device=lr.device),
-                              torch.tensor([n_out], device=lr.device), mode_id, n_in, n_out,
+    mode_id = ops.constant([RESIZE_MODES.index(mode)], torch.long, lr.device)
+    rh, rw = (resize_matrices(ops.constant([n_in], torch.long, lr.device),
+                              ops.constant([n_out], torch.long, lr.device), mode_id, n_in, n_out,
                               lr.dtype)[0] for n_in, n_out in zip(lr.shape[-2:], size))
     return torch.matmul(rh, torch.matmul(lr, rw.T)).clamp_(0, 1)
