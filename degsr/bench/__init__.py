@@ -27,6 +27,25 @@ def time_calls(fn: Callable[[], object], device: torch.device, iters: int, warmu
     return sorted(times)[len(times) // 2]
 
 
+def time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, iters: int,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each of ``fns`` over ``iters`` interleaved rounds (one call of
+    each per round, after ``warmup`` calls of each): a drift of the machine (clocks, a compiler
+    still busy in the background) then falls on every variant alike, not on the one timed last."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from degsr.bench import device_name, time_calls
+from degsr.bench import device_name, time_calls, time_rounds
 
 
 def add_arguments(p) -> None:
@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                    help="also time one output of this size with the default tiling (0: skip)")
     p.add_argument("--mem-cap-gib", type=float, default=0,
                    help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=7, help="timed rounds (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
@@ -58,27 +58,35 @@ def run(args) -> dict:
         flip.reverse()
         return ours(lr, flip[0])
 
+    warmup = 3 if args.compile else 1  # compiled graphs settle over the first calls
     result = {"bench": "infer", "arch": args.arch, "precision": precision, "compile": args.compile,
-              "device": device_name(device), "torch": torch.__version__, "ms_per_image": {}}
+              "device": device_name(device), "torch": torch.__version__,
+              "timing": f"each variant: median of {args.iters} rounds interleaved with bare, "
+                        f"after {warmup} warm-up calls",
+              "ms_per_image": {}}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for size in [int(s) for s in args.sizes.split(",") if s]:
         lr = torch.rand(1, 3, size // 4, size // 4, device=device)
         x = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
+        run_bare = lambda: one_step_sr(bare, x)  # noqa: E731
+        variants = {"ours": lambda: ours(lr, opts), "ours_refold": lambda: refold(lr)}
+        if not args.compile:  # compiled, the unmerged path would be a third set of graphs
+            variants["ours_unmerged"] = lambda: unmerged(lr, opts)
+        t, bare_by = {}, {}  # each variant interleaved with bare alone (they share the fold state)
         with torch.no_grad():
-            t_bare = time_calls(lambda: one_step_sr(bare, x), device, args.iters)
-            t_ours = time_calls(lambda: ours(lr, opts), device, args.iters)
-            t_refold = time_calls(lambda: refold(lr), device, args.iters)
-            # compiled, the unmerged path would be a third set of graphs to compile: eager only
-            t_unmerged = None if args.compile else time_calls(lambda: unmerged(lr, opts), device,
-                                                              args.iters)
+            for name, fn in variants.items():
+                got = time_rounds({"bare": run_bare, name: fn}, device, args.iters, warmup)
+                t[name], bare_by[name] = got[name], got["bare"]
+        t_bare, t_ours, t_refold, t_unmerged = (bare_by["ours"], t["ours"], t["ours_refold"],
+                                                t.get("ours_unmerged"))
         result["ms_per_image"][str(size)] = {
             "bare": round(1e3 * t_bare, 2), "ours": round(1e3 * t_ours, 2),
             "ours_refold": round(1e3 * t_refold, 2),
             "ours_unmerged": None if t_unmerged is None else round(1e3 * t_unmerged, 2)}
         if size == 512:
             result["ratio_ours_over_bare"] = round(t_ours / t_bare, 3)
-            result["ratio_refold_over_bare"] = round(t_refold / t_bare, 3)
+            result["ratio_refold_over_bare"] = round(t_refold / bare_by["ours_refold"], 3)
     if args.batch:
         n = args.batch
         xb = torch.rand(n, 3, 512, 512, device=device, dtype=dtype) * 2 - 1
@@ -86,8 +94,9 @@ def run(args) -> dict:
         db = torch.tensor([[0.3, 0.3]], device=device).expand(n, -1)
         iters = max(1, args.iters // 2)
         with torch.no_grad():
-            t_bare_b = time_calls(lambda: one_step_sr(bare, xb), device, iters)
-            t_ours_b = time_calls(lambda: ours(lrb, opts), device, iters)
+            tb = time_rounds({"bare": lambda: one_step_sr(bare, xb), "ours": lambda: ours(lrb, opts)},
+                             device, iters, warmup)
+            t_bare_b, t_ours_b = tb["bare"], tb["ours"]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 t_unm_b = None if args.compile else time_calls(  # as in training: autocast
                     lambda: net(xb, db, guidance_scale=1.07), device, iters)
