@@ -88,11 +88,11 @@ def test_split_apply_and_on_subset_match_a_loop():
     calls = []
 
     def yes(i):
-        calls.append(("yes", i.tolist()))
+        calls.append(("yes", i if i is ops.EVERY else i.tolist()))
         return x[i] * 2
 
     def no(i):
-        calls.append(("no", i.tolist()))
+        calls.append(("no", i if i is ops.EVERY else i.tolist()))
         return x[i] - 1
 
     out = ops.split_apply(mask, x, yes, no)
@@ -101,6 +101,7 @@ def test_split_apply_and_on_subset_match_a_loop():
         torch.testing.assert_close(out[b], x[b] * 2 if mask[b] else x[b] - 1)
     assert torch.equal(ops.split_apply(torch.ones(5, dtype=torch.bool), x, yes, no), x * 2)
     assert torch.equal(ops.split_apply(torch.zeros(5, dtype=torch.bool), x, yes, no), x - 1)
+    assert calls[2:] == [("yes", ops.EVERY), ("no", ops.EVERY)]  # all taken: views, no gathers
 
     ref = torch.where(mask.view(-1, 1, 1, 1), x + 1, x)
     kept = x.clone()

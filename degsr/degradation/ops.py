@@ -78,22 +78,26 @@ def is_dense(x: Tensor) -> bool:
     return x.device.type != "cpu" if forced is None else forced
 
 
+EVERY = slice(None)  # the index callbacks get for "every sample": views, no gathered copies
+
+
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
 def on_subset(mask: Tensor, x: Tensor, fn, inplace: bool = False) -> Tensor:
-    """``x`` with ``fn(idx)`` (the new values of samples ``idx``) where ``mask`` holds: work is
-    spent only on the samples that need it (one host sync for the indices). ``inplace``: write
-    into ``x`` itself (for a tensor the caller owns) instead of a copy. Dense (:func:`is_dense`):
-    ``fn`` runs on every sample and ``torch.where`` keeps the masked ones."""
+    """``x`` with ``fn(idx)`` (the new values of samples ``idx``, a new tensor) where ``mask``
+    holds: work is spent only on the samples that need it (one host sync for the indices).
+    ``inplace``: write into ``x`` itself (for a tensor the caller owns) instead of a copy. Dense
+    (:func:`is_dense`): ``fn`` runs on every sample and ``torch.where`` keeps the masked ones.
+    ``idx`` is :data:`EVERY` (a slice) when every sample is taken, else a tensor of indices."""
     if is_dense(x):
-        return torch.where(_rows(mask, x), fn(torch.arange(x.shape[0], device=x.device)).to(x.dtype), x)
+        return torch.where(_rows(mask, x), fn(EVERY).to(x.dtype), x)
     idx = mask.nonzero().flatten()
     if idx.numel() == 0:
         return x
     if idx.numel() == x.shape[0]:
-        return fn(idx)
+        return fn(EVERY)
     out = x if inplace else x.clone()
     out[idx] = fn(idx).to(out.dtype)
     return out
@@ -105,15 +109,14 @@ def split_apply(mask: Tensor, like: Tensor, on_true, on_false) -> Tensor:
     the two halves are written into one new tensor, nothing is copied twice. Dense: both on
     every sample, selected by ``torch.where``."""
     if is_dense(like):
-        every = torch.arange(like.shape[0], device=like.device)
-        yes = on_true(every).to(like.dtype)
-        return torch.where(_rows(mask, like), yes, on_false(every).to(like.dtype))
+        yes = on_true(EVERY).to(like.dtype)
+        return torch.where(_rows(mask, like), yes, on_false(EVERY).to(like.dtype))
     yes = mask.nonzero().flatten()
     if yes.numel() == like.shape[0]:
-        return on_true(yes)
+        return on_true(EVERY)
     no = (~mask).nonzero().flatten()
     if yes.numel() == 0:
-        return on_false(no)
+        return on_false(EVERY)
     out = like.new_empty(like.shape)
     out[yes] = on_true(yes).to(out.dtype)
     out[no] = on_false(no).to(out.dtype)
@@ -124,8 +127,8 @@ def gaussian_noise(g: torch.Generator, x: Tensor, sigma: Tensor, gray: Tensor) -
     """Additive N(0, sigma/255) per sample; ``gray`` samples share one noise field over channels."""
     b, c, h, w = x.shape
     noise = split_apply(~gray, x, lambda i: torch.randn(
-        (len(i), c, h, w), generator=g, device=g.device, dtype=x.dtype), lambda i: torch.randn(
-        (len(i), 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand(-1, c, -1, -1))
+        (x[i].shape[0], c, h, w), generator=g, device=g.device, dtype=x.dtype), lambda i: torch.randn(
+        (x[i].shape[0], 1, h, w), generator=g, device=g.device, dtype=x.dtype).expand(-1, c, -1, -1))
     return noise * (sigma.view(-1, 1, 1, 1).to(x.dtype) / 255.0)
 
 
