@@ -77,7 +77,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(objective, lr, steps, fact
     batch = Degrader(cfg.degradation)(hr_batch(8), torch.Generator().manual_seed(0))
     pairs = ranking_batches(module.degrader, batch["hr"], torch.Generator().manual_seed(1))
     monkeypatch.setattr(mod, "ranking_batches", lambda *a: pairs)  # a fixed batch: fixed pairs
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     weights = {"supervised": 1.0, "ranking": 1.0, "anchor": 0.01}
 
     def loss():
@@ -89,6 +89,32 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(objective, lr, steps, fact
         loss().backward()
         opt.step()
     assert loss().item() < factor * first
+
+
+def test_cosine_schedule_follows_its_closed_form():
+    """The LR the optimizer applies at each step: warm-up 2 steps, cosine to 0 at max_steps 6,
+    against values worked out by hand (0.5(1 + cos(pi t)) at t = 0, 1/4, 1/2, 3/4)."""
+    import lightning as L
+
+    cfg = load_config([TINY], ["estimator.lr=1e-3", "estimator.lr_schedule=cosine",
+                               "estimator.warmup_steps=2"])
+    module = EstimatorModule(cfg.estimator, cfg.degradation, seed=0)
+    module.trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    half = 2 ** -0.5
+    expect = [0.5e-3, 1e-3, 1e-3, 0.5e-3 * (1 + half), 0.5e-3, 0.5e-3 * (1 - half)]
+    assert seen == pytest.approx(expect, rel=1e-9)
+    const = load_config([TINY], ["estimator.lr=1e-3"])
+    module = EstimatorModule(const.estimator, const.degradation, seed=0)
+    module.trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False)
+    conf = module.configure_optimizers()
+    assert conf["optimizer"].param_groups[0]["lr"] == 1e-3
 
 
 def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd):

@@ -66,3 +66,7 @@ class EstimatorConfig(Checked):
     min_gap: float = number(0.05, "pairs whose engine scores differ by less are not ranked", lo=0)
     lr: float = positive(2e-4, "AdamW learning rate")
     weight_decay: float = number(0.0, "AdamW weight decay", lo=0)
+    lr_schedule: str = choice("constant", ["constant", "cosine"],
+                              "learning rate over the run: constant, or cosine decay to 0 at "
+                              "trainer.max_steps (after the warm-up)")
+    warmup_steps: int = number(0, "steps of linear warm-up from 0 to lr", lo=0)

@@ -8,6 +8,7 @@ Validation reports per-score Spearman and Pearson correlation on the fixed synth
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
@@ -154,5 +155,21 @@ class EstimatorModule(L.LightningModule):
         save_estimator(self.net, path)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr,
-                                 weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr,
+                                weight_decay=self.cfg.weight_decay)
+        total = self.trainer.max_steps if self._trainer is not None else 0
+        factor = lr_factor(self.cfg.lr_schedule, self.cfg.warmup_steps, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(schedule: str, warmup: int, total: int):
+    """The learning-rate multiplier at optimizer step ``k``: linear warm-up over ``warmup``
+    steps, then 1 (``constant``) or a cosine from 1 down to 0 at step ``total`` (``cosine``)."""
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (k - warmup) / (total - warmup))))
+    return factor
