@@ -362,6 +362,8 @@ def test_synthetic_val_set_is_fixed(shards, photos):
     for k in ia:
         assert torch.equal(ia[k], ib[k]), k
     assert torch.equal(_val_items(a)["lr_up"], ia["lr_up"])  # every epoch: same tensors
+    small = SyntheticValSet.from_config(data_cfg(val_shards=str(shards), val_crop_size=CROP // 2), deg)
+    assert _val_items(small)["hr"].shape == (6, 3, CROP // 2, CROP // 2)  # its own crop side
 
     many = SyntheticValSet.from_config(data_cfg(val_folder=str(photos), val_crops=8), deg)
     again = SyntheticValSet.from_config(data_cfg(val_folder=str(photos), val_crops=8), deg)
@@ -407,6 +409,8 @@ def test_setup_errors_name_key_and_pattern(tmp_path, shards):
         SRDataModule(data_cfg(train_shards=str(shards), val_shards=pattern), deg).setup("fit")
     with pytest.raises(UserError, match="multiple of degradation.scale"):
         SRDataModule(data_cfg(train_shards=str(shards), crop_size=66), deg).setup("fit")
+    with pytest.raises(UserError, match="data.val_crop_size=30 must be a multiple"):
+        SRDataModule(data_cfg(train_shards=str(shards), val_crop_size=30), deg).setup("fit")
     SRDataModule(data_cfg(), deg).setup("validate")  # no training source needed to validate
 
 

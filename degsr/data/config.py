@@ -43,6 +43,9 @@ class DataConfig:
     small_images: str = choice("pad", SMALL_IMAGE_POLICIES, "image smaller than crop_size: 'pad' "
                                "(reflect-pad up to the crop) or 'skip' (counted, not an error)")
     val_crops: int = positive(32, "size of the fixed synthetic val set (crops, degraded once)")
+    val_crop_size: int = number(0, "side of the synthetic val crops in pixels (a multiple of "
+                                   "degradation.scale); 0 = crop_size. Lets a run train on small "
+                                   "crops and still be compared on the usual ones", lo=0)
     val_batch_size: int = positive(4, "synthetic val crops per batch")
     max_bad_fraction: float = prob(0.05, "training stops when more than this fraction of the "
                                          "samples read were corrupt or unreadable")

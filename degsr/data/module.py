@@ -145,9 +145,10 @@ class SRDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- setup and loaders
     def setup(self, stage: str | None = None) -> None:
         d, scale = self.data, self.degradation.scale
-        if d.crop_size % scale:
-            raise UserError(f"data.crop_size={d.crop_size} must be a multiple of "
-                            f"degradation.scale={scale}")
+        for key in ("crop_size", "val_crop_size"):
+            if getattr(d, key) % scale:
+                raise UserError(f"data.{key}={getattr(d, key)} must be a multiple of "
+                                f"degradation.scale={scale}")
         if stage in (None, "fit") and self.train_urls is None:
             if not d.train_shards:
                 raise UserError("data.train_shards is not set: give the training shards (a .tar, "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shlex
 
+from degsr.quickstart.run import CLEAN_SHARE
+
 STEP_TEXT = {
     "photos": "skimage.data photos as PNG (photos/train, photos/heldout)",
     "shards": "`degsr shards photos/train --out shards --min-side 64 --min-bytes 0`",
     "prior": "tiny SD-Turbo stand-in fitted on the shard crops (prior/, see below)",
     "stage1": "`degsr fit configs/estimator_tiny.yaml` (runs/estimator)",
-    "stage2": "`degsr fit configs/sr_tiny.yaml model.pretrained=... sr.estimator=...`",
+    "stage2": "`degsr fit configs/sr_tiny.yaml model.pretrained=... sr.estimator=... "
+              f"degradation.no_degradation_prob={CLEAN_SHARE}` (clean LRs: docs/quickstart.md)",
     "sr": "held-out HR -> bicubic x1/4 LR (eval/lr) -> `degsr sr` (eval/degsr); "
           "bicubic x4 baseline (eval/bicubic)",
     "eval": "`degsr eval --crop-border 4` of eval/bicubic and eval/degsr against eval/hr",

@@ -176,11 +176,14 @@ def train_stage1(p: Paths, seconds: float, seed: int) -> dict:
         "trainer.checkpoint_every_n_steps=50", "data.val_crops=32"])
 
 
+CLEAN_SHARE = 0.3  # stage 2's share of clean (bicubic-downsampled) LRs: what step 6 evaluates
+
+
 def train_stage2(p: Paths, seconds: float, seed: int) -> dict:
     return _fit("sr_tiny.yaml", p.stage2, [
         *_data(p), f"run.seed={seed}", f"model.pretrained={p.base}",
         f"sr.estimator={p.stage1 / 'export'}", f"trainer.max_minutes={seconds / 60:.4f}",
-        "trainer.max_steps=100000"])
+        "trainer.max_steps=100000", f"degradation.no_degradation_prob={CLEAN_SHARE}"])
 
 
 # --------------------------------------------------------------------------- orchestration
