@@ -124,7 +124,7 @@ class Degrader:
             g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp_(0, 1), lambda j: (x[j] + ops.poisson_noise(
             g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j], ~gauss[j])).clamp_(0, 1))
 
-    def _plan(self, p: dict, hw: tuple[int, int], lr_hw: tuple[int, int], dtype) -> list[dict]:
+    def _plan(self, p: dict, hw: tuple[int, int], lr_hw: tuple[int, int], dtype) -> dict:
         """The resize matrices of every stage, built once a call for both renders, per group.
 
         Sizes are base x factor (resize 2 relative to the LR size, as the reference). The groups
