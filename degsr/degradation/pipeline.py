@@ -154,9 +154,10 @@ class Degrader:
         t2 = taps(sizes1, sizes2, size1, size2, p["resize2_mode"])
         canvas2 = tuple(int(n.max()) for n in size2)
 
-        def matrices(t, rows, canvas_out, canvas_in):  # rows: samples; H then W
-            return [scatter_taps(t[0][rows + k * b, :canvas_out[k]], t[1][rows + k * b, :canvas_out[k]],
-                                 canvas_in[k]) for k in (0, 1)]
+        def matrices(t, rows, canvas_out, canvas_in):  # rows: samples (None: all, no gather)
+            sel = [slice(k * b, (k + 1) * b) if rows is None else rows + k * b for k in (0, 1)]
+            return [scatter_taps(t[0][sel[k], :canvas_out[k]], t[1][sel[k], :canvas_out[k]],
+                                 canvas_in[k]) for k in (0, 1)]  # H rows, then W rows
 
         groups = []
         for i, j in zip(cuts[:-1], cuts[1:]):
@@ -165,9 +166,7 @@ class Degrader:
             groups.append({"idx": idx, "r1": matrices(t1, idx, canvas1, hw),
                            "r2": matrices(t2, idx, canvas2, canvas1)})
         tf = taps(sizes2, full_d[2:], size2, full[2:], p["final_mode"])
-        every = torch.arange(b, device=device)
-        return {"groups": groups, "canvas2": canvas2,
-                "final": matrices(tf, every, lr_hw, canvas2)}
+        return {"groups": groups, "canvas2": canvas2, "final": matrices(tf, None, lr_hw, canvas2)}
 
     def _middle(self, y: Tensor, p: dict, k: dict, g: torch.Generator | None, group: dict) -> Tensor:
         """The group's samples after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2."""
