@@ -256,6 +256,21 @@ def test_small_images_pad_or_skip(shards):
     assert any("tiny" in k for b in padded for k in b["keys"])
 
 
+def test_crops_per_image_cuts_several_crops_from_each_decoded_image(tmp_path):
+    img = np.random.default_rng(3).integers(0, 256, (96, 80, 3), np.uint8)
+    tar = _tar(tmp_path / "one.tar", [("00000000_rand", {"png": _png(img)})])
+    # shuffle_buffer 1 keeps the order (each item swaps with the one held)
+    batches = list(stream([tar], crops_per_image=3, shuffle_buffer=1, batch_size=6,
+                          batches_per_epoch=4))
+    crops = torch.cat([b["hr"] for b in batches]).permute(0, 2, 3, 1).numpy()
+    windows = {(t, l, f): img[t:t + CROP, l:l + CROP][:, ::-1 if f else 1]
+               for t in range(96 - CROP + 1) for l in range(80 - CROP + 1) for f in (0, 1)}
+    where = [next(pos for pos, w in windows.items() if np.array_equal(w, c)) for c in crops]
+    assert len(set(where)) > len(where) // 2  # each crop its own position and flip
+    # 24 crops yielded, one more held in the buffer: 25 crops = 9 decodes of the image
+    assert sum(int(b["n_read"]) for b in batches) == 9
+
+
 def test_ranks_and_workers_get_distinct_seeded_streams(shards, monkeypatch):
     urls = expand_shard_pattern(str(shards))
     monkeypatch.setenv("WORLD_SIZE", "2")

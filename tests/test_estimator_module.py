@@ -150,3 +150,47 @@ def test_degsr_fit_tiny_writes_checkpoint_export_and_resumes(tmp_path, degsr_cmd
     assert runs and all(r.name.endswith(runs[0].name.split("-")[-1]) for r in runs)
     media = [p.name for p in (run / "wandb").rglob("*") if p.is_file()]
     assert any("scatter_blur" in m for m in media) and any("examples" in m for m in media)
+
+
+def test_ema_export_is_the_moving_average_of_the_weights_after_each_step(tmp_path, monkeypatch):
+    """estimator.ema_decay: the export equals a float64 EMA of the weights recorded after every
+    optimizer step (the first update copies them, then avg = d*avg + (1 - d)*w)."""
+    from lightning.pytorch.callbacks import Callback
+    from safetensors.torch import load_file
+
+    import degsr.cli
+    import degsr.training.fit as fitmod
+    from degsr.data.photos import write_photos
+
+    write_photos(tmp_path / "train", ("astronaut", "coins"))
+    write_photos(tmp_path / "val", ("chelsea",))
+    assert degsr.cli.main(["shards", str(tmp_path / "train"), "--out", str(tmp_path / "shards"),
+                           "--min-side", "64", "--min-bytes", "0"]) == 0
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append({k: v.detach().double().clone() for k, v in module.net.state_dict().items()})
+
+    real = fitmod.make_trainer
+    monkeypatch.setattr(fitmod, "make_trainer",
+                        lambda c, root, logger, extra=(): real(c, root, logger, [*extra, Record()]))
+    decay = 0.6
+    cfg = load_config([TINY], [f"data.train_shards={tmp_path}/shards",
+                               f"data.val_folder={tmp_path}/val", f"run.dir={tmp_path}/runs",
+                               "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
+                               "data.val_crops=4", "data.val_batch_size=4", "logger.wandb=false",
+                               "data.batches_per_epoch=3", "trainer.max_steps=5",
+                               "trainer.val_every_n_steps=2", "estimator.lr=1e-2",
+                               f"estimator.ema_decay={decay}"])
+    out = fitmod.fit(cfg)
+    assert out["status"] == "finished" and len(seen) == 5
+    avg = dict(seen[0])
+    for w in seen[1:]:
+        avg = {k: decay * avg[k] + (1 - decay) * w[k] for k in avg}
+    exported = load_file(Path(out["export"]) / "estimator.safetensors")
+    assert exported.keys() == avg.keys()
+    for k, v in exported.items():
+        assert torch.allclose(v.double(), avg[k], atol=1e-6, rtol=0), k
+    last = seen[-1]  # the average is not the last weights (the test can tell them apart)
+    assert any(not torch.allclose(exported[k].double(), last[k], atol=1e-4) for k in last)

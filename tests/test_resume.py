@@ -84,6 +84,12 @@ STAGES = {
                              "data.echo=3", "data.echo_window=2", "data.batches_per_epoch=4",
                              "data.shuffle_buffer=8",
                              "trainer.max_steps=24", "trainer.val_every_n_steps=8"], 18),
+    # the same with a moving average of the weights (estimator.ema_decay) and 2 crops per image
+    "estimator-echo-ema": (EST, ["data.crop_size=64", "data.batch_size=4", "data.num_workers=2",
+                                 "data.echo=3", "data.echo_window=2", "data.batches_per_epoch=4",
+                                 "data.shuffle_buffer=8", "data.crops_per_image=2",
+                                 "estimator.ema_decay=0.9",  # the average travels too
+                                 "trainer.max_steps=24", "trainer.val_every_n_steps=8"], 18),
     # GAN on (tiny ViT critic, DiffAugment draws), online negatives drawn often
     "sr": (SR, ["data.crop_size=32", "data.batch_size=2", "data.num_workers=0",
                 "data.batches_per_epoch=4", "data.shuffle_buffer=4", "sr.neg_prob=0.5",
@@ -120,6 +126,13 @@ def test_stop_and_resume_continue_the_loss_curve_exactly(stage, shards, tmp_path
     assert ev[3]["step"] == k and ev[3]["resumed_from"].endswith("last.ckpt")
     final = json.loads((Path(out2["run_dir"]) / "final.json").read_text())
     assert final["status"] == "finished" and final["global_step"] == n
+    if config == EST:  # the exports (the weight average, where on) agree too
+        from safetensors.torch import load_file
+
+        a, b = (load_file(Path(o["export"]) / "estimator.safetensors") for o in (out, out2))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
 
 
 # ------------------------------------------------------------------------ checkpoint safety

@@ -28,6 +28,10 @@ class DataConfig:
     crop_size: int = positive(512, "HR crop side in pixels (a multiple of degradation.scale)")
     batch_size: int = positive(4, "training crops per batch, per device")
     num_workers: int = number(2, "DataLoader worker processes per device (0 = main process)", lo=0)
+    crops_per_image: int = positive(1, "random crops cut from each decoded image (each its own "
+                                       "position and flip; they meet other images' crops in the "
+                                       "shuffle buffer): divides the decoding cost, for loaders "
+                                       "that cannot keep up (few CPU cores, large images)")
     shuffle_buffer: int = number(256, "crops held per worker for shuffling (memory: "
                                       "shuffle_buffer * crop_size^2 * 3 bytes)", lo=1)
     batches_per_epoch: int = positive(1000, "training batches per epoch, per rank (every rank runs "

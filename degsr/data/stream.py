@@ -3,8 +3,8 @@
 Each (rank, DataLoader worker, epoch) draws its own random stream, seeded with
 ``derive_seed(seed, rank, worker, epoch)``: shards are RESAMPLED (picked at random with
 replacement, as ``WebDataset(resampled=True)`` does), then each shard's samples are read in order,
-decoded, cropped at a random position, flipped with probability 1/2 and shuffled in a buffer of
-``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True, nodesplitter=..., ...)`` itself
+decoded, cropped at a random position (``crops_per_image`` times, each crop its own position and
+flip), flipped with probability 1/2 and shuffled in a buffer of ``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True, nodesplitter=..., ...)`` itself
 (webdataset 1.0.2, read from its source):
 
 - its ``ResampledShards`` is built with ``deterministic=False`` and ignores ``seed=``: every
@@ -131,7 +131,8 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], *, crop_size: int, batch_size: int,
-                 batches_per_epoch: int, shuffle_buffer: int = 256, small_images: str = "pad",
+                 batches_per_epoch: int, shuffle_buffer: int = 256, crops_per_image: int = 1,
+                 small_images: str = "pad",
                  seed: int = 0, rank: int | None = None, start_epoch: int = 0,
                  skip_batches: int = 0, stall_limit: int = 1000):
         super().__init__()
@@ -143,6 +144,7 @@ class TrainStream(IterableDataset):
         self.crop_size, self.batch_size = int(crop_size), int(batch_size)
         self.batches_per_epoch = int(batches_per_epoch)
         self.shuffle_buffer, self.small_images = max(1, int(shuffle_buffer)), small_images
+        self.crops_per_image = max(1, int(crops_per_image))
         self.seed, self.rank, self.stall_limit = int(seed), rank, int(stall_limit)
         self.start_epoch, self.skip_batches = int(start_epoch), int(skip_batches)
         if not 0 <= self.skip_batches < max(1, self.batches_per_epoch):
@@ -216,7 +218,8 @@ class TrainStream(IterableDataset):
                     img = reflect_pad(img, self.crop_size)
                 counts["n_read"] += 1
                 unusable.update(n_bad=0, n_small=0)
-                yield key, random_crop(img, self.crop_size, g)
+                for _ in range(self.crops_per_image):
+                    yield key, random_crop(img, self.crop_size, g)
 
     def _shuffled(self, items: Iterator, rng: random.Random):
         """Fill a buffer of ``shuffle_buffer`` items, then yield a random one per item read."""

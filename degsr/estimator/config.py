@@ -70,3 +70,8 @@ class EstimatorConfig(Checked):
                               "learning rate over the run: constant, or cosine decay to 0 at "
                               "trainer.max_steps (after the warm-up)")
     warmup_steps: int = number(0, "steps of linear warm-up from 0 to lr", lo=0)
+    ema_decay: float = number(0.0, "exponential moving average of the weights (Lightning's "
+                                   "EMAWeightAveraging), updated every step with this decay; "
+                                   "validation, checkpoints' state_dict and the export use the "
+                                   "average (0.999: about the last 1000 steps). 0 = off",
+                               lo=0, hi=0.99999)

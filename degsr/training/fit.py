@@ -212,8 +212,12 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
                            save_last=True, save_top_k=t.keep_last_n, monitor="step", mode="max",
                            filename="step{step:07d}", auto_insert_metric_name=False,
                            enable_version_counter=False)  # one run dir per run: overwrite last
-    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed),
-                 *extra_callbacks]
+    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed)]
+    if cfg.stage == "estimator" and cfg.estimator.ema_decay > 0:  # before RunLog: it swaps the
+        from lightning.pytorch.callbacks import EMAWeightAveraging  # average in, then RunLog exports
+
+        callbacks.append(EMAWeightAveraging(decay=cfg.estimator.ema_decay))
+    callbacks += extra_callbacks
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     plugins = [AtomicCheckpointIO()]
