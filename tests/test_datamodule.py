@@ -27,7 +27,7 @@ from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
 from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral, echo_position
 from degsr.data.shards import expand_shard_pattern
-from degsr.data.stream import TrainStream, read_shard, reflect_pad
+from degsr.data.stream import TrainStream, read_shard, reflect_pad, rescale
 from degsr.data.validation import PairedFolders, SyntheticValSet
 from degsr.errors import ConfigError, UserError
 
@@ -269,6 +269,50 @@ def test_crops_per_image_cuts_several_crops_from_each_decoded_image(tmp_path):
     assert len(set(where)) > len(where) // 2  # each crop its own position and flip
     # 24 crops yielded, one more held in the buffer: 25 crops = 9 decodes of the image
     assert sum(int(b["n_read"]) for b in batches) == 9
+
+
+def _bicubic_aa_reference(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Antialiased bicubic (a = -0.5) resize in float64, one axis at a time (columns first,
+    rounded and clipped to uint8 in between, as PIL stores its first pass): output pixel i
+    centred at (i + 1/2)·s in input coordinates (s = in/out), taps within 2·max(s, 1) of it,
+    weights K((j + 1/2 - centre)/max(s, 1)), normalised."""
+    def kernel(x):
+        x = np.abs(x)
+        return np.where(x < 1, 1.5 * x**3 - 2.5 * x**2 + 1,
+                        np.where(x < 2, -0.5 * x**3 + 2.5 * x**2 - 4 * x + 2, 0.0))
+
+    def axis(n_in, n_out):
+        s = n_in / n_out
+        stretch = max(s, 1.0)
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            c = (i + 0.5) * s
+            j = np.arange(int(np.floor(c - 2 * stretch)), int(np.ceil(c + 2 * stretch)) + 1)
+            j = j[(j >= 0) & (j < n_in)]
+            w = kernel((j + 0.5 - c) / stretch)
+            m[i, j] = w / w.sum()
+        return m
+
+    x = img.astype(np.float64)
+    rows, cols = axis(img.shape[0], out_h), axis(img.shape[1], out_w)
+    x = np.clip(np.floor(np.einsum("jkc,lk->jlc", x, cols) + 0.5), 0, 255)
+    return np.clip(np.einsum("ij,jlc->ilc", rows, x), 0, 255)
+
+
+def test_scale_range_resizes_each_image_before_cropping(tmp_path):
+    img = np.ascontiguousarray(skimage.data.astronaut()[100:260, 200:330])  # 160 x 130
+    small = rescale(img, 0.5)
+    assert small.shape == (80, 65, 3)
+    ref = np.floor(_bicubic_aa_reference(img, 80, 65) + 0.5)
+    diff = np.abs(small.astype(np.float64) - ref)
+    assert diff.max() <= 1.0 and (diff == 0).mean() > 0.95  # PIL's weights are fixed-point
+    assert rescale(img, 0.77).shape == (123, 100, 3)  # round(160·0.77), round(130·0.77)
+    assert rescale(img, 1.0) is img
+    tar = _tar(tmp_path / "one.tar", [("00000000_rand", {"png": _png(img)})])
+    batches = list(stream([tar], scale_range=(0.5, 0.5), batch_size=4, batches_per_epoch=2))
+    for crop in torch.cat([b["hr"] for b in batches]).permute(0, 2, 3, 1).numpy():
+        assert any(np.array_equal(crop, small[t:t + CROP, l:l + CROP][:, ::-1 if f else 1])
+                   for t in range(80 - CROP + 1) for l in range(65 - CROP + 1) for f in (0, 1))
 
 
 def test_ranks_and_workers_get_distinct_seeded_streams(shards, monkeypatch):

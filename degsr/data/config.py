@@ -7,8 +7,9 @@ an empty ``train_shards`` is only an error for a run that trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
-from degsr.config.fields import choice, number, plain, positive, prob
+from degsr.config.fields import choice, number, plain, positive, prob, span
 
 SMALL_IMAGE_POLICIES = ["pad", "skip"]
 
@@ -32,6 +33,10 @@ class DataConfig:
                                        "position and flip; they meet other images' crops in the "
                                        "shuffle buffer): divides the decoding cost, for loaders "
                                        "that cannot keep up (few CPU cores, large images)")
+    scale_range: List[float] = span([1.0, 1.0], "each decoded image is first resized by a factor "
+                                    "drawn uniformly from [low, high] (antialiased bicubic): "
+                                    "Real-ESRGAN's multi-scale HR set, drawn on the fly. [1, 1] = "
+                                    "off", lo=0.05, hi=4.0)
     shuffle_buffer: int = number(256, "crops held per worker for shuffling (memory: "
                                       "shuffle_buffer * crop_size^2 * 3 bytes)", lo=1)
     batches_per_epoch: int = positive(1000, "training batches per epoch, per rank (every rank runs "

@@ -180,7 +180,8 @@ class SRDataModule(L.LightningDataModule):
         stream = TrainStream(
             self.train_urls, crop_size=d.crop_size, batch_size=d.batch_size,
             batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
-            crops_per_image=d.crops_per_image, small_images=d.small_images, seed=self.seed,
+            crops_per_image=d.crops_per_image, scale_range=tuple(d.scale_range),
+            small_images=d.small_images, seed=self.seed,
             rank=None if trainer is None else trainer.global_rank,
             start_epoch=self._batches // steps,
             skip_batches=window_start,

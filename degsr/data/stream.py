@@ -3,8 +3,8 @@
 Each (rank, DataLoader worker, epoch) draws its own random stream, seeded with
 ``derive_seed(seed, rank, worker, epoch)``: shards are RESAMPLED (picked at random with
 replacement, as ``WebDataset(resampled=True)`` does), then each shard's samples are read in order,
-decoded, cropped at a random position (``crops_per_image`` times, each crop its own position and
-flip), flipped with probability 1/2 and shuffled in a buffer of ``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True, nodesplitter=..., ...)`` itself
+decoded, resized by a random factor from ``scale_range`` (when not (1, 1)), cropped at a random
+position (``crops_per_image`` times, each crop its own position and flip), flipped with probability 1/2 and shuffled in a buffer of ``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True, nodesplitter=..., ...)`` itself
 (webdataset 1.0.2, read from its source):
 
 - its ``ResampledShards`` is built with ``deterministic=False`` and ignores ``seed=``: every
@@ -92,6 +92,18 @@ def decode_image(parts: dict[str, bytes]) -> np.ndarray:
         raise ValueError(f"cannot decode {ext}: {type(e).__name__}: {e}") from None
 
 
+def rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """(H, W, 3) uint8 resized by ``factor`` (each side rounded, at least 1 pixel) with PIL's
+    bicubic filter, which widens its support by the factor when shrinking (antialiased)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if size == (w, h):
+        return img
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+
+
 def reflect_pad(img: np.ndarray, size: int) -> np.ndarray:
     """Pad (H, W, 3) up to at least size x size, centred, by reflection (any H, W >= 1)."""
     h, w = img.shape[:2]
@@ -132,7 +144,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], *, crop_size: int, batch_size: int,
                  batches_per_epoch: int, shuffle_buffer: int = 256, crops_per_image: int = 1,
-                 small_images: str = "pad",
+                 scale_range: tuple[float, float] = (1.0, 1.0), small_images: str = "pad",
                  seed: int = 0, rank: int | None = None, start_epoch: int = 0,
                  skip_batches: int = 0, stall_limit: int = 1000):
         super().__init__()
@@ -145,6 +157,7 @@ class TrainStream(IterableDataset):
         self.batches_per_epoch = int(batches_per_epoch)
         self.shuffle_buffer, self.small_images = max(1, int(shuffle_buffer)), small_images
         self.crops_per_image = max(1, int(crops_per_image))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.seed, self.rank, self.stall_limit = int(seed), rank, int(stall_limit)
         self.start_epoch, self.skip_batches = int(start_epoch), int(skip_batches)
         if not 0 <= self.skip_batches < max(1, self.batches_per_epoch):
@@ -211,6 +224,9 @@ class TrainStream(IterableDataset):
                 except ValueError:
                     skip("n_bad")
                     continue
+                if self.scale_range != (1.0, 1.0):
+                    lo, hi = self.scale_range
+                    img = rescale(img, lo + (hi - lo) * float(torch.rand(1, generator=g)))
                 if min(img.shape[:2]) < self.crop_size:
                     if self.small_images == "skip":
                         skip("n_small")
