@@ -3,9 +3,10 @@
 Each (rank, DataLoader worker, epoch) draws its own random stream, seeded with
 ``derive_seed(seed, rank, worker, epoch)``: shards are RESAMPLED (picked at random with
 replacement, as ``WebDataset(resampled=True)`` does), then each shard's samples are read in order,
-decoded, resized by a random factor from ``scale_range`` (when not (1, 1)), cropped at a random
-position (``crops_per_image`` times, each crop its own position and flip), flipped with probability 1/2 and shuffled in a buffer of ``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True, nodesplitter=..., ...)`` itself
-(webdataset 1.0.2, read from its source):
+decoded, resized by a random factor from ``scale_range`` (unless it is (1, 1)), cut into
+``crops_per_image`` crops, each at a random position and flipped with probability 1/2, and
+shuffled in a buffer of ``shuffle_buffer`` crops. Why not ``WebDataset(resampled=True,
+nodesplitter=..., ...)`` itself (webdataset 1.0.2, read from its source):
 
 - its ``ResampledShards`` is built with ``deterministic=False`` and ignores ``seed=``: every
   worker mixes pid, time and ``os.urandom`` into its seed, so runs are not reproducible;
