@@ -169,15 +169,17 @@ def _data(p: Paths) -> list[str]:
     return [f"data.train_shards={p.shards}", f"data.val_folder={p.heldout}"]
 
 
+CLEAN_SHARE = 0.3  # share of clean (bicubic-downsampled) LRs in both stages: what step 6 evaluates
+
+
 def train_stage1(p: Paths, seconds: float, seed: int) -> dict:
+    # the clean share here too, so that the estimator scores a clean LR (0, 0) and stage 2 can
+    # tell one apart; the weight average over ~100 steps (0.999 would still hold the first minute)
     return _fit("estimator_tiny.yaml", p.stage1, [
         *_data(p), f"run.seed={seed}", f"trainer.max_minutes={seconds / 60:.4f}",
         "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
         "trainer.checkpoint_every_n_steps=50", "data.val_crops=32",
-        "estimator.ema_decay=0.99"])  # ~100 steps: 0.999 would still hold the first minute
-
-
-CLEAN_SHARE = 0.3  # stage 2's share of clean (bicubic-downsampled) LRs: what step 6 evaluates
+        "estimator.ema_decay=0.99", f"degradation.no_degradation_prob={CLEAN_SHARE}"])
 
 
 def train_stage2(p: Paths, seconds: float, seed: int) -> dict:
