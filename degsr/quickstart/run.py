@@ -173,8 +173,9 @@ CLEAN_SHARE = 0.3  # share of clean (bicubic-downsampled) LRs in both stages: wh
 
 
 def train_stage1(p: Paths, seconds: float, seed: int) -> dict:
-    # the clean share here too, so that the estimator scores a clean LR (0, 0) and stage 2 can
-    # tell one apart; the weight average over ~100 steps (0.999 would still hold the first minute)
+    # the clean share here too, so that a clean LR gets its own (blur, noise) from the estimator
+    # and stage 2 can tell one apart (docs/quickstart.md); the weight average over ~100 steps
+    # (0.999 would still hold the first minute)
     return _fit("estimator_tiny.yaml", p.stage1, [
         *_data(p), f"run.seed={seed}", f"trainer.max_minutes={seconds / 60:.4f}",
         "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
