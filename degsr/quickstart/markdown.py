@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import shlex
 
-from degsr.quickstart.run import CLEAN_SHARE
+from degsr.quickstart.run import CLEAN_SHARE, STAGE1_PINNED
 
 STEP_TEXT = {
     "photos": "skimage.data photos as PNG (photos/train, photos/heldout)",
     "shards": "`degsr shards photos/train --out shards --min-side 64 --min-bytes 0`",
     "prior": "tiny SD-Turbo stand-in fitted on the shard crops (prior/, see below)",
-    "stage1": "`degsr fit configs/estimator_tiny.yaml estimator.ema_decay=0.99 "
-              f"degradation.no_degradation_prob={CLEAN_SHARE}` (runs/estimator)",
+    "stage1": f"`degsr fit configs/estimator_tiny.yaml {' '.join(STAGE1_PINNED)}` "
+              "(runs/estimator)",
     "stage2": "`degsr fit configs/sr_tiny.yaml model.pretrained=... sr.estimator=... "
               f"degradation.no_degradation_prob={CLEAN_SHARE}` (clean LRs: docs/quickstart.md)",
     "sr": "held-out HR -> bicubic x1/4 LR (eval/lr) -> `degsr sr` (eval/degsr); "
@@ -114,8 +114,8 @@ def render(p, results: dict) -> str:
         "comparison.png before reading \"sharper\" as \"better\". `degsr sr` modulates the LoRA "
         "with the stage-1 estimate of each LR's (blur, noise); a quickstart's 90 s of stage 1 "
         "learn the blur score, not yet the noise score (see `degsr estimate`), so a clean "
-        "bicubic LR gets a restoration meant for a somewhat degraded one. `degsr sr --blur B "
-        "--noise N` sets the vector by hand.", "",
+        "bicubic LR gets a restoration meant for a degraded one. `degsr sr --blur B --noise N` "
+        "sets the vector by hand.", "",
         f"`comparison.png`: {c['photo']}, left to right bicubic x4 | degsr | HR, each at HR size.",
         "",
         "## Files and commands", "",
