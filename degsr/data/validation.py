@@ -95,7 +95,8 @@ class SyntheticValSet(Dataset):
         if not images:
             where = data.val_shards or data.val_folder
             raise UserError(f"{source}: no readable images in {where}")
-        return cls(val_crops(images, data.val_crops, data.val_crop_size or data.crop_size), degradation)
+        size = data.val_crop_size or data.crop_size
+        return cls(val_crops(images, data.val_crops, size), degradation)
 
     def __len__(self) -> int:
         return len(self.hr)
