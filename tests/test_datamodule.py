@@ -145,6 +145,22 @@ def test_batch_through_datamodule_hooks(shards):
     assert dm.on_after_batch_transfer(raw, 0) is raw
 
 
+def test_degradations_per_crop_degrades_each_crop_side_by_side(shards):
+    dm = SRDataModule(data_cfg(train_shards=str(shards), batch_size=6, degradations_per_crop=3),
+                      DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    raw = next(iter(dm.train_dataloader()))
+    assert raw["hr"].shape[0] == 2 and len(raw["keys"]) == 2  # the loader cuts 6 / 3 crops
+    out = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)
+    assert out["lr"].shape[0] == 6 and out["crop"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert out["keys"] == [raw["keys"][0]] * 3 + [raw["keys"][1]] * 3
+    for i in range(6):
+        assert torch.equal(out["hr"][i], raw["hr"][i // 3].float() / 255)
+    lr = out["lr"]  # independent draws: the three LRs of one crop differ
+    assert not torch.equal(lr[0], lr[1]) and not torch.equal(lr[1], lr[2])
+
+
 # ------------------------------------------------------------------------------- data echo
 def _turn_loop(img: np.ndarray, k: int) -> np.ndarray:
     """The k-th flip/rotation of a square (..., n, n) array, pixel by pixel: k % 4 quarter turns

@@ -10,7 +10,8 @@ import torch
 from degsr.config import load_config
 from degsr.degradation.pipeline import Degrader
 from degsr.degradation.scores import degradation_scores
-from degsr.estimator.losses import anchor_loss, margin_ranking
+from degsr.errors import ConfigError
+from degsr.estimator.losses import anchor_loss, margin_ranking, within_crop_mse
 from degsr.estimator.module import EstimatorModule
 from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
 
@@ -39,6 +40,31 @@ def test_margin_ranking_matches_formula_on_hand_built_pairs():
 def test_anchor_loss_formula():
     c, w = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.7, 1.0]])
     assert anchor_loss(c, w).item() == pytest.approx((0.01 + 0.04) / 2 + (0.09 + 0) / 2)
+
+
+def test_within_crop_mse_matches_a_loop_over_crops():
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.rand(9, 2, generator=g), torch.rand(9, 2, generator=g, dtype=torch.float64)
+    crop = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])  # uneven groups and a singleton (adds 0)
+    total = 0.0
+    for i in range(9):
+        same = [j for j in range(9) if crop[j] == crop[i]]
+        for s in range(2):
+            dp = float(pred[i, s]) - sum(float(pred[j, s]) for j in same) / len(same)
+            dt = float(true[i, s]) - sum(float(true[j, s]) for j in same) / len(same)
+            total += (dp - dt) ** 2
+    assert within_crop_mse(pred, true, crop).item() == pytest.approx(total / 18, rel=1e-5)
+    pairs = torch.arange(4).repeat_interleave(2)  # pairs: a quarter of the MSE of the differences
+    d = (pred[0:8:2] - pred[1:8:2]) - (true[0:8:2] - true[1:8:2]).float()
+    assert within_crop_mse(pred[:8], true[:8], pairs).item() == pytest.approx(
+        (d ** 2).mean().item() / 4, rel=1e-5)
+
+
+def test_within_crop_weight_needs_several_degradations_per_crop():
+    with pytest.raises(ConfigError, match="estimator.within_crop_weight"):
+        load_config([TINY], ["data.degradations_per_crop=1", "estimator.within_crop_weight=1"])
+    with pytest.raises(ConfigError, match="data.degradations_per_crop"):
+        load_config([TINY], ["data.batch_size=30", "data.degradations_per_crop=4"])
 
 
 @pytest.mark.parametrize("label", ["params", "measured"])
@@ -75,10 +101,11 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(objective, lr, steps, fact
     cfg = load_config([TINY], [f"estimator.objective={objective}", f"estimator.lr={lr}"])
     module = EstimatorModule(cfg.estimator, cfg.degradation, seed=0)
     batch = Degrader(cfg.degradation)(hr_batch(8), torch.Generator().manual_seed(0))
+    batch["crop"] = torch.arange(8) // 2  # as if each crop were degraded twice
     pairs = ranking_batches(module.degrader, batch["hr"], torch.Generator().manual_seed(1))
     monkeypatch.setattr(mod, "ranking_batches", lambda *a: pairs)  # a fixed batch: fixed pairs
     opt = module.configure_optimizers()["optimizer"]
-    weights = {"supervised": 1.0, "ranking": 1.0, "anchor": 0.01}
+    weights = {"supervised": 1.0, "ranking": 1.0, "anchor": 0.01, "within_crop": 1.0}
 
     def loss():
         return sum(weights[k] * v for k, v in module.losses(batch).items())

@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,9 @@ from PIL import Image
 from degsr.errors import UserError
 from degsr.estimator import (SCORES, DegradationEstimator, EstimatorNetConfig, load_estimator,
                              save_estimator, tiny_net)
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def conv(cin, cout, k=3):
@@ -244,3 +249,35 @@ def test_estimate_cli_bad_ckpt(tmp_path, degsr_cmd):
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and str(tmp_path / "none") in res.stderr
     assert res.stdout == ""
+
+
+def test_stage1_heldout_script_scores_degrade_pairs_with_estimate(photo_setup):
+    """experiments/stage1_heldout.py: `degsr degrade` pairs scored by `degsr estimate`; its
+    Spearman recomputed here from the files it wrote, by ranks done by hand."""
+    tmp_path, photo, _ = photo_setup
+    (tmp_path / "held").mkdir()
+    photo.rename(tmp_path / "held" / photo.name)
+    res = subprocess.run([sys.executable, str(ROOT / "experiments/stage1_heldout.py"),
+                          str(tmp_path / "export"), "--photos", str(tmp_path / "held"),
+                          "--seeds", "3", "--n-per-image", "6", "--crop", "128",
+                          "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["pairs"] == 6 and set(out["per_seed"]) == {"3"}
+    pair_dir = tmp_path / "work" / "seed3-crop128-n6"
+    truth = [json.loads(line) for line in open(pair_dir / "params.jsonl")]
+    model = load_estimator(tmp_path / "export")
+    for i, score in enumerate(("blur", "noise")):
+        t = np.array([r["scores"][score] for r in truth])
+        p = []
+        for r in truth:
+            lq = np.asarray(Image.open(pair_dir / f"{r['stem']}_lq.png").convert("RGB"), np.float32)
+            with torch.no_grad():
+                p.append(round(float(model(torch.from_numpy(lq / 255).permute(2, 0, 1)[None])[0, i]), 4))
+
+        def ranks(v):  # average ranks of ties, as Spearman's definition
+            return np.array([np.mean([j for j, w in enumerate(sorted(v)) if w == x]) for x in v])
+        rt, rp = ranks(t), ranks(np.array(p))
+        rho = np.corrcoef(rt, rp)[0, 1]
+        assert out["pooled"][score] == pytest.approx(rho, abs=1e-3)

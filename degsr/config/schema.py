@@ -131,6 +131,11 @@ class Config:
     sr: SRConfig = field(default_factory=SRConfig)
 
     def check(self):
+        if (self.stage == "estimator" and self.estimator.within_crop_weight > 0
+                and self.data.degradations_per_crop < 2):
+            yield "estimator.within_crop_weight", ("needs data.degradations_per_crop >= 2 (each "
+                                                   "crop degraded several times), got "
+                                                   f"{self.data.degradations_per_crop}")
         if self.stage == "sr" and self.trainer.precision == "16-mixed":
             yield "trainer.precision", ("stage sr steps its discriminator outside Lightning's "
                                         "loss scaler: use bf16-mixed or 32-true, not 16-mixed")

@@ -33,6 +33,11 @@ class DataConfig:
                                        "position and flip; they meet other images' crops in the "
                                        "shuffle buffer): divides the decoding cost, for loaders "
                                        "that cannot keep up (few CPU cores, large images)")
+    degradations_per_crop: int = positive(1, "each training crop is degraded this many times "
+                                             "with independent draws, side by side in the batch "
+                                             "(a batch holds batch_size / this many crops): the "
+                                             "same content at several degradations, for stage "
+                                             "1's estimator.within_crop_weight")
     scale_range: List[float] = span([1.0, 1.0], "each decoded image is first resized by a factor "
                                     "drawn uniformly from [low, high] (antialiased bicubic): "
                                     "Real-ESRGAN's multi-scale HR set, drawn on the fly. [1, 1] = "
@@ -61,5 +66,8 @@ class DataConfig:
     min_samples_for_bad_check: int = positive(200, "samples read before max_bad_fraction applies")
 
     def check(self):
+        if self.batch_size % self.degradations_per_crop:
+            yield "degradations_per_crop", (f"must divide data.batch_size={self.batch_size}, got "
+                                            f"{self.degradations_per_crop}")
         if bool(self.val_paired_lr) != bool(self.val_paired_hr):
             yield "val_paired_hr", "set val_paired_lr and val_paired_hr together (or neither)"

@@ -3,10 +3,12 @@ the validation sets of :mod:`degsr.data.validation`.
 
 Training batches leave the DataLoader as uint8 HR crops (cheap to pin and transfer);
 ``on_after_batch_transfer`` turns them into the degradation engine's dict on the device
-(``hr, gt, lr, lr_up, scores, clean, params``) plus ``n_bad`` and ``keys``. The degradation of
-training batch ``t`` (counted over the whole run, equal on every rank) draws from
+(``hr, gt, lr, lr_up, scores, clean, params``) plus ``n_bad``, ``keys`` and ``crop``. The
+degradation of training batch ``t`` (counted over the whole run, equal on every rank) draws from
 ``make_generator(seed, 1000 + global_rank, t, device=...)``: distinct per rank and batch, and
-independent of what ran before. The LightningModule must not override
+independent of what ran before. With ``data.degradations_per_crop = D`` the loader yields
+``batch_size / D`` crops and each is degraded D times side by side, each time with its own
+draw; ``crop`` (B,) says which crop each sample came from. The LightningModule must not override
 ``on_before/after_batch_transfer`` itself (Lightning would then skip these).
 
 Exact resume: :meth:`state_dict` (saved in every checkpoint) holds ``t``; a resumed run starts the
@@ -178,7 +180,8 @@ class SRDataModule(L.LightningDataModule):
         steps = d.batches_per_epoch * d.echo  # training batches per epoch
         _, _, window_start = echo_position(self._batches, d.batches_per_epoch, d.echo, d.echo_window)
         stream = TrainStream(
-            self.train_urls, crop_size=d.crop_size, batch_size=d.batch_size,
+            self.train_urls, crop_size=d.crop_size,
+            batch_size=d.batch_size // d.degradations_per_crop,
             batches_per_epoch=d.batches_per_epoch, shuffle_buffer=d.shuffle_buffer,
             crops_per_image=d.crops_per_image, scale_range=tuple(d.scale_range),
             small_images=d.small_images, seed=self.seed,
@@ -233,8 +236,12 @@ class SRDataModule(L.LightningDataModule):
             hr = batch["hr"]
             hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
             g = make_generator(self.seed, 1000 + self.trainer.global_rank, index, device=hr.device)
-            out = self.degrader(hr, g)
-            out["n_bad"], out["keys"] = batch["n_bad"], batch.get("keys")
+            n, per = hr.shape[0], d.degradations_per_crop
+            out = self.degrader(hr.repeat_interleave(per, 0) if per > 1 else hr, g)
+            keys = batch.get("keys")
+            out["n_bad"] = batch["n_bad"]
+            out["keys"] = [k for k in keys for _ in range(per)] if keys is not None else None
+            out["crop"] = torch.arange(n, device=hr.device).repeat_interleave(per)
             self._degraded[index] = out
         return dihedral(self._degraded[index], k)
 

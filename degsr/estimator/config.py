@@ -60,6 +60,10 @@ class EstimatorConfig(Checked):
     net: EstimatorNetConfig = field(default_factory=EstimatorNetConfig)
     objective: str = choice("supervised", OBJECTIVES, "training objective (an ablation)")
     supervised_weight: float = number(1.0, "weight of the MSE to the engine's scores", lo=0)
+    within_crop_weight: float = number(
+        0.0, "weight of the within-crop MSE: the predicted scores of the degradations of one crop "
+             "(data.degradations_per_crop >= 2), each relative to their mean, regressed on the "
+             "same for the engine's scores", lo=0)
     ranking_weight: float = number(1.0, "weight of the margin-ranking loss", lo=0)
     anchor_weight: float = number(0.01, "weight of the clean->0 / worst->1 anchors (MSE)", lo=0)
     margin: float = number(0.05, "ranking margin", lo=0)

@@ -1,4 +1,4 @@
-"""Stage-1 losses: supervised regression, margin ranking, anchors."""
+"""Stage-1 losses: supervised regression, within-crop differences, margin ranking, anchors."""
 
 from __future__ import annotations
 
@@ -25,3 +25,17 @@ def anchor_loss(pred_clean: Tensor, pred_worst: Tensor) -> Tensor:
     """MSE pulling clean inputs to 0 and the preset's worst case to 1 (both scores)."""
     return F.mse_loss(pred_clean, torch.zeros_like(pred_clean)) + \
         F.mse_loss(pred_worst, torch.ones_like(pred_worst))
+
+
+def within_crop_mse(pred: Tensor, true: Tensor, crop: Tensor) -> Tensor:
+    """MSE between predicted and true scores (B, S), each taken relative to its mean over the
+    samples degraded from the same crop (``crop`` (B,) holds crop indices 0..G-1): the content is
+    shared, so only the degradations can explain the differences. Singleton crops add 0."""
+    groups = int(crop.max()) + 1
+    count = torch.zeros(groups, 1, dtype=pred.dtype, device=pred.device).index_add_(
+        0, crop, torch.ones_like(pred[:, :1]))
+
+    def centred(x: Tensor) -> Tensor:
+        total = torch.zeros(groups, x.shape[1], dtype=x.dtype, device=x.device)
+        return x - (total.index_add_(0, crop, x) / count)[crop]
+    return F.mse_loss(centred(pred), centred(true.to(pred.dtype)))

@@ -2,7 +2,9 @@
 
 Training batches arrive degraded by the DataModule (``lr``, ``scores``, ``hr``, ...). The
 objective (``estimator.objective``) is ``supervised`` (MSE to the engine's scores), ``ranking``
-(margin ranking on pairs made here from ``hr``, plus clean/worst anchors) or ``both``.
+(margin ranking on pairs made here from ``hr``, plus clean/worst anchors) or ``both``; with
+``estimator.within_crop_weight`` and ``data.degradations_per_crop`` >= 2, plus an MSE on the
+differences between the degradations of each crop (:func:`~degsr.estimator.losses.within_crop_mse`).
 Validation reports per-score Spearman and Pearson correlation on the fixed synthetic set.
 """
 
@@ -21,7 +23,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from degsr.config.schema import DegradationConfig
 from degsr.degradation.pipeline import Degrader
 from degsr.estimator.config import EstimatorConfig
-from degsr.estimator.losses import anchor_loss, margin_ranking
+from degsr.estimator.losses import anchor_loss, margin_ranking, within_crop_mse
 from degsr.estimator.network import SCORES, DegradationEstimator
 from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
 from degsr.seeding import batch_generator
@@ -52,8 +54,12 @@ class EstimatorModule(L.LightningModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Every term of the configured objective (unweighted), on one degraded batch."""
         cfg, out = self.cfg, {}
-        if cfg.objective in ("supervised", "both"):
-            out["supervised"] = F.mse_loss(self.net(batch["lr"]), batch["scores"])
+        if cfg.objective in ("supervised", "both") or cfg.within_crop_weight > 0:
+            pred = self.net(batch["lr"])
+            if cfg.objective in ("supervised", "both"):
+                out["supervised"] = F.mse_loss(pred, batch["scores"])
+            if cfg.within_crop_weight > 0:
+                out["within_crop"] = within_crop_mse(pred, batch["scores"], batch["crop"])
         if cfg.objective in ("ranking", "both"):
             hr = batch["hr"]
             g = batch_generator(self, 2000, device=hr.device)
@@ -72,7 +78,7 @@ class EstimatorModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.losses(batch)
         weights = {"supervised": self.cfg.supervised_weight, "ranking": self.cfg.ranking_weight,
-                   "anchor": self.cfg.anchor_weight}
+                   "anchor": self.cfg.anchor_weight, "within_crop": self.cfg.within_crop_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
         bs = batch["lr"].shape[0]
         if self.guard.skip(self, loss):  # every rank agreed; the backward still runs on every
