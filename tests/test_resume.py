@@ -179,7 +179,7 @@ def test_truncated_checkpoint_is_skipped_at_resume(tmp_path, caplog):
 
 def test_keep_last_n_checkpoints(shards, tmp_path):
     cfg = load_config([EST], [f"data.train_shards={shards}/shards", "logger.wandb=false",
-                              "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
+                              "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
                               "data.batches_per_epoch=3", "trainer.max_steps=8",
                               "trainer.checkpoint_every_n_steps=2", "trainer.keep_last_n=2",
                               "trainer.val_every_n_steps=100", f"run.dir={tmp_path}"])
@@ -225,7 +225,7 @@ def _ddp_fit(script: Path, args: list[str]) -> subprocess.CompletedProcess:
 def _ddp_args(shards, tmp_path, *extra) -> list[str]:
     return [str(EST), f"data.train_shards={shards}/shards", "logger.wandb=false",
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-            "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
+            "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
             "data.batches_per_epoch=4", "trainer.max_steps=5", "trainer.val_every_n_steps=100",
             "trainer.checkpoint_every_n_steps=100", f"run.dir={tmp_path}/runs", *extra]
 
