@@ -24,9 +24,17 @@ from scipy.stats import spearmanr
 SCORES = ("blur", "noise")
 
 
+class CommandFailed(Exception):
+    pass
+
+
 def degsr(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "degsr", *args], capture_output=True, text=True,
-                          check=True).stdout
+    """stdout of ``degsr ARGS``; CommandFailed with its last error line when it fails."""
+    r = subprocess.run([sys.executable, "-m", "degsr", *args], capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise CommandFailed(f"degsr {args[0]} failed: {last}")
+    return r.stdout
 
 
 def score_seed(export: str, photos: list[str], seed: int, n: int, crop: int, out: Path) -> list:
@@ -61,8 +69,12 @@ def main(argv=None) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="stage1_heldout_"))
     per_seed, pooled = {}, []
     for seed in (int(s) for s in a.seeds.split(",")):
-        pairs = score_seed(a.export, photos, seed, a.n_per_image, a.crop,
-                           work / f"seed{seed}-crop{a.crop}-n{a.n_per_image}")
+        try:
+            pairs = score_seed(a.export, photos, seed, a.n_per_image, a.crop,
+                               work / f"seed{seed}-crop{a.crop}-n{a.n_per_image}")
+        except CommandFailed as e:
+            print(f"stage1_heldout: {e}", file=sys.stderr)
+            return 1
         per_seed[seed], pooled = spearman(pairs), pooled + pairs
     print(json.dumps({"pooled": spearman(pooled), "per_seed": per_seed, "pairs": len(pooled),
                       "crop": a.crop, "work": str(work)}))

@@ -45,6 +45,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
@@ -81,8 +82,6 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 def decode_image(parts: dict[str, bytes]) -> np.ndarray:
     """The sample's image as (H, W, 3) uint8 RGB; ValueError if it has none or it does not decode."""
-    from PIL import Image
-
     ext = next((e for e in IMAGE_KEYS if e in parts), None)
     if ext is None:
         raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
@@ -96,8 +95,6 @@ def decode_image(parts: dict[str, bytes]) -> np.ndarray:
 def rescale(img: np.ndarray, factor: float) -> np.ndarray:
     """(H, W, 3) uint8 resized by ``factor`` (each side rounded, at least 1 pixel) with PIL's
     bicubic filter, which widens its support by the factor when shrinking (antialiased)."""
-    from PIL import Image
-
     h, w = img.shape[:2]
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     if size == (w, h):

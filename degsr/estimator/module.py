@@ -54,9 +54,10 @@ class EstimatorModule(L.LightningModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Every term of the configured objective (unweighted), on one degraded batch."""
         cfg, out = self.cfg, {}
-        if cfg.objective in ("supervised", "both") or cfg.within_crop_weight > 0:
+        regress = cfg.objective in ("supervised", "both")
+        if regress or cfg.within_crop_weight > 0:
             pred = self.net(batch["lr"])
-            if cfg.objective in ("supervised", "both"):
+            if regress:
                 out["supervised"] = F.mse_loss(pred, batch["scores"])
             if cfg.within_crop_weight > 0:
                 out["within_crop"] = within_crop_mse(pred, batch["scores"], batch["crop"])
