@@ -294,3 +294,82 @@ def test_same_device_takes_indexless_cuda_as_the_current_one():
     assert same_device(dev("cuda"), dev("cuda", 0)) and same_device(dev("cuda", 1), dev("cuda"))
     assert not same_device(dev("cuda", 0), dev("cuda", 1))
     assert not same_device(dev("cpu"), dev("cuda")) and same_device(dev("cpu"), dev("cpu"))
+
+
+# ------------------------------------------------------------------- measured blur label
+def _gaussian_then_resize(draw: dict, sigmas: list[float], mode: str) -> dict:
+    """The draw edited to one linear chain per sample: a Gaussian blur of ``sigma`` HR pixels
+    (none for 0), then a single resize to the LR size with ``mode`` (no second blur, no final
+    sinc; resize 2 at factor 1, so the final resize keeps the size)."""
+    from degsr.degradation.kernels import gaussian_family_kernels
+    from degsr.degradation.resize import RESIZE_MODES
+
+    n = len(sigmas)
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    p, k = draw["params"], draw["kernels"]
+    p.update(blur1_applied=s > 0, blur2_applied=torch.zeros(n, dtype=torch.bool),
+             resize1_scale=torch.ones(n), resize2_scale=torch.ones(n),
+             resize2_mode=torch.full((n,), RESIZE_MODES.index(mode)),
+             final_sinc=torch.zeros(n, dtype=torch.bool), clean=torch.zeros(n, dtype=torch.bool))
+    k["blur1"] = gaussian_family_kernels(21, s.clamp(min=0.1), s.clamp(min=0.1), 0 * s)
+    delta = torch.zeros_like(k["final"])
+    delta[:, delta.shape[1] // 2, delta.shape[2] // 2] = 1.0
+    k["final"] = delta
+    return draw
+
+
+def _expected_blur_label(sigma: float, mode: str, n_hr: int, scale: int) -> float:
+    """1 - E[gain] for white noise, in float64 from PyTorch's own interpolation (not degsr's
+    resize matrices) and a Gaussian convolution matrix with reflect borders: the chain and the
+    clean downsample are separable, ``C = (M G) ⊗ (M G)`` and ``R = A ⊗ A``, so
+    ``E[<Cx, Rx>] / E[<Rx, Rx>] = (<A, M G> / <A, A>)²`` (Frobenius products)."""
+    import numpy as np
+
+    eye = torch.eye(n_hr, dtype=torch.float64).view(n_hr, 1, 1, n_hr)
+    size = (1, n_hr // scale)
+    extra = {} if mode == "area" else {"align_corners": False}
+    m = F.interpolate(eye, size=size, mode=mode, **extra)[:, 0, 0].T.numpy()
+    a = F.interpolate(eye, size=size, mode="bicubic", align_corners=False,
+                      antialias=True)[:, 0, 0].T.numpy()
+    g = np.eye(n_hr)
+    if sigma > 0:
+        x = np.arange(-10, 11)
+        taps = np.exp(-x ** 2 / (2 * sigma ** 2))
+        taps /= taps.sum()
+        padded = np.pad(np.eye(n_hr), ((10, 10), (0, 0)), mode="reflect")
+        g = np.stack([padded[i:i + 21].T @ taps for i in range(n_hr)])
+    return 1 - (np.sum(a * (m @ g)) / np.sum(a * a)) ** 2
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "area"])
+def test_measured_blur_label_is_the_chain_gain_on_white_noise(mode):
+    """Gaussian blur then one resize: the probe's label against the expectation computed from
+    the operators (a different route: PyTorch's interpolation, a float64 convolution matrix).
+    The probe is one draw of white noise, so the two agree to its sampling error."""
+    probe = 64
+    cfg = preset("s3diff", f"degradation.blur_label_probe={probe}")
+    deg = Degrader(cfg)
+    sigmas = [0.0, 1.5, 2.0, 3.0, 4.5]  # unblurred reads sharper than a clean LR: clipped to 0
+    draw = _gaussian_then_resize(deg.sample(len(sigmas), gen(3)), sigmas, mode)
+    out = deg.apply(photos(len(sigmas), 64), draw, gen(4))
+    label = out["scores"][:, 0]
+    expected = torch.tensor([max(0.0, _expected_blur_label(s, mode, probe * 4, 4)) for s in sigmas])
+    torch.testing.assert_close(label, expected.float(), rtol=0, atol=0.02)
+    assert torch.all(label[1:] > label[:-1] + 0.05)  # well apart: each sigma reads differently
+
+
+def test_measured_blur_label_reads_the_draw_not_the_crop():
+    cfg = preset("s3diff")
+    deg = Degrader(cfg)
+    draw = deg.sample(6, gen(5))
+    a = deg.apply(photos(6, 64, seed=1), draw, gen(6))["scores"][:, 0]
+    b = deg.apply(photos(6, 128, seed=2), draw, gen(6))["scores"][:, 0]
+    assert torch.equal(a, b) and ((a >= 0) & (a <= 1)).all()
+    draw["params"]["clean"] = torch.ones(6, dtype=torch.bool)
+    assert torch.all(deg.apply(photos(6, 64), draw, gen(6))["scores"][:, 0] == 0)
+    # the label mode changes neither the LR nor the noise label (no draw from the generator)
+    hr = photos(4, 64)
+    modelled = Degrader(preset("s3diff", "degradation.blur_label=params"))(hr, gen(9))
+    measured = deg(hr, gen(9))
+    assert torch.equal(modelled["lr"], measured["lr"])
+    assert torch.equal(modelled["scores"][:, 1], measured["scores"][:, 1])

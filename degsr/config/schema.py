@@ -73,6 +73,13 @@ class DegradationConfig:
                               "noise_label_ref; 'params' = modelled from the sampled parameters "
                               "(cheaper, but only ~0.3-0.4 rank-correlated with what is visible)")
     noise_label_ref: float = positive(16.0, "measured artefact std (1/255 units) that scores 1")
+    blur_label: str = choice("measured", ["params", "measured"],
+                             "blur score: 'measured' = 1 - the gain of the draw's blurs and "
+                             "resizes on a fixed white-noise probe against its clean downsample "
+                             "(the share of the LR's detail they removed); 'params' = the "
+                             "effective std modelled from the sampled parameters")
+    blur_label_probe: int = positive(32, "LR side (pixels) of the probe of the measured blur "
+                                     "label (its HR side: x scale)")
     usm_sharpen: bool = plain(False, "sharpen the HR target with unsharp masking (realesrgan)")
     usm_weight: float = number(0.5, "unsharp-mask weight", lo=0)
     usm_threshold: float = number(10.0, "unsharp-mask threshold, in 1/255 units", lo=0)

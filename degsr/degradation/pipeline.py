@@ -6,7 +6,8 @@
   ``usm_sharpen``, else ``hr``; the LR is synthesised from it, as Real-ESRGAN does);
 - ``lr``: (B, 3, H/scale, W/scale), clamped and quantised to 1/255;
 - ``lr_up``: the LR upsampled back to H x W with ``upsample_mode`` (clamped to [0, 1]);
-- ``scores``: (B, 2) [blur, noise] in [0, 1] (see :mod:`degsr.degradation.scores`);
+- ``scores``: (B, 2) [blur, noise] in [0, 1]: measured (:meth:`Degrader.measured_blur`, the
+  noise re-render) or modelled (:mod:`degsr.degradation.scores`), per ``blur_label``/``noise_label``;
 - ``clean``: (B,) bool, the no-degradation samples (LR = antialiased bicubic downsample of HR);
 - ``params``: every sampled parameter, (B,) tensors.
 
@@ -78,6 +79,7 @@ class Degrader:
 
     def __init__(self, cfg: DegradationConfig):
         self.cfg = as_dataclass(cfg)
+        self._probes: dict = {}  # (device, dtype) -> the blur label's probe and its reference
 
     @staticmethod
     def _round(g: torch.Generator, n: int, rc, tag: str, p: dict, k: dict, dtype) -> None:
@@ -200,6 +202,8 @@ class Degrader:
         resized = [apply_resize(blurred[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
         lr = self._render(plan, resized, draw, g)
         scores = degradation_scores(p, cfg)
+        if cfg.blur_label == "measured":
+            scores[:, 0] = torch.where(p["clean"].bool(), 0.0, self.measured_blur(draw, hr))
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
             quiet = self._render(plan, resized, draw, None)  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
@@ -211,6 +215,33 @@ class Degrader:
             hr[i], size=(lr_h, lr_w), mode="bicubic", antialias=True, align_corners=False)), True)
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
+
+    def measured_blur(self, draw: dict, like: Tensor) -> Tensor:
+        """(B,) blur label: ``1 - gain``, clipped to [0, 1]. The draw's linear chain (both blurs,
+        the resizes, the final sinc; no noise, no JPEG) renders a fixed white-noise probe, and
+        ``gain`` is the least-squares factor of the clean (antialiased bicubic) downsample of the
+        probe in that render: the chain's mean frequency response over the LR band, relative to
+        a clean LR. 0: as sharp as a clean LR; 0.5: half of its detail gone. The probe is the
+        same for every call and sample and does not touch the call's generator, so the label is
+        a function of the draw alone (not of the crop, its content or its size)."""
+        n, s = self.cfg.blur_label_probe, self.cfg.scale
+        key = (like.device, like.dtype)
+        if key not in self._probes:
+            g = torch.Generator().manual_seed(0)
+            probe = torch.rand(1, 3, n * s, n * s, generator=g, dtype=torch.float64)
+            ref = F.interpolate(probe, size=(n, n), mode="bicubic", antialias=True,
+                                align_corners=False)
+            ref = ref - ref.mean((-2, -1), keepdim=True)
+            self._probes[key] = (probe.to(*key), (ref / ref.square().sum()).to(*key))
+        probe, ref = self._probes[key]
+        p = draw["params"]
+        x = probe.expand(p["clean"].shape[0], -1, -1, -1)
+        x = self._blur(x, p, draw["kernels"]["blur1"], "blur1")
+        plan = self._plan(p, (n * s, n * s), (n, n), x.dtype)
+        resized = [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
+        q = self._render(plan, resized, draw, None)
+        gain = ((q - q.mean((-2, -1), keepdim=True)) * ref).sum((1, 2, 3))
+        return (1 - gain).clamp(0, 1)
 
     def _render(self, plan: dict, resized: list[Tensor], draw: dict,
                 g: torch.Generator | None) -> Tensor:

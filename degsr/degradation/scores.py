@@ -1,4 +1,8 @@
-"""Degradation scores (blur, noise) in [0, 1] from the sampled parameters: stage-1 labels.
+"""Degradation scores (blur, noise) in [0, 1] modelled from the sampled parameters.
+
+The stage-1 labels by default are measured by the engine instead (``degradation.blur_label`` and
+``noise_label`` = ``measured``: :meth:`~degsr.degradation.pipeline.Degrader.measured_blur` and
+the noise re-render in ``Degrader.apply``); these models stay available as ``params``.
 
 **Blur** is the effective standard deviation, in LR pixels, of all the linear smoothing the chain
 applied: the variances of the blur kernels add (each converted to HR pixels: the second blur acts
