@@ -358,6 +358,12 @@ def test_measured_blur_label_is_the_chain_gain_on_white_noise(mode):
     assert torch.all(label[1:] > label[:-1] + 0.05)  # well apart: each sigma reads differently
 
 
+def test_blur_label_probe_too_small_is_a_config_error():
+    from degsr.errors import ConfigError
+    with pytest.raises(ConfigError, match="degradation.blur_label_probe"):
+        preset("s3diff", "degradation.blur_label_probe=2")
+
+
 def test_measured_blur_label_reads_the_draw_not_the_crop():
     cfg = preset("s3diff")
     deg = Degrader(cfg)

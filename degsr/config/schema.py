@@ -78,7 +78,7 @@ class DegradationConfig:
                              "resizes on a fixed white-noise probe against its clean downsample "
                              "(the share of the LR's detail they removed); 'params' = the "
                              "effective std modelled from the sampled parameters")
-    blur_label_probe: int = positive(32, "LR side (pixels) of the probe of the measured blur "
+    blur_label_probe: int = positive(32, "LR side (pixels, >= 8) of the probe of the measured blur "
                                      "label (its HR side: x scale)")
     usm_sharpen: bool = plain(False, "sharpen the HR target with unsharp masking (realesrgan)")
     usm_weight: float = number(0.5, "unsharp-mask weight", lo=0)
@@ -89,6 +89,8 @@ class DegradationConfig:
     def check(self):
         if self.usm_radius % 2 == 0:
             yield "usm_radius", f"must be odd, got {self.usm_radius}"
+        if self.blur_label_probe < 8:  # a few pixels: a one-pixel probe has no detail to measure
+            yield "blur_label_probe", f"must be at least 8 (LR pixels), got {self.blur_label_probe}"
 
 
 @dataclass
