@@ -248,8 +248,13 @@ def _only_round2_gaussian(draw: dict, sigma: float, n: int) -> dict:
              noise2_sigma=torch.full((n,), sigma), resize2_scale=torch.ones(n),
              jpeg1_quality=torch.full((n,), 100.0), jpeg2_quality=torch.full((n,), 100.0),
              final_sinc=torch.zeros(n, dtype=torch.bool), clean=torch.zeros(n, dtype=torch.bool))
+    return _no_final_filter(draw)
+
+
+def _no_final_filter(draw: dict) -> dict:
+    """The draw with a centred delta as its final kernel: no final filter."""
     k = torch.zeros_like(draw["kernels"]["final"])
-    k[:, k.shape[1] // 2, k.shape[2] // 2] = 1.0  # a centred delta: no final filter
+    k[:, k.shape[1] // 2, k.shape[2] // 2] = 1.0
     draw["kernels"]["final"] = k
     return draw
 
@@ -312,10 +317,7 @@ def _gaussian_then_resize(draw: dict, sigmas: list[float], mode: str) -> dict:
              resize2_mode=torch.full((n,), RESIZE_MODES.index(mode)),
              final_sinc=torch.zeros(n, dtype=torch.bool), clean=torch.zeros(n, dtype=torch.bool))
     k["blur1"] = gaussian_family_kernels(21, s.clamp(min=0.1), s.clamp(min=0.1), 0 * s)
-    delta = torch.zeros_like(k["final"])
-    delta[:, delta.shape[1] // 2, delta.shape[2] // 2] = 1.0
-    k["final"] = delta
-    return draw
+    return _no_final_filter(draw)
 
 
 def _expected_blur_label(sigma: float, mode: str, n_hr: int, scale: int) -> float:

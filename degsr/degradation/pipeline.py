@@ -196,10 +196,7 @@ class Degrader:
         hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
-        lr_h, lr_w = h // s, w // s
-        blurred = self._blur(gt, p, draw["kernels"]["blur1"], "blur1")  # before any noise: shared
-        plan = self._plan(p, (h, w), (lr_h, lr_w), blurred.dtype)
-        resized = [apply_resize(blurred[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
+        plan, resized = self._front(gt, draw)
         lr = self._render(plan, resized, draw, g)
         scores = degradation_scores(p, cfg)
         if cfg.blur_label == "measured":
@@ -211,8 +208,7 @@ class Degrader:
                                        (visible / cfg.noise_label_ref).clamp(0, 1))
 
         # the no-degradation switch: the LR is the clean (antialiased bicubic) downsample
-        lr = ops.on_subset(p["clean"], lr, lambda i: quantize(F.interpolate(
-            hr[i], size=(lr_h, lr_w), mode="bicubic", antialias=True, align_corners=False)), True)
+        lr = ops.on_subset(p["clean"], lr, lambda i: quantize(clean_downsample(hr[i], s)), True)
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
 
@@ -229,19 +225,23 @@ class Degrader:
         if key not in self._probes:
             g = torch.Generator().manual_seed(0)
             probe = torch.rand(1, 3, n * s, n * s, generator=g, dtype=torch.float64)
-            ref = F.interpolate(probe, size=(n, n), mode="bicubic", antialias=True,
-                                align_corners=False)
+            ref = clean_downsample(probe, s)
             ref = ref - ref.mean((-2, -1), keepdim=True)
             self._probes[key] = (probe.to(*key), (ref / ref.square().sum()).to(*key))
         probe, ref = self._probes[key]
-        p = draw["params"]
-        x = probe.expand(p["clean"].shape[0], -1, -1, -1)
-        x = self._blur(x, p, draw["kernels"]["blur1"], "blur1")
-        plan = self._plan(p, (n * s, n * s), (n, n), x.dtype)
-        resized = [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
-        q = self._render(plan, resized, draw, None)
+        x = probe.expand(draw["params"]["clean"].shape[0], -1, -1, -1)
+        q = self._render(*self._front(x, draw), draw, None)
         gain = ((q - q.mean((-2, -1), keepdim=True)) * ref).sum((1, 2, 3))
         return (1 - gain).clamp(0, 1)
+
+    def _front(self, x: Tensor, draw: dict) -> tuple[dict, list[Tensor]]:
+        """The part of the chain every render of ``draw`` on ``x`` shares: blur 1 (before any
+        noise), the resize plan for ``x``'s size, resize 1 per group (see :meth:`_render`)."""
+        p, s = draw["params"], self.cfg.scale
+        h, w = x.shape[-2:]
+        x = self._blur(x, p, draw["kernels"]["blur1"], "blur1")
+        plan = self._plan(p, (h, w), (h // s, w // s), x.dtype)
+        return plan, [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
 
     def _render(self, plan: dict, resized: list[Tensor], draw: dict,
                 g: torch.Generator | None) -> Tensor:
@@ -263,6 +263,13 @@ class Degrader:
         if artefacts:
             x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         return quantize(x)
+
+
+def clean_downsample(x: Tensor, scale: int) -> Tensor:
+    """The clean LR of ``x`` (not quantised): antialiased bicubic to 1/scale, as the
+    no-degradation samples and the stage-1 anchor at 0."""
+    size = (x.shape[-2] // scale, x.shape[-1] // scale)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def upsample(lr: Tensor, size: tuple[int, int], mode: str) -> Tensor:

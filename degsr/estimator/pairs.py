@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from degsr.degradation.kernels import circular_sinc_kernels, gaussian_family_kernels, kernel_std
-from degsr.degradation.pipeline import Degrader, quantize
+from degsr.degradation.pipeline import Degrader, clean_downsample, quantize
 from degsr.degradation.scores import POISSON_SIGMA_PER_SCALE
 
 BLUR_GROUP = ("blur1_", "blur2_", "final_sinc", "final_kernel_size", "final_omega_c")
@@ -51,8 +50,7 @@ def ranking_batches(degrader: Degrader, hr: Tensor, g: torch.Generator) -> dict[
 
 def clean_lr(hr: Tensor, scale: int) -> Tensor:
     """The anchor at 0: the antialiased bicubic downsample, as the engine's clean samples."""
-    h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
-    return quantize(F.interpolate(hr, size=(h, w), mode="bicubic", antialias=True, align_corners=False))
+    return quantize(clean_downsample(hr, scale))
 
 
 def worst_draw(degrader: Degrader, n: int, g: torch.Generator) -> dict:
