@@ -57,6 +57,20 @@ def test_bench_degradation_prints_json(degsr_cmd):
     assert out["img_per_s"] > 0 and out["per_image_img_per_s"] > 0 and out["device"].startswith("cpu")
 
 
+def test_bench_estimator_tiny_prints_json(degsr_cmd):
+    """The tiny config degrades each crop 4 times (within-crop loss) and schedules its lr."""
+    r = subprocess.run([*degsr_cmd, "bench", "estimator", "--config", "estimator_tiny", "--batch",
+                        "8", "--size", "64", "--device", "cpu", "--steps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "estimator" and out["batch"] == 8 and out["size"] == 64
+    assert out["img_per_s"] > 0 and out["train_only_img_per_s"] > 0
+    bad = subprocess.run([*degsr_cmd, "bench", "estimator", "--config", "estimator_tiny", "--batch",
+                          "6", "--device", "cpu"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "data.degradations_per_crop (4)" in bad.stderr
+
+
 def test_bench_loader_prints_json(tmp_path, degsr_cmd):
     from degsr.data.photos import write_photos
 

@@ -1,8 +1,9 @@
 """``degsr bench estimator``: a stage-1 training step (img/s), degradation on the device included.
 
 One step is what ``degsr fit`` does per batch: the engine degrades a batch of HR crops on the
-training device (the DataModule's ``on_after_batch_transfer``), the estimator's objective is
-computed, backward, AdamW step. ``train_only_img_per_s`` repeats the step on one already degraded
+training device, each ``data.degradations_per_crop`` times (the DataModule's
+``on_after_batch_transfer``), the estimator's weighted objective is computed, backward, AdamW
+step. ``train_only_img_per_s`` repeats the step on one already degraded
 batch: the figure ``data.echo`` approaches when each degraded batch is reused E times.
 """
 
@@ -31,6 +32,8 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from degsr.bench.degradation import _photo_batch
     from degsr.config import load_config
+    from degsr.data.module import degrade_crops
+    from degsr.errors import UserError
     from degsr.estimator.module import EstimatorModule
     from degsr.io import CONFIG_DIR
     from degsr.seeding import make_generator
@@ -38,27 +41,32 @@ def run(args) -> dict:
     device = torch.device(args.device)
     cfg = load_config([CONFIG_DIR / f"{args.config}.yaml"], [f"estimator.objective={args.objective}"])
     size = args.size or cfg.data.crop_size
+    per = cfg.data.degradations_per_crop
+    if args.batch < 1 or args.batch % per:
+        raise UserError(f"--batch {args.batch}: must be a positive multiple of the config's "
+                        f"data.degradations_per_crop ({per})")
     module = EstimatorModule(cfg.estimator, cfg.degradation).to(device)
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     g = make_generator(0, device=device)
-    hr = _photo_batch(args.batch, size).to(device)
+    hr = _photo_batch(args.batch // per, size).to(device)
 
     def train(batch):
         with autocast:
-            loss = sum(module.losses(batch).values())
+            loss, _ = module.objective(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def full_step():
+    def degrade():
         with torch.no_grad():
-            batch = module.degrader(hr, g)
-        train(batch)
+            return degrade_crops(module.degrader, hr, per, g)
 
-    with torch.no_grad():
-        fixed = module.degrader(hr, g)
+    def full_step():
+        train(degrade())
+
+    fixed = degrade()
     times = {}
     for name, fn in (("step", full_step), ("train_only", lambda: train(fixed))):
         for _ in range(2):

@@ -79,6 +79,15 @@ def dihedral(out: dict, k: int) -> dict:
     return turned
 
 
+def degrade_crops(degrader: Degrader, hr: torch.Tensor, per: int, g: torch.Generator) -> dict:
+    """The engine's output for HR crops (B, 3, H, W) each degraded ``per`` times side by side
+    (independent draws; ``data.degradations_per_crop``), plus ``crop``: (B * per,) the index of
+    each sample's crop (stage 1's within-crop loss)."""
+    out = degrader(hr.repeat_interleave(per, 0) if per > 1 else hr, g)
+    out["crop"] = torch.arange(hr.shape[0], device=hr.device).repeat_interleave(per)
+    return out
+
+
 def echo_position(t: int, batches_per_epoch: int, echo: int, window: int) -> tuple[int, int, int]:
     """Training batch ``t`` (0-based, over the run) -> (HR batch index over the run, echo k,
     HR batches into its epoch where its window starts). An epoch's last window holds what is
@@ -236,12 +245,11 @@ class SRDataModule(L.LightningDataModule):
             hr = batch["hr"]
             hr = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
             g = make_generator(self.seed, 1000 + self.trainer.global_rank, index, device=hr.device)
-            n, per = hr.shape[0], d.degradations_per_crop
-            out = self.degrader(hr.repeat_interleave(per, 0) if per > 1 else hr, g)
+            per = d.degradations_per_crop
+            out = degrade_crops(self.degrader, hr, per, g)
             keys = batch.get("keys")
             out["n_bad"] = batch["n_bad"]
             out["keys"] = [k for k in keys for _ in range(per)] if keys is not None else None
-            out["crop"] = torch.arange(n, device=hr.device).repeat_interleave(per)
             self._degraded[index] = out
         return dihedral(self._degraded[index], k)
 

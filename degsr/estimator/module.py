@@ -76,11 +76,15 @@ class EstimatorModule(L.LightningModule):
             out["anchor"] = anchor_loss(pred_clean, pred_worst)
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def objective(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted training loss and its unweighted terms (:meth:`losses`)."""
         terms = self.losses(batch)
         weights = {"supervised": self.cfg.supervised_weight, "ranking": self.cfg.ranking_weight,
                    "anchor": self.cfg.anchor_weight, "within_crop": self.cfg.within_crop_weight}
-        loss = sum(weights[k] * v for k, v in terms.items())
+        return sum(weights[k] * v for k, v in terms.items()), terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, terms = self.objective(batch)
         bs = batch["lr"].shape[0]
         if self.guard.skip(self, loss):  # every rank agreed; the backward still runs on every
             self._drop_step = True  # rank (DDP needs it), on_before_optimizer_step drops the update
