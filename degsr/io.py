@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from degsr.errors import UserError
 
@@ -17,14 +17,33 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit gray files
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB, the way a viewer shows it: the EXIF orientation
+    applied (phone photos are stored sideways), 16-bit gray scaled to 8 bits (``v / 257``,
+    PIL's own conversion would clip it to white). One decoder for every reader in degsr (files,
+    shards, validation sets), so training, ``sr``, ``degrade`` and ``eval`` see the same pixels.
+    ValueError for a float image (no agreed range)."""
+    ImageOps.exif_transpose(im, in_place=True)
+    if im.mode in SIXTEEN_BIT_MODES:
+        gray = np.asarray(im).astype(np.float64) / 257.0
+        return np.repeat(gray.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("32-bit float image: no agreed value range; save it as 8 or 16 bit")
+    return np.asarray(im.convert("RGB"))
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An RGB image as a (3, H, W) uint8 tensor; UserError naming the file if it can't be read."""
+    """An RGB image as a (3, H, W) uint8 tensor (:func:`rgb_array`); UserError naming the file
+    if it can't be read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = rgb_array(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " "))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -76,6 +95,29 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
         else:
             paths.append(p)  # read_image reports a missing or undecodable file
     return paths, problems
+
+
+def output_targets(paths: list[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """``(input, out/<stem>.png)`` per input, in order, each file once (a file given twice, e.g.
+    by name and inside a folder, is done once). An input whose output another input already
+    takes (one stem in two folders, ``a.jpg`` beside ``a.png``) or whose output would overwrite
+    an input is a problem line instead."""
+    inputs = {p.resolve() for p in paths}
+    pairs, problems, taken = [], [], {}  # taken: resolved target -> (resolved input, input)
+    for path in paths:
+        target = out / f"{path.stem}.png"
+        key, tkey = path.resolve(), target.resolve()
+        if tkey in taken:
+            if taken[tkey][0] != key:
+                problems.append(f"{path}: its output {target} is already that of {taken[tkey][1]}; "
+                                "rename one or give it another --out")
+            continue
+        taken[tkey] = (key, path)
+        if tkey in inputs:
+            problems.append(f"{path}: output {target} would overwrite an input; choose another --out")
+        else:
+            pairs.append((path, target))
+    return pairs, problems
 
 
 def preset_path(name: str) -> Path:

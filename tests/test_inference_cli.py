@@ -62,13 +62,16 @@ def test_sr_then_eval_on_real_photos_with_a_bad_file(trained, tmp_path, degsr_cm
     lr = np.asarray(Image.fromarray(hr).resize((40, 32), Image.BICUBIC))
     Image.fromarray(lr).save(tmp_path / "in" / "cat.png")
     (tmp_path / "in" / "broken.png").write_text("not an image")
+    (tmp_path / "in" / "more").mkdir()  # another cat: its output name is taken
+    Image.fromarray(lr).save(tmp_path / "in" / "more" / "cat.jpg")
     out = tmp_path / "out"
     cmd = [*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "--pretrained", str(trained / "base"),
            str(tmp_path / "in"), "--out", str(out), "--tile", "8", "--tile-overlap", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "broken.png" in errors[0]
+    assert len(errors) == 2 and sum("broken.png" in e for e in errors) == 1
+    assert f"error: {tmp_path / 'in' / 'more' / 'cat.jpg'}: its output" in "\n".join(errors)
     sr = np.asarray(Image.open(out / "cat.png"))
     assert sr.shape == (128, 160, 3)
     stamp = (out / "cat.png").stat().st_mtime_ns

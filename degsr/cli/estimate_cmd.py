@@ -25,27 +25,12 @@ def add_arguments(p) -> None:
                    help="most images of identical size scored together (default 8)")
 
 
-def read_image(path: str):
-    """An image file as a (3, h, w) float tensor in [0, 1]; raises OSError/ValueError if unreadable."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode.startswith("I;16"):
-            arr = np.asarray(im, dtype=np.float32) / 65535.0
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        else:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-
-
 def run(args) -> int:
     import torch
 
     from degsr.errors import UserError
     from degsr.estimator import SCORES, load_estimator
+    from degsr.io import read_image
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
@@ -69,20 +54,14 @@ def run(args) -> int:
 
     for path in args.images:
         try:
-            img = read_image(path)
-        except FileNotFoundError:
-            problem = "no such file"
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
-            problem = f"not a readable image ({' '.join(str(e).split()) or type(e).__name__})"
-        else:
+            img = read_image(path).float() / 255.0
             h, w = img.shape[-2:]
-            problem = None
             if min(h, w) < model.min_side:
-                problem = (f"image is {w}x{h}, smaller than the estimator's minimum side of "
-                           f"{model.min_side} pixels")
-        if problem is not None:
+                raise UserError(f"{path}: image is {w}x{h}, smaller than the estimator's minimum "
+                                f"side of {model.min_side} pixels")
+        except UserError as e:
             failed += 1
-            print(f"error: {path}: {problem}", file=sys.stderr, flush=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)
             continue
         if pending and (pending[0][1].shape != img.shape or len(pending) >= args.batch):
             flush()

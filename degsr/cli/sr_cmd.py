@@ -55,13 +55,15 @@ def _check(args) -> None:
 
 def run(args) -> int:
     from degsr.inference.upscale import Upscaler, UpscaleOptions
-    from degsr.io import expand_inputs, read_image, save_png
+    from degsr.io import expand_inputs, output_targets, read_image, save_png
 
     _check(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     paths, problems = expand_inputs(args.inputs)
+    jobs, clashes = output_targets(paths, out)
+    problems.extend(clashes)
     precision = args.precision or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     up = Upscaler.load(args.adapter, args.pretrained, args.estimator, args.device, precision,
                        args.compile)
@@ -70,7 +72,6 @@ def run(args) -> int:
     opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
                           color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = {p.resolve() for p in paths}
     done = skipped = 0
     pending: dict[tuple, list] = {}  # image size -> [(path, target, lr)], up to --batch each
 
@@ -88,11 +89,7 @@ def run(args) -> int:
             console.log.debug(json.dumps({"path": str(path), "blur": round(dv[0], 4),
                                           "noise": round(dv[1], 4)}))
 
-    for path in console.progress(paths, desc="sr", unit="img"):
-        target = out / f"{path.stem}.png"
-        if target.resolve() in inputs:
-            problems.append(f"{path}: output {target} would overwrite an input; choose another --out")
-            continue
+    for path, target in console.progress(jobs, desc="sr", unit="img"):
         if target.exists() and not args.overwrite:
             skipped += 1
             continue

@@ -102,6 +102,8 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
     """
     from PIL import Image, UnidentifiedImageError
 
+    from degsr.io import rgb_array
+
     try:
         size = os.path.getsize(path)
         if size < min_bytes:
@@ -115,8 +117,8 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
             w, h = im.size
             if min(w, h) < min_side:  # downscaling only shrinks: reject before decoding
                 return f"too small: {w}x{h}, shorter side < --min-side {min_side}", None
-            rgb = im.convert("RGB")  # decodes everything: truncated/corrupt data fails here
-            fmt = im.format
+            rgb = Image.fromarray(rgb_array(im))  # decodes everything: corrupt data fails here
+            fmt, (w, h) = im.format, rgb.size  # the EXIF orientation may swap the sides
     except UnidentifiedImageError:
         return "cannot decode: not an image PIL can identify", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means "unusable", never fatal

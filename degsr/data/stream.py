@@ -51,6 +51,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from degsr.errors import UserError
+from degsr.io import rgb_array
 from degsr.seeding import derive_seed
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -87,7 +88,7 @@ def decode_image(parts: dict[str, bytes]) -> np.ndarray:
         raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
     try:
         with Image.open(io.BytesIO(parts[ext])) as im:
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample unusable
         raise ValueError(f"cannot decode {ext}: {type(e).__name__}: {e}") from None
 

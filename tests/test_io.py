@@ -1,0 +1,83 @@
+"""Image decoding shared by every reader (files, shards) and ``degsr sr``'s output names."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from degsr.errors import UserError
+from degsr.io import output_targets, read_image
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def save_with_orientation(array: np.ndarray, path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.astronaut()[100:140, 200:260])  # 40 x 60, RGB
+
+
+@pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(photo, tmp_path, orientation, turn):
+    """EXIF 6 = shown turned 90 degrees clockwise (np.rot90 k=-1), 8 = counter-clockwise, 3 = 180."""
+    save_with_orientation(photo, tmp_path / "p.png", orientation)
+    got = read_image(tmp_path / "p.png").permute(1, 2, 0).numpy()
+    assert np.array_equal(got, np.rot90(photo, turn))
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped(photo, tmp_path):
+    """A 16-bit file made from an 8-bit image (v * 257: 0 -> 0, 255 -> 65535) reads back as it."""
+    gray8 = photo[..., 1]
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    got = read_image(tmp_path / "g16.png").permute(1, 2, 0).numpy()
+    assert np.array_equal(got, np.repeat(gray8[..., None], 3, axis=2))
+
+
+def test_float_image_is_a_one_line_error(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(UserError, match=r"f\.tif: .*float"):
+        read_image(tmp_path / "f.tif")
+
+
+def test_shards_store_and_stream_the_shown_image(photo, tmp_path):
+    """A sideways photo and a 16-bit one go through `degsr shards` and the train stream's decoder
+    as a viewer shows them; the index records the shown size."""
+    import webdataset as wds
+
+    from degsr.data.shards import write_shards
+    from degsr.data.stream import decode_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_with_orientation(photo, src / "side.png", 6)
+    Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(src / "deep.png")
+    write_shards([str(src)], str(tmp_path / "shards"), min_bytes=0, min_side=8)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")),
+                                  shardshuffle=False))
+    by_name = {Path(json.loads(s["json"])["source"]).name: s for s in samples}
+    side, deep = by_name["side.png"], by_name["deep.png"]
+    assert np.array_equal(decode_image(side), np.rot90(photo, -1))
+    meta = json.loads(side["json"])
+    assert (meta["width"], meta["height"]) == (photo.shape[0], photo.shape[1])
+    assert np.array_equal(decode_image(deep), np.repeat(photo[..., :1], 3, axis=2))
+
+
+def test_output_targets_report_clashes_and_do_a_file_once(tmp_path):
+    out = tmp_path / "out"
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    paths = [d1 / "a.png", d2 / "a.png", d1 / "a.png", d1 / "b.jpg", d1 / "b.png", out / "c.png"]
+    pairs, problems = output_targets(paths, out)
+    assert pairs == [(d1 / "a.png", out / "a.png"), (d1 / "b.jpg", out / "b.png")]
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{d2 / 'a.png'}:") and str(d1 / "a.png") in problems[0]
+    assert problems[1].startswith(f"{d1 / 'b.png'}:") and str(d1 / "b.jpg") in problems[1]
+    assert problems[2].startswith(f"{out / 'c.png'}:") and "overwrite an input" in problems[2]
