@@ -17,15 +17,13 @@ Conventions (chosen here, tested in ``tests/test_eval.py``):
 * **Metrics** are computed on the 8-bit images exactly as loaded (RGB, value / 255, no resizing):
   ``psnr_y`` and ``ssim_y`` on the BT.601 Y channel with ``crop_border`` pixels removed from every
   edge (BasicSR's ``test_y_channel=True`` convention, see :mod:`degsr.metrics.fidelity`), and
-  ``lpips`` (v0.1, VGG16, lin; on the full, uncropped RGB images) when an LPIPS model or the path
-  of torchvision's VGG16 weights is given.
+  ``lpips`` (v0.1, VGG16, lin) and ``dists`` (:mod:`degsr.metrics.dists`), both on the full,
+  uncropped RGB images, when their models (or the path of torchvision's VGG16 weights) are given.
 * **Identical images** have ``psnr_y = inf`` (as in BasicSR). The per-image rows keep ``inf`` (the
   CSV writes ``inf``); the summary's ``psnr_y`` is the mean over the *finite* values only and
   ``psnr_inf`` counts the pairs left out of it (``psnr_y`` is ``None`` when no value is finite).
-  SSIM and LPIPS means are over all scored pairs (identical images: SSIM 1, LPIPS 0).
-
-Future work: DISTS (Ding et al. 2020) is not offered, because its weights are not shipped with any
-installed package and cannot be downloaded offline.
+  SSIM, LPIPS and DISTS means are over all scored pairs (identical images: SSIM 1, LPIPS and
+  DISTS 0).
 """
 
 from __future__ import annotations
@@ -45,8 +43,9 @@ from degsr.io import atomic_write_bytes, pair_folders, read_image
 __all__ = ["pair_images", "score_pair", "summarize", "evaluate", "rows_to_csv", "write_csv",
            "format_table", "METRIC_COLUMNS"]
 
-#: CSV / row metric columns, in order (``lpips`` only when LPIPS is computed).
-METRIC_COLUMNS = ("psnr_y", "ssim_y", "lpips")
+#: CSV / row metric columns, in order (``lpips``, ``dists`` only when computed).
+METRIC_COLUMNS = ("psnr_y", "ssim_y", "lpips", "dists")
+PERCEPTUAL = ("lpips", "dists")
 
 
 def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
@@ -63,9 +62,10 @@ def _fidelity_device(device: torch.device) -> torch.device:
 
 @torch.no_grad()
 def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
-               device: str | torch.device = "cpu") -> dict[str, float]:
-    """Metrics of one pair: ``{"psnr_y", "ssim_y"[, "lpips"]}``. Raises UserError (naming the files)
-    when a file can't be read, the sizes differ, or the image is too small for ``crop_border``."""
+               device: str | torch.device = "cpu", dists=None) -> dict[str, float]:
+    """Metrics of one pair: ``{"psnr_y", "ssim_y"[, "lpips"][, "dists"]}``. Raises UserError
+    (naming the files) when a file can't be read, the sizes differ, or the image is too small for
+    ``crop_border``."""
     from degsr.metrics import psnr_y, ssim_y
 
     device = torch.device(device)
@@ -83,10 +83,12 @@ def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
     out = {"psnr_y": float(psnr_y(p64, g64, crop_border)[0]),
            "ssim_y": float(ssim_y(p64, g64, crop_border)[0])}
     del p64, g64
+    p32 = pred.to(device, torch.float32).unsqueeze(0) / 255.0
+    g32 = gt.to(device, torch.float32).unsqueeze(0) / 255.0
     if lpips is not None:
-        p32 = pred.to(device, torch.float32).unsqueeze(0) / 255.0
-        g32 = gt.to(device, torch.float32).unsqueeze(0) / 255.0
         out["lpips"] = float(lpips(p32, g32, normalize=True)[0])
+    if dists is not None:
+        out["dists"] = float(dists(p32, g32)[0])
     return out
 
 
@@ -100,42 +102,46 @@ def summarize(rows: list[dict], pred_dir, gt_dir, crop_border: int) -> dict:
     psnr = [r["psnr_y"] for r in rows]
     finite = [v for v in psnr if math.isfinite(v)]
     summary: dict = {"psnr_y": _mean(finite), "ssim_y": _mean([r["ssim_y"] for r in rows])}
-    if rows and all("lpips" in r for r in rows):
-        summary["lpips"] = _mean([r["lpips"] for r in rows])
+    for name in PERCEPTUAL:
+        if rows and all(name in r for r in rows):
+            summary[name] = _mean([r[name] for r in rows])
     summary.update({"n": len(rows), "psnr_inf": len(psnr) - len(finite), "pred": str(pred_dir),
                     "gt": str(gt_dir), "crop_border": int(crop_border)})
     return summary
 
 
-def _resolve_lpips(lpips, device: torch.device):
-    if lpips is None:
+def _resolve(model, cls_name: str, device: torch.device):
+    """``model`` as given (None, or a model) or built from a VGG16 weights path."""
+    if model is None:
         return None
-    if isinstance(lpips, (str, os.PathLike)):
-        from degsr.metrics import LPIPS
+    if isinstance(model, (str, os.PathLike)):
+        from degsr import metrics
 
-        lpips = LPIPS.from_files(lpips)
-    return lpips.to(device)
+        model = getattr(metrics, cls_name).from_files(model)
+    return model.to(device)
 
 
 def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, crop_border: int = 0,
-             lpips=None, device: str | torch.device = "cpu") -> tuple[list[dict], dict, list[str]]:
+             lpips=None, device: str | torch.device = "cpu",
+             dists=None) -> tuple[list[dict], dict, list[str]]:
     """Score every ``pred_dir`` image against the ``gt_dir`` image of the same file stem.
 
-    ``lpips``: ``None`` (no LPIPS), a :class:`degsr.metrics.LPIPS` model, or the path of
-    torchvision's VGG16 weights (``LPIPS.from_files``). Returns ``(rows, summary, problems)``:
-    ``rows`` are ``{"name": stem, "psnr_y", "ssim_y"[, "lpips"]}`` per scored pair (sorted by
-    stem), ``summary`` as :func:`summarize`, ``problems`` one line per skipped pair.
-    Pairing problems raise UserError (see the module docstring)."""
+    ``lpips`` / ``dists``: ``None`` (not computed), a :class:`degsr.metrics.LPIPS` /
+    :class:`degsr.metrics.DISTS` model, or the path of torchvision's VGG16 weights (their
+    ``from_files``). Returns ``(rows, summary, problems)``: ``rows`` are ``{"name": stem,
+    "psnr_y", "ssim_y"[, "lpips"][, "dists"]}`` per scored pair (sorted by stem), ``summary`` as
+    :func:`summarize`, ``problems`` one line per skipped pair. Pairing problems raise UserError
+    (see the module docstring)."""
     if int(crop_border) != crop_border or crop_border < 0:
         raise UserError(f"--crop-border must be a non-negative integer, got {crop_border}")
     crop_border = int(crop_border)
     device = torch.device(device)
     pairs = pair_images(pred_dir, gt_dir)
-    model = _resolve_lpips(lpips, device)
+    lpips, dists = _resolve(lpips, "LPIPS", device), _resolve(dists, "DISTS", device)
     rows, problems = [], []
     for stem, p, g in console.progress(pairs, desc="eval", unit="img"):
         try:
-            scores = score_pair(p, g, crop_border, model, device)
+            scores = score_pair(p, g, crop_border, lpips, device, dists)
         except UserError as e:
             problems.append(str(e))
             continue
@@ -143,9 +149,10 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, crop_border
     return rows, summarize(rows, pred_dir, gt_dir, crop_border), problems
 
 
-def rows_to_csv(rows: list[dict], with_lpips: bool) -> str:
-    """CSV text: header ``name,psnr_y,ssim_y[,lpips]``, values with 6 decimals, ``inf`` as ``inf``."""
-    cols = ["psnr_y", "ssim_y"] + (["lpips"] if with_lpips else [])
+def rows_to_csv(rows: list[dict], perceptual: tuple[str, ...] = ()) -> str:
+    """CSV text: header ``name,psnr_y,ssim_y`` and the ``perceptual`` columns (``lpips``,
+    ``dists``), values with 6 decimals, ``inf`` as ``inf``."""
+    cols = ["psnr_y", "ssim_y", *perceptual]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["name", *cols])
@@ -154,12 +161,12 @@ def rows_to_csv(rows: list[dict], with_lpips: bool) -> str:
     return buf.getvalue()
 
 
-def write_csv(path: str | os.PathLike, rows: list[dict], with_lpips: bool) -> Path:
+def write_csv(path: str | os.PathLike, rows: list[dict], perceptual: tuple[str, ...] = ()) -> Path:
     """Write :func:`rows_to_csv` atomically (creating the parent folder); UserError if impossible."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, rows_to_csv(rows, with_lpips).encode())
+        atomic_write_bytes(path, rows_to_csv(rows, perceptual).encode())
     except OSError as e:
         raise UserError(f"--csv {path}: cannot write ({e.strerror or e})")
     return path
@@ -174,8 +181,7 @@ def format_table(summary: dict) -> str:
     lines = [f"{'metric':<8}{'mean':>10}",
              f"{'psnr_y':<8}{_fmt(summary['psnr_y'], 4):>10}  dB (Y, crop_border={summary['crop_border']})",
              f"{'ssim_y':<8}{_fmt(summary['ssim_y'], 4):>10}"]
-    if "lpips" in summary:
-        lines.append(f"{'lpips':<8}{_fmt(summary['lpips'], 4):>10}")
+    lines += [f"{name:<8}{_fmt(summary[name], 4):>10}" for name in PERCEPTUAL if name in summary]
     note = f"n={summary['n']} pairs  pred={summary['pred']}  gt={summary['gt']}"
     if summary.get("psnr_inf"):
         note += f"  ({summary['psnr_inf']} identical pair(s): PSNR inf, left out of the PSNR mean)"

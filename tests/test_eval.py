@@ -18,6 +18,7 @@ from skimage.metrics import structural_similarity
 import degsr.cli
 from degsr.errors import UserError
 from degsr.evaluation import evaluate, pair_images
+from degsr.io import read_image
 from degsr.metrics.lpips import VGG16Features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,24 +196,36 @@ def test_cli_table_and_custom_csv(folders, tmp_path, monkeypatch, capsys):
     assert len(read_csv(out_csv)) == 3 and not (pdir / "metrics.csv").exists()
 
 
-def test_cli_lpips_column(folders, vgg_file, monkeypatch, capsys):
+def test_cli_lpips_and_dists_columns(folders, vgg_file, monkeypatch, capsys):
+    from degsr.metrics import DISTS, LPIPS
+
     pdir, gdir = folders
-    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json", "--lpips-vgg", str(vgg_file)],
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json", "--vgg", str(vgg_file)],
                monkeypatch) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = read_csv(pdir / "metrics.csv")
-    assert list(rows[0]) == ["name", "psnr_y", "ssim_y", "lpips"]
-    by = {r["name"]: float(r["lpips"]) for r in rows}
-    assert by["same"] == pytest.approx(0.0, abs=1e-6)
-    assert by["astronaut"] > 0 and by["chelsea"] > 0
-    assert summary["lpips"] == pytest.approx(np.mean(list(by.values())), abs=1e-5)
+    assert list(rows[0]) == ["name", "psnr_y", "ssim_y", "lpips", "dists"]
+    lpips, dists = LPIPS.from_files(vgg_file), DISTS.from_files(vgg_file)
+    for name in ("lpips", "dists"):
+        by = {r["name"]: float(r[name]) for r in rows}
+        assert by["same"] == pytest.approx(0.0, abs=1e-6)
+        assert by["astronaut"] > 0 and by["chelsea"] > 0
+        assert summary[name] == pytest.approx(np.mean(list(by.values())), abs=1e-5)
+    pred = read_image(pdir / "astronaut.png").float()[None] / 255  # the models on the pair itself
+    gt = read_image(next(gdir.glob("astronaut.*"))).float()[None] / 255
+    row = next(r for r in rows if r["name"] == "astronaut")
+    assert float(row["lpips"]) == pytest.approx(float(lpips(pred, gt, normalize=True)), abs=2e-6)
+    assert float(row["dists"]) == pytest.approx(float(dists(pred, gt)), abs=2e-6)
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json", "--lpips-vgg", str(vgg_file)],
+               monkeypatch) == 0  # the old spelling
+    assert json.loads(capsys.readouterr().out)["dists"] == summary["dists"]
 
 
 def test_help_mentions_dists(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli(["--help"], monkeypatch)
     text = " ".join(capsys.readouterr().out.split())
-    assert "DISTS is not available offline" in text and "--lpips-vgg" in text
+    assert "LPIPS (v0.1, VGG, lin) and DISTS" in text and "--vgg" in text
 
 
 # ---- pairing and per-pair problems ---------------------------------------------------------------

@@ -276,3 +276,91 @@ def test_fidelity_rejects_bad_input():
         ssim_y(pred[..., :12, :12], gt[..., :12, :12], crop_border=1)
     with pytest.raises(ValueError):
         psnr_y(pred, gt, crop_border=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DISTS: the network by hand in float64 (VGG16 convs from the state dict, L2 pooling with the
+# 3-tap Hann window [1/2, 1, 1/2] written out), the formula from torchmetrics' own DISTSNetwork.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dists_model():
+    from degsr.metrics import DISTS
+
+    return DISTS.random(seed=5)
+
+
+def reference_dists_features(model, img):
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    hann = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
+    window = torch.outer(hann, hann) / 4.0
+    convs = dict(VGG16_CONVS)
+    h, taps = (img.double() - mean) / std, [img.double()]
+    for i in range(TAPS[-1] + 1):
+        if i in convs:
+            h = F.conv2d(h, sd[f"net.features.{i}.weight"], sd[f"net.features.{i}.bias"], padding=1)
+        elif i in POOLS:  # L2 pooling: sqrt(window * x^2), stride 2, zero padding 1
+            c = h.shape[1]
+            h = (F.conv2d(h ** 2, window.expand(c, 1, 3, 3), stride=2, padding=1, groups=c)
+                 + 1e-12).sqrt()
+        else:
+            h = torch.clamp(h, min=0)
+        if i in TAPS:
+            taps.append(h)
+    return taps
+
+
+def test_dists_matches_float64_reference(dists_model):
+    from torchmetrics.functional.image.dists import DISTSNetwork
+
+    class Reference:  # what torchmetrics' DISTSNetwork.forward reads from its network
+        chns = [3, 64, 128, 256, 512, 512]
+        alpha = dists_model.weights.alpha.double()
+        beta = dists_model.weights.beta.double()
+
+        def forward_once(self, img):
+            return reference_dists_features(dists_model, img)
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 72, 56, generator=g)
+    y = (x + 0.2 * torch.randn(2, 3, 72, 56, generator=g)).clamp(0, 1)
+    got = dists_model(x, y).double()
+    ref = DISTSNetwork.forward(Reference(), x.double(), y.double())
+    assert (ref > 0.001).all()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_dists_basic_properties(dists_model):
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 40, 40, generator=g)
+    y = torch.rand(3, 3, 40, 40, generator=g)
+    torch.testing.assert_close(dists_model(x, x), torch.zeros(3), atol=1e-6, rtol=0)  # closed form
+    torch.testing.assert_close(dists_model(y, x), dists_model(x, y))
+    xr = x.clone().requires_grad_(True)
+    dists_model(xr, y).sum().backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    dists_model.train()
+    assert not dists_model.training and not any(p.requires_grad for p in dists_model.parameters())
+
+
+def test_dists_weights_from_package(tmp_path):
+    from degsr.metrics import DISTS, default_dists_path
+
+    path = default_dists_path()
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert sorted(raw) == ["alpha", "beta"] and raw["alpha"].shape == (1, 1475, 1, 1)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save(torchvision_style_state_dict(seed=2), vgg)
+    m = DISTS.from_files(vgg)
+    assert torch.equal(m.weights.alpha, raw["alpha"]) and torch.equal(m.weights.beta, raw["beta"])
+    assert torch.equal(m.net.features[0].weight, torchvision_style_state_dict(seed=2)["features.0.weight"])
+    torch.save({"alpha": raw["alpha"]}, tmp_path / "half.pt")
+    with pytest.raises(UserError, match=r"half\.pt: .*missing keys"):
+        DISTS.from_files(vgg, tmp_path / "half.pt")
+    torch.save({"alpha": -raw["alpha"], "beta": raw["beta"]}, tmp_path / "neg.pt")
+    with pytest.raises(UserError, match=r"neg\.pt: .*non-negative"):
+        DISTS.from_files(vgg, tmp_path / "neg.pt")
+    with pytest.raises(UserError, match="vgg16-397923af.pth"):
+        DISTS.from_files(None)

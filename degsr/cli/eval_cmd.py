@@ -1,11 +1,9 @@
-"""``degsr eval --pred DIR --gt DIR``: PSNR-Y / SSIM-Y (and LPIPS) of super-resolved images
-against ground truth, paired by file stem; per-image CSV plus a summary (table or JSON).
+"""``degsr eval --pred DIR --gt DIR``: PSNR-Y / SSIM-Y (and LPIPS, DISTS) of super-resolved
+images against ground truth, paired by file stem; per-image CSV plus a summary (table or JSON).
 
 The logic lives in :mod:`degsr.evaluation` (pairing, inf handling and skipped pairs are documented
 there). Exit status: 0 all pairs scored, 1 some pairs skipped (one ``error:`` line each on stderr),
 2 a user error (folders, unmatched names, options).
-
-Future work: DISTS; its weights are not shipped with any installed package, so it can't run offline.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ from degsr import console
 from degsr.errors import UserError
 
 NAME = "eval"
-HELP = ("score super-resolved images against ground truth (PSNR/SSIM on Y, optional LPIPS), "
-        "paired by file stem")
+HELP = ("score super-resolved images against ground truth (PSNR/SSIM on Y, optional LPIPS and "
+        "DISTS), paired by file stem")
 
 
 def add_arguments(p) -> None:
@@ -33,16 +31,17 @@ def add_arguments(p) -> None:
                         "error")
     p.add_argument("--crop-border", type=int, default=0, metavar="N",
                    help="pixels removed from every edge before PSNR/SSIM (commonly the SR scale)")
-    p.add_argument("--lpips-vgg", metavar="FILE",
-                   help="also compute LPIPS (v0.1, VGG, lin): path of torchvision's ImageNet VGG16 "
-                        "weights (vgg16-397923af.pth); the lin layers come from torchmetrics. "
-                        "DISTS is not available offline: its weights are not shipped")
+    p.add_argument("--vgg", "--lpips-vgg", dest="vgg", metavar="FILE",
+                   help="also compute LPIPS (v0.1, VGG, lin) and DISTS: path of torchvision's "
+                        "ImageNet VGG16 weights (vgg16-397923af.pth); LPIPS' lin layers and DISTS' "
+                        "alpha/beta come from the files torchmetrics ships")
     p.add_argument("--csv", metavar="FILE",
-                   help="per-image CSV (name, psnr_y, ssim_y[, lpips]; identical images have "
+                   help="per-image CSV (name, psnr_y, ssim_y[, lpips, dists]; identical images have "
                         "psnr_y inf); default <pred>/metrics.csv")
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout (psnr_y mean over finite "
-                        "values, psnr_inf = pairs left out, ssim_y, lpips, n, pred, gt, crop_border)")
+                        "values, psnr_inf = pairs left out, ssim_y, lpips, dists, n, pred, gt, "
+                        "crop_border)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
 
 
@@ -61,14 +60,15 @@ def run(args) -> int:
     if args.crop_border < 0:
         raise UserError(f"--crop-border must be >= 0, got {args.crop_border}")
     device = _device(args.device)
-    pair_images(args.pred, args.gt)  # fail fast on pairing, before loading LPIPS weights
-    lpips = None
-    if args.lpips_vgg is not None:
-        from degsr.metrics import LPIPS
+    pair_images(args.pred, args.gt)  # fail fast on pairing, before loading VGG weights
+    lpips = dists = None
+    if args.vgg is not None:
+        from degsr.metrics import DISTS, LPIPS
 
-        lpips = LPIPS.from_files(args.lpips_vgg)
-    rows, summary, problems = evaluate(args.pred, args.gt, args.crop_border, lpips, device)
-    csv_path = write_csv(args.csv or Path(args.pred) / "metrics.csv", rows, lpips is not None)
+        lpips, dists = LPIPS.from_files(args.vgg), DISTS.from_files(args.vgg)
+    rows, summary, problems = evaluate(args.pred, args.gt, args.crop_border, lpips, device, dists)
+    perceptual = ("lpips", "dists") if args.vgg is not None else ()
+    csv_path = write_csv(args.csv or Path(args.pred) / "metrics.csv", rows, perceptual)
     for msg in problems:
         print(f"error: {msg}", file=sys.stderr)
     if args.json:

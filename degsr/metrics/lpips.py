@@ -95,6 +95,16 @@ class VGG16Features(nn.Module):
                     break
         return outs
 
+    def randomize(self, g: torch.Generator) -> None:
+        """Random weights for tests (torchvision's init: Kaiming-normal, fan_out; plus small
+        random biases): the values are not ImageNet's."""
+        with torch.no_grad():
+            for m in self.features:
+                if isinstance(m, nn.Conv2d):
+                    fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                    m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=g)
+                    m.bias.uniform_(-0.05, 0.05, generator=g)
+
     def load_file(self, path: str | Path) -> None:
         """Load torchvision VGG16 weights from ``path``: a full ``vgg16`` state dict (its
         ``features.*`` keys are used, ``classifier.*`` ignored) or a features-only state dict
@@ -153,12 +163,8 @@ class LPIPS(nn.Module):
         For tests only: the values are not LPIPS."""
         model = cls()
         g = torch.Generator().manual_seed(int(seed))
+        model.net.randomize(g)
         with torch.no_grad():
-            for m in model.net.features:
-                if isinstance(m, nn.Conv2d):
-                    fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-                    m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=g)
-                    m.bias.uniform_(-0.05, 0.05, generator=g)
             for lin in model.lins:
                 lin.weight.uniform_(0.0, 2.0 / lin.in_channels, generator=g)
         if lin_path is not None:
@@ -217,9 +223,16 @@ def default_lin_path() -> Path:
     ``torchmetrics/functional/image/lpips_models/vgg.pth`` (copy of PerceptualSimilarity's BSD-2
     ``lpips/weights/v0.1/vgg.pth``), else the ``lpips`` package's own ``lpips/weights/v0.1/vgg.pth``.
     Neither package is imported. Raises UserError when neither is installed."""
-    candidates = []
-    for pkg, rel in (("torchmetrics", "functional/image/lpips_models/vgg.pth"),
-                     ("lpips", "weights/v0.1/vgg.pth")):
+    return packaged_file([("torchmetrics", "functional/image/lpips_models/vgg.pth"),
+                          ("lpips", "weights/v0.1/vgg.pth")], "LPIPS lin weights (vgg.pth)",
+                         "install torchmetrics or pass lin_path")
+
+
+def packaged_file(candidates: list[tuple[str, str]], what: str, hint: str) -> Path:
+    """The first existing ``(package, path inside it)`` of ``candidates``, found without
+    importing the package; UserError naming every place looked at (and ``hint``) otherwise."""
+    looked = []
+    for pkg, rel in candidates:
         try:
             spec = importlib.util.find_spec(pkg)
         except (ImportError, ValueError):
@@ -227,12 +240,11 @@ def default_lin_path() -> Path:
         if spec is not None and spec.submodule_search_locations:
             for loc in spec.submodule_search_locations:
                 p = Path(loc) / rel
-                candidates.append(p)
+                looked.append(p)
                 if p.is_file():
                     return p
-    looked = ", ".join(str(p) for p in candidates) or "no torchmetrics or lpips package installed"
-    raise UserError(f"LPIPS lin weights (vgg.pth) not found (looked at: {looked}); "
-                    "install torchmetrics or pass lin_path")
+    where = ", ".join(str(p) for p in looked) or f"no {' or '.join(c[0] for c in candidates)} installed"
+    raise UserError(f"{what} not found (looked at: {where}); {hint}")
 
 
 def _load_state_dict(path: Path, what: str) -> dict[str, Tensor]:
