@@ -83,6 +83,8 @@ def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
     out = {"psnr_y": float(psnr_y(p64, g64, crop_border)[0]),
            "ssim_y": float(ssim_y(p64, g64, crop_border)[0])}
     del p64, g64
+    if lpips is None and dists is None:
+        return out
     p32 = pred.to(device, torch.float32).unsqueeze(0) / 255.0
     g32 = gt.to(device, torch.float32).unsqueeze(0) / 255.0
     if lpips is not None:

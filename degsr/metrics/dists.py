@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.functional.image.dists import L2pooling
 
 from degsr.errors import UserError
 from degsr.metrics.lpips import (LPIPS_TAPS, VGG16Features, _load_state_dict, _load_strict,
@@ -52,6 +51,8 @@ class DISTS(nn.Module):
     std: Tensor
 
     def __init__(self) -> None:
+        from torchmetrics.functional.image.dists import L2pooling  # 1.2 s of imports: only here
+
         super().__init__()
         self.net = VGG16Features()
         self.pools = nn.ModuleDict({str(i): L2pooling(channels=c) for i, c in _POOLS.items()})
