@@ -35,22 +35,28 @@ def rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike, alpha: bool = False):
     """An RGB image as a (3, H, W) uint8 tensor (:func:`rgb_array`); UserError naming the file
-    if it can't be read."""
+    if it can't be read. ``alpha``: ``(rgb, alpha)`` with the (1, H, W) uint8 alpha channel of
+    an image that has one (RGBA, LA, a palette with transparency), else None."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         with Image.open(path) as im:
-            arr = rgb_array(im)
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            arr = rgb_array(im)  # turns ``im`` upright in place: the alpha below too
+            a = np.asarray(im.convert("RGBA"))[..., 3] if alpha and has_alpha else None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " "))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    rgb = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    if not alpha:
+        return rgb
+    return rgb, None if a is None else torch.from_numpy(a.copy())[None]
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] (or uint8) -> (H, W, 3) uint8 array."""
+    """(C, H, W) float in [0, 1] (or uint8) -> (H, W, C) uint8 array (C 3: RGB, 4: RGBA)."""
     if img.is_floating_point():
         img = (img.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     return img.permute(1, 2, 0).cpu().numpy()

@@ -152,3 +152,26 @@ def test_sr_batch_groups_images_by_size(trained, tmp_path, degsr_cmd):
     r = subprocess.run([*base, "--out", str(tmp_path / "x"), "--batch", "0"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--batch" in r.stderr
+
+
+def test_sr_keeps_transparency(trained, tmp_path, degsr_cmd):
+    """An RGBA input: the RGB goes through the model exactly as without alpha (the same pixels
+    saved as RGB), the alpha is upscaled beside it: transparent left half, opaque right half."""
+    from degsr.data.photos import load_photo
+
+    rgb = np.ascontiguousarray(load_photo("coffee")[40:64, 100:132])  # 24 x 32
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[:, 16:] = 255
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "in" / "logo.png")
+    Image.fromarray(rgb).save(tmp_path / "in" / "plain.png")
+    r = subprocess.run([*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "--pretrained",
+                        str(trained / "base"), str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    logo, plain = Image.open(tmp_path / "out" / "logo.png"), Image.open(tmp_path / "out" / "plain.png")
+    assert logo.mode == "RGBA" and plain.mode == "RGB" and logo.size == (128, 96)
+    out = np.asarray(logo)
+    assert np.array_equal(out[..., :3], np.asarray(plain))
+    assert (out[:, :60, 3] == 0).all() and (out[:, 68:, 3] == 255).all()
+    assert (np.diff(out[:, 56:72, 3].astype(int), axis=1) >= 0).all()  # a ramp at the edge

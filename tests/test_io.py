@@ -81,3 +81,19 @@ def test_output_targets_report_clashes_and_do_a_file_once(tmp_path):
     assert problems[0].startswith(f"{d2 / 'a.png'}:") and str(d1 / "a.png") in problems[0]
     assert problems[1].startswith(f"{d1 / 'b.png'}:") and str(d1 / "b.jpg") in problems[1]
     assert problems[2].startswith(f"{out / 'c.png'}:") and "overwrite an input" in problems[2]
+
+
+def test_alpha_of_la_and_palette_images(photo, tmp_path):
+    gray, a = photo[..., 0], photo[..., 2]
+    Image.fromarray(np.dstack([gray, a]), mode="LA").save(tmp_path / "la.png")
+    rgb, alpha = read_image(tmp_path / "la.png", alpha=True)
+    assert np.array_equal(alpha[0].numpy(), a) and np.array_equal(rgb[1].numpy(), gray)
+    pal = Image.fromarray((photo[..., 0] // 64).astype(np.uint8), mode="P")  # indices 0..3
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    pal.info["transparency"] = 0  # index 0 is see-through
+    pal.save(tmp_path / "p.png", transparency=0)
+    _, alpha = read_image(tmp_path / "p.png", alpha=True)
+    assert np.array_equal(alpha[0].numpy(), np.where(photo[..., 0] // 64 == 0, 0, 255))
+    assert read_image(tmp_path / "p.png", alpha=False).shape == (3, 40, 60)
+    Image.fromarray(photo).save(tmp_path / "rgb.png")
+    assert read_image(tmp_path / "rgb.png", alpha=True)[1] is None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from degsr import console
 from degsr.errors import UserError
@@ -73,17 +74,20 @@ def run(args) -> int:
                           color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
     out.mkdir(parents=True, exist_ok=True)
     done = skipped = 0
-    pending: dict[tuple, list] = {}  # image size -> [(path, target, lr)], up to --batch each
+    pending: dict[tuple, list] = {}  # image size -> [(path, target, lr, alpha)], up to --batch
 
     def flush(size) -> None:
         nonlocal done
         group = pending.pop(size)
         try:
-            sr, d = up(torch.cat([lr for _, _, lr in group]), opts)
+            sr, d = up(torch.cat([lr for _, _, lr, _ in group]), opts)
         except UserError as e:
-            problems.extend(f"{path}: {e}" for path, _, _ in group)
+            problems.extend(f"{path}: {e}" for path, _, _, _ in group)
             return
-        for (path, target, _), img, dv in zip(group, sr, d.tolist()):
+        for (path, target, _, alpha), img, dv in zip(group, sr, d.tolist()):
+            if alpha is not None:  # transparency: upscaled bicubic, beside the model's RGB
+                alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bicubic", align_corners=False)
+                img = torch.cat([img, alpha[0].clamp(0, 1).to(img)])
             save_png(img, target)
             done += 1
             console.log.debug(json.dumps({"path": str(path), "blur": round(dv[0], 4),
@@ -94,12 +98,14 @@ def run(args) -> int:
             skipped += 1
             continue
         try:
-            lr = read_image(path).float()[None] / 255.0
+            rgb, alpha = read_image(path, alpha=True)
         except UserError as e:
             problems.append(str(e))
             continue
+        lr = rgb.float()[None] / 255.0
+        alpha = None if alpha is None else alpha.float()[None] / 255.0
         size = tuple(lr.shape[-2:])
-        pending.setdefault(size, []).append((path, target, lr))
+        pending.setdefault(size, []).append((path, target, lr, alpha))
         if len(pending[size]) == args.batch:
             flush(size)
     for size in list(pending):  # the partial batches left over
