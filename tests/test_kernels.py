@@ -178,6 +178,29 @@ def test_filter_per_sample_matches_conv2d_loop(dtype):
         torch.testing.assert_close(got[b : b + 1], ref)
 
 
+@pytest.mark.parametrize("b, h, w, k, bands", [(1, 262, 40, 21, 10), (2, 57, 33, 9, 5),
+                                                (5, 64, 64, 21, 2), (1, 20, 30, 21, 1)])
+def test_filter_per_sample_in_bands_is_bit_identical(b, h, w, k, bands):
+    """On the CPU, few planes are filtered in bands of rows (to fill oneDNN's vector lanes):
+    the same sums as kornia's filter2d on the whole images, bit for bit, and as a loop."""
+    from kornia.filters import filter2d
+
+    torch.manual_seed(1)
+    imgs, kers = torch.rand(b, 3, h, w), torch.rand(b, k, k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 32 lanes: the band counts below
+    try:
+        assert K._strips(imgs, k) == bands
+        got = K.filter_per_sample(imgs, kers)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, filter2d(imgs, kers, border_type="reflect"))
+    r = k // 2
+    for i in range(b):
+        x = F.pad(imgs[i:i + 1], [r] * 4, mode="reflect")
+        torch.testing.assert_close(got[i:i + 1], F.conv2d(x, kers[i].expand(3, 1, k, k), groups=3))
+
+
 def test_sample_blur_kernels_match_numpy_reference():
     k, p = K.sample_blur_kernels(64, gen(3), dtype=F64, **SAMPLE_CFG)
     names = TYPES + ["sinc"]

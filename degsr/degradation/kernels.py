@@ -279,12 +279,37 @@ def filter_per_sample(images: Tensor, kernels: Tensor) -> Tensor:
     point-symmetric, so this equals convolution. Images no wider than ``k // 2`` (tiny crops)
     are padded by replication instead. On accelerators, kernels of width >= ``FFT_MIN_KERNEL``
     go through :func:`fft_filter` (equal up to float rounding; there the direct depthwise
-    convolution is the slowest step of the engine, on the CPU the FFT gained little).
+    convolution is the slowest step of the engine, on the CPU the FFT gained little). On the
+    CPU, few planes are filtered in strips (:func:`_strips`).
     """
     from kornia.filters import filter2d
 
+    b, c, h, w = images.shape
     k = kernels.shape[-1]
-    if images.device.type != "cpu" and k >= FFT_MIN_KERNEL and min(images.shape[-2:]) >= 2 * k:
+    if images.device.type != "cpu" and k >= FFT_MIN_KERNEL and min(h, w) >= 2 * k:
         return fft_filter(images, kernels)
-    small = min(images.shape[-2:]) <= k // 2  # reflect needs a wider image
-    return filter2d(images, kernels.to(images.dtype), border_type="replicate" if small else "reflect")
+    kernels = kernels.to(images.dtype)
+    if min(h, w) <= k // 2:  # reflect needs a wider image
+        return filter2d(images, kernels, border_type="replicate")
+    n = _strips(images, k) if images.device.type == "cpu" else 1
+    if n < 2:
+        return filter2d(images, kernels, border_type="reflect")
+    # each sample's padded image cut into n bands of rows (with their k - 1 rows of overlap):
+    # n times the planes, the same sums for every output pixel (bit-identical)
+    r, rows = k // 2, -(-h // n)
+    padded = F.pad(images, (r, r, r, r), mode="reflect")
+    padded = F.pad(padded, (0, 0, 0, rows * n + 2 * r - padded.shape[-2]))  # the last band's rest
+    bands = padded.unfold(2, rows + 2 * r, rows).permute(0, 2, 1, 4, 3)  # (b, n, c, rows+2r, w+2r)
+    out = filter2d(bands.reshape(b * n, c, rows + 2 * r, w + 2 * r),
+                   kernels.repeat_interleave(n, dim=0), padding="valid")
+    return out.view(b, n, c, rows, w).transpose(1, 2).reshape(b, c, n * rows, w)[:, :, :h]
+
+
+def _strips(images: Tensor, k: int) -> int:
+    """How many bands of rows :func:`filter_per_sample` cuts each image into on the CPU. oneDNN's
+    depthwise convolution works on 16 planes at once (one AVX-512 vector) per thread: one RGB
+    image alone leaves 13 of 16 lanes idle and runs ~5x slower per pixel than a batch of 16
+    (docs/benchmarks.md, session 10). Bands fill the lanes; each stays at least ``k - 1`` rows
+    tall, so the overlap at most doubles the work."""
+    b, c, h = images.shape[:3]
+    return min(16 * torch.get_num_threads() // (b * c), h // max(k - 1, 1))
