@@ -132,6 +132,34 @@ def test_usm_sharpen_only_changes_edges_and_keeps_flat():
     assert sharp[0, 0, 10, 33] > 0.8 - 1e-6 and sharp[0, 0, 10, 30] <= 1e-6 + 0  # overshoot on the bright side
 
 
+def test_usm_sharpen_matches_float64_formula():
+    """Real-ESRGAN's USM written out in float64: a 51 x 51 Gaussian of sigma 8 (exp(-d²/2σ²),
+    normalised), reflect padding, the 10/255 threshold on |I - B|, the mask blurred the same way;
+    tiny images (narrower than 26) are padded by replication instead."""
+    from degsr.data.photos import load_photo
+
+    def reference(img):
+        d = torch.arange(51, dtype=torch.float64) - 25
+        g = torch.exp(-d ** 2 / (2 * 8.0 ** 2))
+        kernel = torch.outer(g, g) / g.sum() ** 2
+        mode = "reflect" if min(img.shape[-2:]) > 25 else "replicate"
+
+        def blur(t):
+            return torch.nn.functional.conv2d(torch.nn.functional.pad(t, [25] * 4, mode=mode),
+                                              kernel.expand(3, 1, 51, 51), groups=3)
+
+        residual = img - blur(img)
+        soft = blur((residual.abs() * 255 > 10).double())
+        return soft * (img + 0.5 * residual).clamp(0, 1) + (1 - soft) * img
+
+    photo = torch.from_numpy(load_photo("chelsea")[:96, :128].copy()).permute(2, 0, 1)[None] / 255.0
+    for img in (photo, photo[..., :20, :24]):
+        got = ops.usm_sharpen(img.float(), 0.5, 10, 51, 8.0).double()
+        ref = reference(img.double())
+        assert (got - ref).abs().mean() < 1e-6 and (got - ref).abs().max() < 1e-3
+        assert (ref - img).abs().max() > 0.01  # it does sharpen
+
+
 def _hand_params(**over):
     z = torch.zeros(1)
     p = {"blur1_std": torch.tensor([1.0]), "blur1_omega_c": z, "blur1_applied": torch.tensor([True]),
