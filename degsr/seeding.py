@@ -7,8 +7,14 @@ import torch
 
 
 def derive_seed(base: int, *keys: int) -> int:
-    """A 63-bit seed mixed from ``base`` and ``keys`` (numpy SeedSequence: well separated streams)."""
-    state = np.random.SeedSequence([int(base), *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    """A 63-bit seed mixed from ``base`` and ``keys`` (numpy SeedSequence: well separated streams).
+
+    The keys go in as SeedSequence's ``spawn_key`` (numpy's position in a tree of streams), not
+    as more entropy: an entropy list shorter than the pool is padded with zeros, so ``(s, 0)``
+    drew the stream of ``(s,)`` (the validation crops' positions and the first chunk's
+    degradations were one stream). Every distinct key tuple gives a distinct stream (tested)."""
+    state = np.random.SeedSequence(int(base), spawn_key=tuple(int(k) for k in keys)).generate_state(
+        2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 

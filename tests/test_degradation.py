@@ -228,6 +228,17 @@ def test_uint8_input_equals_float_input():
     assert torch.equal(a["lr"], b["lr"])
 
 
+def test_every_key_tuple_has_its_own_seed():
+    """Trailing zero keys used to be dropped ((s, 0) drew the stream of (s,)); all 1 + 4 + 16 +
+    64 key tuples of length <= 3 over {0, 1, 2, 7} now give distinct seeds."""
+    import itertools
+
+    from degsr.seeding import derive_seed
+
+    tuples = [t for n in range(4) for t in itertools.product([0, 1, 2, 7], repeat=n)]
+    assert len({derive_seed(5, *t) for t in tuples}) == len(tuples) == 85
+
+
 def test_rank_and_worker_streams_differ_and_repeat():
     from degsr.seeding import make_generator
 
