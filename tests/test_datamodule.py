@@ -382,6 +382,28 @@ def test_truncated_shard_yields_complete_samples_then_raises(bad_shards):
         list(read_shard(bad_shards["half"]))
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "garbage", "cut"])
+def test_a_damaged_header_is_not_taken_for_the_end(shards, tmp_path, damage):
+    """Python's tarfile reads a bad header after the first as the end of the archive; the
+    samples before it still come out, then the shard raises (counted as damaged)."""
+    full = (shards / "train-000000.tar").read_bytes()
+    with tarfile.open(shards / "train-000000.tar") as tar:  # random access: every header offset
+        members = [(m.name.split(".", 1)[0], m.offset) for m in tar.getmembers()]
+    keys = list(dict.fromkeys(k for k, _ in members))
+    assert len(keys) >= 2
+    at = next(off for k, off in members if k == keys[-1])  # the last sample's first header
+    damaged = {"zeroed": full[:at] + bytes(512) + full[at + 512:],
+               "garbage": full[:at] + bytes(range(256)) * 2 + full[at + 512:],
+               "cut": full[:at]}[damage]
+    (tmp_path / "d.tar").write_bytes(damaged)
+    got = []
+    with pytest.raises(tarfile.ReadError, match=f"byte {at}"):
+        for key, _ in read_shard(tmp_path / "d.tar"):
+            got.append(key)
+    assert got == keys[:-1]
+    assert [k for k, _ in read_shard(shards / "train-000000.tar")] == keys  # the intact shard
+
+
 def test_bad_samples_are_counted_and_the_stream_goes_on(shards, bad_shards):
     good = expand_shard_pattern(str(shards))[1]
     urls = [good, bad_shards["corrupt"], bad_shards["truncated"], bad_shards["half"]]
@@ -595,3 +617,21 @@ def test_real_ddp_two_ranks(shards, tmp_path):
     assert [len(r["train"]) for r in ranks] == [3, 3]  # data_cfg: batches_per_epoch=3
     assert ranks[0]["train"] != ranks[1]["train"]
     assert all(r["quality"]["read"] >= 6 and r["quality"]["bad"] == 0 for r in ranks)
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise UserError("data: shard x.tar is unusable")
+
+
+def test_a_worker_error_is_one_line_again():
+    """A UserError raised in a DataLoader worker comes back from PyTorch as UserError('Caught
+    UserError in DataLoader worker process 0.\\nOriginal Traceback ...'): the CLI printed every
+    line of it. It now keeps the worker's own message and says where it came from."""
+    loader = torch.utils.data.DataLoader(_Failing(), num_workers=1)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert str(info.value) == "data: shard x.tar is unusable (in DataLoader worker process 0)"

@@ -195,6 +195,43 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert cli(tmp_path, "--out", tmp_path / "o", "--per-shard", 0) == 2
     assert "--per-shard" in capsys.readouterr().err
+    assert cli(tmp_path, "--out", tmp_path / "file" / "sub") == 2  # under a file: cannot create
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create" in err[0] and str(tmp_path / "file" / "sub") in err[0]
+
+
+def test_mpo_kept_as_jpeg_and_lists_with_a_bom(tmp_path):
+    """A multi-picture JPEG (phones, cameras) keeps its bytes as ``jpg``; a .txt list saved
+    with a byte-order mark (Windows tools) reads its first line too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    first, second = skimage.data.astronaut()[:96, :128], skimage.data.coffee()[:96, :128]
+    Image.fromarray(first).save(src / "pair.jpg", format="MPO", save_all=True,
+                                append_images=[Image.fromarray(second)], quality=90)
+    assert Image.open(src / "pair.jpg").format == "MPO"
+    Image.fromarray(second).save(src / "plain.png")
+    (src / "list.txt").write_bytes(b"\xef\xbb\xbfpair.jpg\r\nplain.png\n")
+    out = tmp_path / "shards"
+    assert cli(src / "list.txt", "--out", out, *SMALL) == 0
+    got = by_source(check_index(out))
+    assert set(got) == {str(src / "pair.jpg"), str(src / "plain.png")}
+    assert got[str(src / "pair.jpg")]["jpg"] == (src / "pair.jpg").read_bytes()
+
+
+def test_photos_over_pils_pixel_guard_are_read(tmp_path, monkeypatch):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS (a guard against hostile files; 179 MP by
+    default): a shard set of one's own 200 MP photos with --max-side must still work. Here the
+    guard is lowered to 1000 pixels so that a 64 x 96 photo trips it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:64, :96]).save(src / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(src / "big.png")
+    assert cli(src, "--out", tmp_path / "o", "--max-side", 48, *SMALL) == 0
+    meta = json.loads(check_index(tmp_path / "o")[0]["json"])
+    assert (meta["width"], meta["height"], meta["resized_from"]) == (48, 32, [96, 64])
+    assert Image.MAX_IMAGE_PIXELS == 1000  # the guard is back for everything else
 
 
 def test_workers_give_identical_shards(photos, tmp_path):

@@ -46,7 +46,8 @@ from degsr.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIST_EXT = ".txt"
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: a JPEG with
+# more pictures appended (phones, cameras); decoders read its first picture
 TAR_MTIME = 0  # fixed, so the same inputs give byte-identical shards
 
 
@@ -75,7 +76,7 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
         elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
             base = os.path.dirname(os.path.abspath(path))
             try:
-                lines = Path(path).read_text(encoding="utf-8").splitlines()
+                lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # BOM or not
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"{src}: cannot read image list ({e})") from None
             for line in (ln.strip() for ln in lines):
@@ -112,6 +113,9 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
             data = f.read()
     except OSError as e:
         return f"cannot read: {e.strerror or e}", None
+    # PIL refuses images over ~179 MP (a guard against hostile files); these are the user's own
+    # photos, and --max-side exists to bring such panoramas and 200 MP phone shots down
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -123,6 +127,8 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
         return "cannot decode: not an image PIL can identify", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means "unusable", never fatal
         return f"cannot decode: {type(e).__name__}: {e}", None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     ext, resized_from = KEPT_FORMATS.get(fmt), None
     if max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
@@ -196,7 +202,10 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     _check_options(out, name, per_shard, min_side, min_bytes, max_side, workers)
     sources = [os.path.expanduser(str(s)) for s in sources]
     images, skipped = find_images(sources)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create ({e.strerror or e})") from None
     shard_re = re.compile(rf"^{re.escape(name)}-\d{{6,}}\.tar$")
     for p in out.iterdir():  # temps left by a crashed earlier run
         if p.name.startswith(".") and shard_re.match(p.name[1:].removesuffix(".tmp")):

@@ -61,7 +61,10 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` for each sample of one tar shard, in order.
 
     Raises (``tarfile.TarError``, ``OSError``, ``EOFError``) where the file is damaged, after
-    yielding every complete sample before the damage; the sample being read then is lost.
+    yielding every sample read before the damage (the last one possibly without all its
+    members); a member cut in the middle is lost. Python's tarfile takes a damaged header after the first one (zeroed, garbage, or the file
+    cut right before it) for the end of the archive: an uncompressed shard must therefore end
+    in zero blocks (the end-of-archive marker every writer puts there), else it is damaged.
     """
     with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, parts = None, {}
@@ -71,14 +74,26 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             k, ext = base_plus_ext(member.name)
             if k is None or k.startswith("__"):
                 continue
-            data = tar.extractfile(member).read()
-            if k != key:
+            if k != key:  # the previous sample is complete: out before this member is read
                 if parts:
                     yield key, parts
                 key, parts = k, {}
-            parts[ext.lower()] = data
-        if parts:
+            parts[ext.lower()] = tar.extractfile(member).read()
+        if parts:  # complete, or cut by damage below: a sample without its image is bad anyway
             yield key, parts
+        if getattr(tar.fileobj, "comptype", "tar") == "tar" and not _zeros_from(f, tar.offset):
+            raise tarfile.ReadError(f"damaged at byte {tar.offset}: no end-of-archive marker there")
+
+
+def _zeros_from(f, offset: int) -> bool:
+    """Whether the file holds at least one 512-byte block from ``offset`` on, all zeros."""
+    f.seek(offset)
+    seen = 0
+    while chunk := f.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            return False
+        seen += len(chunk)
+    return seen >= 512
 
 
 def decode_image(parts: dict[str, bytes]) -> np.ndarray:
@@ -198,10 +213,11 @@ class TrainStream(IterableDataset):
             counts["n_read"] += 1
             unusable[kind] += 1
             if sum(unusable.values()) >= self.stall_limit:
+                small = (f", {unusable['n_small']} smaller than data.crop_size={self.crop_size} "
+                         "with data.small_images=skip" if unusable["n_small"] else "")
                 raise UserError(
                     f"data: the last {sum(unusable.values())} training samples read were all "
-                    f"unusable ({unusable['n_bad']} corrupt, {unusable['n_small']} smaller than "
-                    f"data.crop_size={self.crop_size} with data.small_images=skip) in "
+                    f"unusable ({unusable['n_bad']} corrupt{small}) in "
                     f"{len(self.urls)} shard(s) such as {self.urls[0]}; check data.train_shards")
 
         while True:
