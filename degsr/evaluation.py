@@ -85,6 +85,9 @@ def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
     del p64, g64
     if lpips is None and dists is None:
         return out
+    if lpips is not None and min(h, w) < 16:
+        raise UserError(f"{pred_path.name}: {w}x{h} image is smaller than the 16x16 LPIPS needs "
+                        "(VGG16 halves it four times); pair skipped")
     p32 = pred.to(device, torch.float32).unsqueeze(0) / 255.0
     g32 = gt.to(device, torch.float32).unsqueeze(0) / 255.0
     if lpips is not None:

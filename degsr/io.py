@@ -62,12 +62,21 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return img.permute(1, 2, 0).cpu().numpy()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never a part: a temporary file beside it,
+    renamed. Its mode is an ordinary new file's (mkstemp makes 0600, unreadable to others)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,17 +92,23 @@ def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, sorted) and globs -> (image paths, problems)."""
+def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted) and globs -> (image paths, problems). A folder's
+    images inside ``out`` (the command's output folder, when it is a subfolder of an input
+    folder) are left out: a rerun must not take the first run's outputs for inputs. (When
+    ``out`` is the input folder itself, outputs and inputs can't be told apart.)"""
     paths, problems = [], []
+    outdir = out.resolve() if out is not None else None
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            skip = outdir if outdir is not None and outdir != p.resolve() else None
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
+                           and (skip is None or not q.resolve().is_relative_to(skip)))
             if not found:
                 problems.append(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
-        elif any(ch in item for ch in "*?["):
+        elif not p.exists() and any(ch in item for ch in "*?["):  # a file may be named [1].png
             found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
             if not found:
                 problems.append(f"{item}: pattern matches no file")

@@ -221,6 +221,17 @@ def test_cli_lpips_and_dists_columns(folders, vgg_file, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["dists"] == summary["dists"]
 
 
+def test_an_image_too_small_for_lpips_is_one_skipped_pair(tmp_path, photos, vgg_file, monkeypatch,
+                                                         capsys):
+    gt, pred = photos
+    pdir, gdir = make_dirs(tmp_path, {**gt, "tiny": gt["same"][:12, :14]},
+                           {**pred, "tiny": pred["same"][:12, :14]})
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--vgg", str(vgg_file)], monkeypatch) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "tiny.png: 14x12" in err[0] and "16x16" in err[0]
+    assert sorted(r["name"] for r in read_csv(pdir / "metrics.csv")) == sorted(gt)
+
+
 def test_help_mentions_dists(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli(["--help"], monkeypatch)

@@ -175,3 +175,33 @@ def test_sr_keeps_transparency(trained, tmp_path, degsr_cmd):
     assert np.array_equal(out[..., :3], np.asarray(plain))
     assert (out[:, :60, 3] == 0).all() and (out[:, 68:, 3] == 255).all()
     assert (np.diff(out[:, 56:72, 3].astype(int), axis=1) >= 0).all()  # a ramp at the edge
+
+
+def test_sr_rerun_with_out_inside_the_input_folder(trained, tmp_path, degsr_cmd):
+    """--out inside the input folder: the rerun skips the finished outputs instead of taking
+    them for inputs; a file whose name looks like a glob is a file; outputs get an ordinary
+    file's mode (mkstemp's 0600 was kept); a device that is not there is one line."""
+    import os
+
+    from degsr.data.photos import load_photo
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name, (y, x) in {"a": (0, 0), "photo [1]": (40, 100)}.items():
+        Image.fromarray(np.ascontiguousarray(load_photo("coffee")[y:y + 16, x:x + 24])).save(
+            src / f"{name}.png")
+    base = [*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "--pretrained",
+            str(trained / "base")]
+    r = subprocess.run([*base, str(src), "--out", str(src / "sr")], capture_output=True, text=True)
+    assert r.returncode == 0 and "2 written" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([*base, str(src), "--out", str(src / "sr")], capture_output=True, text=True)
+    assert r.returncode == 0 and "0 written, 2 already there, 0 failed" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([*base, str(src / "photo [1].png"), "--out", str(tmp_path / "one")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "one" / "photo [1].png").is_file(), r.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "one" / "photo [1].png").stat().st_mode & 0o777 == 0o666 & ~umask
+    r = subprocess.run([*base, str(src), "--out", str(tmp_path / "x"), "--device", "gpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device gpu" in r.stderr

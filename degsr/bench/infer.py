@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from degsr.bench import device_name, time_calls, time_rounds
+from degsr.errors import UserError
 
 
 def add_arguments(p) -> None:
@@ -32,6 +33,13 @@ def run(args) -> dict:
     from degsr.sr.model import SRModel
     from degsr.sr.onestep import one_step_sr
 
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 8 or s % 8 for s in sizes):  # the bare model's VAE halves it 3 times
+        raise UserError(f"--sizes {args.sizes}: give output sizes that are multiples of 8, "
+                        "e.g. 512,1024")
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[precision]
@@ -66,7 +74,7 @@ def run(args) -> dict:
               "ms_per_image": {}}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for size in [int(s) for s in args.sizes.split(",") if s]:
+    for size in sizes:
         lr = torch.rand(1, 3, size // 4, size // 4, device=device)
         x = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
         run_bare = lambda: one_step_sr(bare, x)  # noqa: E731

@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_device(name):
+    """``--device NAME`` as a torch.device that exists here; UserError (one line) otherwise."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {name}: not available ({e})".splitlines()[0]) from None
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(args.verbose)

@@ -24,5 +24,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from degsr.cli import user_device
+
+    if getattr(args, "device", None) is not None:
+        user_device(args.device)  # a one-line error before any model is built
     print(json.dumps(args._bench(args)))
     return 0

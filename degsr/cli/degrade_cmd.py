@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from degsr import console
+from degsr.cli import user_device
 from degsr.errors import UserError
 
 NAME = "degrade"
@@ -81,13 +82,9 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {args.device}: not available ({e})".splitlines()[0])
+    device = user_device(args.device)
 
-    paths, problems = expand_inputs(args.images)
+    paths, problems = expand_inputs(args.images, out)
     stems = [p.stem for p in paths]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:

@@ -12,9 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from degsr import console
+from degsr.cli import user_device
 from degsr.errors import UserError
 
 NAME = "eval"
@@ -45,21 +44,12 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {name}: not available ({e})".splitlines()[0])
-    return device
-
-
 def run(args) -> int:
     from degsr.evaluation import evaluate, format_table, pair_images, write_csv
 
     if args.crop_border < 0:
         raise UserError(f"--crop-border must be >= 0, got {args.crop_border}")
-    device = _device(args.device)
+    device = user_device(args.device)
     pair_images(args.pred, args.gt)  # fail fast on pairing, before loading VGG weights
     lpips = dists = None
     if args.vgg is not None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from degsr import console
+from degsr.cli import user_device
 from degsr.errors import UserError
 
 NAME = "sr"
@@ -62,11 +63,12 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    paths, problems = expand_inputs(args.inputs)
+    device = user_device(args.device)
+    paths, problems = expand_inputs(args.inputs, out)
     jobs, clashes = output_targets(paths, out)
     problems.extend(clashes)
-    precision = args.precision or ("bf16" if str(args.device).startswith("cuda") else "fp32")
-    up = Upscaler.load(args.adapter, args.pretrained, args.estimator, args.device, precision,
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    up = Upscaler.load(args.adapter, args.pretrained, args.estimator, device, precision,
                        args.compile)
     if args.scale is not None and args.scale != up.scale:
         raise UserError(f"--scale {args.scale} does not match the adapter's scale {up.scale}")
