@@ -68,19 +68,24 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """``path`` holds ``data`` or what it held before, never a part: a temporary file beside it,
-    renamed. Its mode is an ordinary new file's (mkstemp makes 0600, unreadable to others)."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed onto it:
+    ``path`` holds the new content or the old, never a part. Its mode is an ordinary new
+    file's (mkstemp makes 0600, unreadable to others)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:

@@ -89,9 +89,32 @@ def test_wrong_type_names_key_and_types(override, key, words):
     ("degradation.usm_radius=50", "degradation.usm_radius"),
     ("degradation.scale=5", "degradation.scale"),
     ("degradation.first.kernel_probs=[0.5,0.5]", "degradation.first.kernel_probs"),
+    ("trainer.max_minutes=.nan", "trainer.max_minutes"),
+    ("run.name=", "run.name"),
+    ("run.name=a/b", "run.name"),
 ])
 def test_out_of_range_names_key(override, key):
     msg = problems(overrides=[override])
+    assert len(msg) == 1 and msg[0].startswith(f"config error: {key}:"), msg
+
+
+def test_text_keys_keep_the_text_typed():
+    """YAML would read run.name=0123 as 83 (octal), 12:30 as 750 (sexagesimal), on as true."""
+    from degsr.config import load_config
+
+    cfg = load_config([], ["run.name=0123", "logger.group=12:30", "data.train_shards=on",
+                           "model.pretrained=null", "run.seed=0012"])
+    assert (cfg.run.name, cfg.logger.group, cfg.data.train_shards) == ("0123", "12:30", "on")
+    assert cfg.model.pretrained is None and cfg.run.seed == 12  # numbers stay numbers
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
+    ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+    ("sr.accumulate=3", "sr.accumulate"),  # 3 does not divide data.batches_per_epoch=1000
+])
+def test_stage_sr_rejects_lightnings_own_accumulation_and_clipping(override, key):
+    msg = [m for m in problems(overrides=["stage=sr", override]) if key in m]
     assert len(msg) == 1 and msg[0].startswith(f"config error: {key}:"), msg
 
 

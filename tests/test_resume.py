@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 import degsr.cli
 import degsr.training.fit as fitmod
 from degsr.config import load_config
+from degsr.errors import UserError
 from degsr.data.photos import write_photos
 from degsr.training.checkpoints import AtomicCheckpointIO, damage, find_resume
 
@@ -175,6 +176,38 @@ def test_truncated_checkpoint_is_skipped_at_resume(tmp_path, caplog):
     older.write_bytes(bytes(blob))
     assert "fails its CRC" in damage(older)
     assert find_resume(tmp_path) is None
+
+
+def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tmp_path,
+                                                                       monkeypatch):
+    """A finished run rerun under its name: with another network, a one-line error, and the
+    run's config.yaml and final.json stay those of its checkpoints; with more steps, the new
+    attempt drops the old final.json at its start (collect must not show the old end). A failed
+    run closes its W&B run with a non-zero exit code (sweeps count it as failed)."""
+    codes = []
+    monkeypatch.setattr(fitmod, "_finish_wandb", codes.append)
+    base = [f"data.train_shards={shards}/shards", "logger.wandb=false", "data.crop_size=64",
+            "data.batch_size=4", "data.num_workers=0", "data.batches_per_epoch=3",
+            "trainer.val_every_n_steps=100", f"run.dir={tmp_path}", "run.name=r"]
+    out = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2"]))
+    root = Path(out["run_dir"])
+    config, final = (root / "config.yaml").read_text(), (root / "final.json").read_text()
+    with pytest.raises(UserError, match=r"does not fit this config .*size mismatch"):
+        fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2", "estimator.net.head_hidden=8"]))
+    assert (root / "config.yaml").read_text() == config and (root / "final.json").read_text() == final
+    assert codes == [0, 1]
+
+    class StopAtStart(Callback):  # the longer rerun fails right after it started
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            raise ValueError("stop")
+
+    real = REAL_MAKE_TRAINER
+    monkeypatch.setattr(fitmod, "make_trainer", lambda c, r, logger, extra=(): real(
+        c, r, logger, [*extra, StopAtStart()]))
+    with pytest.raises(ValueError, match="stop"):
+        fitmod.fit(load_config([EST], [*base, "trainer.max_steps=4"]))
+    assert not (root / "final.json").exists() and "max_steps: 4" in (root / "config.yaml").read_text()
+    assert events(root)[-1]["event"] == "error" and codes == [0, 1, 1]
 
 
 def test_keep_last_n_checkpoints(shards, tmp_path):

@@ -74,6 +74,8 @@ def number(default: Any, doc: str = "", *, lo: float = -math.inf, hi: float = ma
     def check(v):
         if v is None:
             return None
+        if isinstance(v, float) and math.isnan(v):
+            return "must be a number, got nan"
         bad_lo = v <= lo if lo_open else v < lo
         if bad_lo or v > hi:
             left = "(" if lo_open else "["

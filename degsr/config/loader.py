@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -107,16 +107,31 @@ def _check_keys(data: dict, schema: dict[str, Any], origin: str) -> list[str]:
     return problems
 
 
-def _parse_overrides(overrides: list[str]) -> dict:
+def _is_text(tp: Any) -> bool:
+    """A ``str`` or ``Optional[str]`` key."""
+    return tp is str or (typing.get_origin(tp) is typing.Union
+                         and set(typing.get_args(tp)) == {str, type(None)})
+
+
+def _parse_overrides(overrides: list[str], schema: dict[str, Any]) -> dict:
+    """``key=value`` items as a nested dict. Values are YAML (numbers, lists, null), except for
+    text keys, which keep the text as typed (YAML would turn ``run.name=0123`` into 83, octal,
+    ``12:30`` into 750 and ``on`` into True), and integers, which are decimal (``0012`` = 12)."""
     out: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or key != key.strip():
             raise ConfigError([f"config error: override '{item}' is not of the form key=value"])
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        tp = schema.get(key.lstrip("+"))
+        if tp is not None and _is_text(tp):
+            value = None if raw in ("null", "~") and tp is not str else raw
+        elif re.fullmatch(r"[-+]?[0-9]+", raw):  # decimal, also with leading zeros (YAML: octal)
+            value = int(raw)
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         node = out
         parts = key.lstrip("+").split(".")
         for p in parts[:-1]:
@@ -158,7 +173,7 @@ def load_config(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str
     cfg = OmegaConf.structured(schema_cls)
     required: set[str] = set()  # keys a file marks '???' (the user must set them)
     sources = [(_read_yaml(Path(f)), str(f)) for f in files]
-    for data, origin in [*sources, (_parse_overrides(list(overrides)), "the command line")]:
+    for data, origin in [*sources, (_parse_overrides(list(overrides), schema), "the command line")]:
         for key, value in _flatten(data):
             (required.add if value == "???" else required.discard)(key)
         cfg = _merge(cfg, data, schema, origin)
@@ -176,11 +191,10 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def save_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically."""
+    from degsr.io import atomic_write_bytes
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "config.yaml"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(to_yaml(cfg))
-    os.replace(tmp, target)
+    atomic_write_bytes(target, to_yaml(cfg).encode())
     return target

@@ -103,6 +103,11 @@ class RunConfig:
     seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0)
     export_dir: str = plain("export", "where the stage's export goes, relative to the run directory")
 
+    def check(self):
+        if self.name.strip() in ("", ".", "..") or "/" in self.name or "\\" in self.name:
+            yield "name", (f"must be a folder name (not empty, no '/'), got {self.name!r}: the run "
+                           "directory is <run.dir>/<run.name>")
+
 
 
 STAGES = ["estimator", "sr"]
@@ -148,6 +153,16 @@ class Config:
         if self.stage == "sr" and self.trainer.precision == "16-mixed":
             yield "trainer.precision", ("stage sr steps its discriminator outside Lightning's "
                                         "loss scaler: use bf16-mixed or 32-true, not 16-mixed")
+        if self.stage == "sr":  # manual optimisation: Lightning's own two keys do not apply
+            if self.trainer.accumulate_grad_batches != 1:
+                yield "trainer.accumulate_grad_batches", ("stage sr optimises by hand: use "
+                                                          "sr.accumulate instead")
+            if self.trainer.gradient_clip_val:
+                yield "trainer.gradient_clip_val", "stage sr optimises by hand: use sr.grad_clip instead"
+            if self.data.batches_per_epoch % self.sr.accumulate:
+                yield "sr.accumulate", (f"must divide data.batches_per_epoch "
+                                        f"({self.data.batches_per_epoch}): a step's batches would "
+                                        "straddle two epochs")
         if self.stage == "sr" and self.sr.lpips_weight > 0 and not self.sr.lpips_vgg:
             yield "sr.lpips_vgg", ("required when sr.lpips_weight > 0: the path of torchvision's "
                                    "VGG16 weights (vgg16-397923af.pth), or set sr.lpips_weight=0")

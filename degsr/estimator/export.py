@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from degsr.errors import UserError
+from degsr.io import atomic_write
 from degsr.estimator.config import EstimatorNetConfig
 from degsr.estimator.network import SCORES, DegradationEstimator
 
@@ -35,17 +35,6 @@ def _pair(path: str | os.PathLike) -> tuple[Path, Path]:
     return p / f"{STEM}.safetensors", p / f"{STEM}.json"
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_estimator(model: DegradationEstimator, path: str | os.PathLike) -> Path:
     """Write the weights and config; ``path`` is a directory or a ``.safetensors``/``.json`` name.
 
@@ -59,8 +48,8 @@ def save_estimator(model: DegradationEstimator, path: str | os.PathLike) -> Path
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "scores": list(SCORES),
            "net": dataclasses.asdict(model.cfg)}
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(config, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(config, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return weights
 
 

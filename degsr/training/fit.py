@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from degsr import console
 from degsr.config import save_config
+from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
@@ -101,6 +102,10 @@ class RunLog(Callback):
             append_event(self.root, name, step=trainer.global_step, **fields)
 
     def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero:  # a new attempt: its config (the checkpoint loaded), no end yet
+            if self.resumed_from:
+                save_config(self.cfg, self.root)
+            (self.root / "final.json").unlink(missing_ok=True)
         self.event(trainer, "start", resumed_from=str(self.resumed_from) if self.resumed_from else None,
                    world_size=trainer.world_size, slurm_job=os.environ.get("SLURM_JOB_ID"),
                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
@@ -244,20 +249,34 @@ def fit(cfg: DictConfig) -> dict:
     check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root)
+    resume = find_resume(root / "checkpoints")
+    if resume is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+        save_config(cfg, root)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
     data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
     last = root / "checkpoints" / "last.ckpt"
-    resume = find_resume(root / "checkpoints")
     preemption = Preemption(last)
     runlog = RunLog(root, cfg, resume, preemption)
     preemption.on_preempt = runlog.preempted
     trainer = make_trainer(cfg, root, make_logger(cfg, root), [preemption, runlog])
     if resume:
         console.log.info(f"resuming from {resume}")
+    failed = True
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        failed = False
+    except SystemExit as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into exit(1)
+            raise KeyboardInterrupt from None
+        raise
+    except RuntimeError as e:
+        if resume is not None and "Error(s) in loading state_dict" in str(e):
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise UserError(f"run {root}: its checkpoint {resume.name} does not fit this config "
+                            f"({lines[min(1, len(lines) - 1)]}); the run's config.yaml is "
+                            "unchanged: give another run.name to start a new run") from None
+        raise
     except BaseException:
         # the ranks this process started (Lightning's subprocess launcher) must not outlive the
         # error: one could wait in a collective for this rank forever (seen: a NaN stop on both
@@ -269,7 +288,7 @@ def fit(cfg: DictConfig) -> dict:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        _finish_wandb(3 if preemption.preempted else 0)
+        _finish_wandb(3 if preemption.preempted else 1 if failed else 0)  # sweeps see failures
     if preemption.preempted and trainer.is_global_zero and under_slurm():
         append_event(root, "requeue", ok=requeue())  # the last thing: Slurm then ends the tasks
     metrics = final_metrics(trainer)
