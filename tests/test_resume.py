@@ -289,3 +289,34 @@ def test_consecutive_nan_steps_stop_training_with_a_clear_message(shards, tmp_pa
     assert r.returncode == 2, r.stderr[-3000:]
     assert "NaN/inf on some rank for 3 steps in a row" in r.stderr
     assert "trainer.max_nonfinite_skips=3" in r.stderr
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import degsr.cli, degsr.training.fit as fitmod
+    from lightning.pytorch.callbacks import Callback
+
+    class CtrlC(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real = fitmod.make_trainer
+    fitmod.make_trainer = lambda c, root, logger, extra=(): real(c, root, logger, [*extra, CtrlC()])
+
+    if __name__ == "__main__":
+        sys.exit(degsr.cli.main(["fit", *sys.argv[1:]]))
+""")
+
+
+def test_ctrl_c_during_fit_says_interrupted(shards, tmp_path):
+    """Lightning turns Ctrl-C into exit(1); the CLI's promise is 'interrupted' and status 130."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
+                        "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
+                        "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
+                        "trainer.val_every_n_steps=100", f"run.dir={tmp_path}/runs"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130 and r.stderr.rstrip().endswith("interrupted"), r.stderr[-2000:]
+    assert events(tmp_path / "runs" / "estimator-tiny")[-1]["event"] == "error"
