@@ -303,6 +303,8 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 
     real = fitmod.make_trainer
     fitmod.make_trainer = lambda c, root, logger, extra=(): real(c, root, logger, [*extra, CtrlC()])
+    # as at a terminal: a job started in the background by a script inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if __name__ == "__main__":
         sys.exit(degsr.cli.main(["fit", *sys.argv[1:]]))
