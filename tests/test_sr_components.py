@@ -112,7 +112,31 @@ BAD_FOLDERS = {
                 ["prediction_type", "sample", "v_prediction"]),
     "no weights": (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
                    ["cannot load unet/"]),
+    "lfs pointer": (lambda f: (f / "text_encoder" / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"),
+                    ["cannot load text_encoder/"]),
+    "truncated": (lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
+                  ["cannot load text_encoder/"]),
+    "bad vocab": (lambda f: (f / "tokenizer" / "vocab.json").write_text("{not json"),
+                  ["cannot load tokenizer/"]),
+    "unet lacks": (lambda f: _drop(f / "unet" / "diffusion_pytorch_model.safetensors", "conv_out."),
+                   ["unet", "lack 2 tensor(s)", "conv_out.bias, conv_out.weight"]),
+    "text lacks": (lambda f: _drop(f / "text_encoder" / "model.safetensors", "final_layer_norm."),
+                   ["text_encoder", "lack 2 tensor(s)", "final_layer_norm"]),
 }
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _drop(path, prefix):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if not k.startswith(prefix)
+               and f".{prefix}" not in k}, path, metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
@@ -127,6 +151,22 @@ def test_bad_folders_give_one_line_user_errors(tiny_folder, tmp_path, case):
     assert "\n" not in msg and msg.startswith("model.pretrained:")
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_a_folder_with_only_fp16_variant_weights_loads_them(tiny_folder, comp, tmp_path):
+    """Hub downloads with variant="fp16" hold only *.fp16.safetensors; they load as the variant."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(tiny_folder, folder)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(str(folder / "unet"), variant="fp16")
+    assert [p.name for p in (folder / "unet").glob("*.safetensors")] == [
+        "diffusion_pytorch_model.fp16.safetensors"]
+    got = load_components(ModelConfig(pretrained=str(folder)))
+    for (name, a), b in zip(comp.unet.state_dict().items(), got.unet.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_missing_folder(tmp_path):

@@ -305,12 +305,32 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
 
 # --------------------------------------------------------------------------- loading
 
-def _load(what: str, root: Path, fn, **kw):
+def _load(what: str, root: Path, fn, weights: bool = False, **kw):
+    """``fn`` on ``root/what`` (local files only), any failure a one-line UserError naming the
+    folder: a truncated or git-lfs-pointer weights file, a corrupt tokenizer, a bad config.
+    ``weights``: a model whose weights file lacks tensors is an error too (diffusers and
+    transformers load it anyway, the missing ones random or left on the meta device); a folder
+    whose only weights are the fp16 variant (``*.fp16.safetensors``) loads that variant."""
+    folder = root / what
+    if weights:
+        kw["output_loading_info"] = True
+        files = [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
+        if files and all(".fp16." in name for name in files):
+            kw["variant"] = "fp16"
     try:
-        return fn(str(root), subfolder=what, local_files_only=True, **kw)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        out = fn(str(root), subfolder=what, local_files_only=True, **kw)
+    except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and hub errors have own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.pretrained: cannot load {what}/ from {root}: {first}") from None
+    if not weights:
+        return out
+    model, info = out
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    if missing:
+        raise UserError(f"model.pretrained: the weights in {folder} lack {len(missing)} tensor(s) "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an "
+                        "incomplete download, or weights of another model")
+    return model
 
 
 def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
@@ -320,14 +340,14 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
     root = Path(model.pretrained).expanduser()
     check_pretrained_folder(root, model.timestep)
     tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
-    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained).float().eval()
+    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained, True).float().eval()
     embeds = encode_prompts(tokenizer, text_encoder, [model.pos_prompt, model.neg_prompt])
     del text_encoder, tokenizer                       # only the two embeddings are ever needed
     # DDPM from the folder's config whatever its class (sd-turbo ships Euler's): only the
     # training schedule (alphas_cumprod) is used.
     scheduler = _load("scheduler", root, DDPMScheduler.from_pretrained)
-    unet = _load("unet", root, UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
-    vae = _load("vae", root, AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    unet = _load("unet", root, UNet2DConditionModel.from_pretrained, True, torch_dtype=dtype)
+    vae = _load("vae", root, AutoencoderKL.from_pretrained, True, torch_dtype=dtype)
     return unet, vae, scheduler, embeds
 
 
