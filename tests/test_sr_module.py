@@ -100,6 +100,49 @@ def test_adapter_errors_name_the_file(tmp_path):
         load_adapter(tmp_path)
 
 
+def test_adapter_json_is_checked_and_a_loaded_net_saves_the_same_adapter(tmp_path, monkeypatch):
+    """A malformed adapter.json is one line naming it (they were KeyError / TypeError); an
+    adapter trained on a base folder refuses to load without one (it ran on random weights);
+    ~ is expanded; a loaded (frozen) net saves every adapter tensor again (it saved one)."""
+    import json
+
+    from degsr.errors import UserError
+    from degsr.sr.components import save_tiny_pretrained
+
+    m, _ = module()
+    save_adapter(m.net, tmp_path / "a")
+    good = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    net, _ = load_adapter(tmp_path / "a")
+    save_adapter(net, tmp_path / "again")
+    assert (tmp_path / "again" / "adapter.safetensors").read_bytes() == \
+        (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    half, _ = load_adapter(tmp_path / "a", dtype=torch.bfloat16)  # vae.dtype is a LoRA tensor's
+    with torch.no_grad():
+        assert half(torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([[0.3, 0.6]])).isfinite().all()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_adapter("~/a")[1]["format"] == good["format"]
+    for edit, words in [(lambda j: j.pop("model"), "'model' is not a valid ModelConfig"),
+                        (lambda j: j["lora"].update(extra_key=1), "'lora' is not a valid"),
+                        (lambda j: j["lora"].update(vae_rank=0), "lora.vae_rank"),
+                        (lambda j: j.update(format_version=2), "format_version 2")]:
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=words) as err:
+            load_adapter(tmp_path / "a")
+        assert str(err.value).startswith(str(tmp_path / "a" / "adapter.json"))
+    (tmp_path / "a" / "adapter.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="format is 'list'"):
+        load_adapter(tmp_path / "a")
+    base = save_tiny_pretrained(tmp_path / "mybase", seed=0)
+    from degsr.sr.config import LoraConfig, ModelConfig
+    from degsr.sr.model import SRModel
+    save_adapter(SRModel(ModelConfig(pretrained=str(base)), LoraConfig()), tmp_path / "b")
+    with pytest.raises(UserError, match="trained on the base folder 'mybase'"):
+        load_adapter(tmp_path / "b")
+    assert load_adapter(tmp_path / "b", pretrained=str(base))[1]["base"] == "mybase"
+
+
 def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path, degsr_cmd):
     """The real loading paths: a diffusers folder, a stage-1 export, torchvision-format VGG16
     weights for LPIPS, a local ViT folder for the critic; then resume from last.ckpt."""

@@ -25,6 +25,7 @@ from degsr.sr.modulation import DegradationModulation, unet_block_id, vae_block_
 from degsr.sr.onestep import decode, denoise, encode_lr
 
 ADAPTER_FORMAT = "degsr-adapter"
+ADAPTER_VERSION = 1
 
 
 class SRModel(nn.Module):
@@ -41,13 +42,14 @@ class SRModel(nn.Module):
         unet.conv_in.requires_grad_(True)
         self.modulation = DegradationModulation(lora, seed=model.seed) if lora.modulated else None
         self._folded: torch.Tensor | None = None  # the vector the LoRA is folded for (see fold)
+        # the adapter's tensors, named once: a loaded (frozen) net saves the same ones
+        self._adapter = {n for n, p in self.named_parameters() if p.requires_grad}
+        self._adapter |= {n for n, _ in self.named_buffers() if n.startswith("modulation.")}
         self.to(device)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The adapter: every trainable tensor plus the (fixed, saved) Fourier W."""
-        keep = {n for n, p in self.named_parameters() if p.requires_grad}
-        keep |= {n for n, _ in self.named_buffers() if n.startswith("modulation.")}
-        return {k: v for k, v in self.state_dict().items() if k in keep}
+        """The adapter: every tensor training changes plus the (fixed, saved) Fourier W."""
+        return {k: v for k, v in self.state_dict().items() if k in self._adapter}
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -94,19 +96,25 @@ def save_adapter(model: SRModel, path, extra: dict | None = None) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into folder ``path`` (atomically)."""
     from safetensors.torch import save
 
-    folder = Path(path)
+    folder = Path(path).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
-    meta = {"format": ADAPTER_FORMAT, "format_version": 1, "lora": dataclasses.asdict(model.lora_cfg),
+    pretrained = model.model_cfg.pretrained
+    meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION,
+            "lora": dataclasses.asdict(model.lora_cfg),
             "model": {k: v for k, v in dataclasses.asdict(model.model_cfg).items()
-                      if k != "pretrained"}, **(extra or {})}
+                      if k != "pretrained"},
+            # the base it was trained on: a folder (named, the path is the user's to give) or arch
+            "base": Path(pretrained).expanduser().name if pretrained else None, **(extra or {})}
     atomic_write_bytes(folder / "adapter.safetensors", save(tensors))
     atomic_write_bytes(folder / "adapter.json", json.dumps(meta, indent=2).encode())
     return folder
 
 
 def read_adapter_meta(path) -> tuple[Path, dict]:
-    folder = Path(path)
+    """The adapter's folder and ``adapter.json``, checked (:func:`adapter_configs`); every
+    problem one line naming the file."""
+    folder = Path(path).expanduser()
     folder = folder.parent if folder.suffix in (".json", ".safetensors") else folder
     meta_path = folder / "adapter.json"
     if not meta_path.is_file() or not (folder / "adapter.safetensors").is_file():
@@ -115,9 +123,29 @@ def read_adapter_meta(path) -> tuple[Path, dict]:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{meta_path}: unreadable ({e})")
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{meta_path}: format is {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{meta_path}: format is {got!r}, expected {ADAPTER_FORMAT!r}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > ADAPTER_VERSION:
+        raise UserError(f"{meta_path}: format_version {meta.get('format_version')!r}: this degsr "
+                        f"reads up to {ADAPTER_VERSION} (a newer degsr wrote it?)")
+    adapter_configs(meta_path, meta)
     return folder, meta
+
+
+def adapter_configs(meta_path: Path, meta: dict) -> tuple[ModelConfig, LoraConfig]:
+    """``adapter.json``'s ``model`` and ``lora`` sections as valid configs, or a UserError."""
+    out = []
+    for key, cls in (("model", ModelConfig), ("lora", LoraConfig)):
+        try:
+            cfg = cls(**meta.get(key))
+        except TypeError as e:  # not a mapping, or a key this degsr does not know
+            raise UserError(f"{meta_path}: '{key}' is not a valid {cls.__name__} ({e})") from None
+        problems = cfg.problems()
+        if problems:
+            raise UserError(f"{meta_path}: {key}.{problems[0]}")
+        out.append(cfg)
+    return out[0], out[1]
 
 
 def load_adapter(path, pretrained: str | None = None, device="cpu", dtype=torch.float32) -> tuple[SRModel, dict]:
@@ -126,8 +154,12 @@ def load_adapter(path, pretrained: str | None = None, device="cpu", dtype=torch.
     from safetensors.torch import load_file
 
     folder, meta = read_adapter_meta(path)
-    model_cfg = ModelConfig(**{**meta["model"], "pretrained": pretrained})
-    net = SRModel(model_cfg, LoraConfig(**meta["lora"]), device=device, dtype=dtype)
+    if pretrained is None and meta.get("base"):
+        raise UserError(f"{folder}: this adapter was trained on the base folder "
+                        f"'{meta['base']}': give that folder (--pretrained / model.pretrained)")
+    model_cfg, lora_cfg = adapter_configs(folder / "adapter.json", meta)
+    net = SRModel(dataclasses.replace(model_cfg, pretrained=pretrained), lora_cfg, device=device,
+                  dtype=dtype)
     try:
         tensors = load_file(str(folder / "adapter.safetensors"), device=str(device))
     except Exception as e:  # noqa: BLE001 - any safetensors failure means a damaged file

@@ -52,6 +52,12 @@ def x0_from_v(z: torch.Tensor, v: torch.Tensor, alpha_bar_t: float) -> torch.Ten
 X0_FROM = {"epsilon": x0_from_eps, "v_prediction": x0_from_v}  # scheduler.prediction_type
 
 
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's own weights. diffusers' ``model.dtype`` is its first parameter's,
+    which after LoRA injection can be a float32 LoRA tensor on a half-precision model."""
+    return next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
+
+
 def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``(B, 3, H, W)`` in [-1, 1] -> latent ``(B, 4, H/f, W/f)`` (a sample of the posterior, times
@@ -63,7 +69,7 @@ def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
         raise ValueError(f"image size {tuple(lr_up.shape[-2:])} must be a multiple of the VAE "
                          f"factor {f} (pad first)")
     vae = comp.vae
-    x = lr_up.to(device=vae.device, dtype=vae.dtype)
+    x = lr_up.to(device=vae.device, dtype=base_dtype(vae))
     return vae.encode(x).latent_dist.sample(generator=generator) * comp.scaling_factor
 
 
@@ -84,7 +90,7 @@ def predict_output(comp: SRComponents, z: torch.Tensor, *,
     ``guidance_scale`` (≠ 1) one batched CFG call."""
     b = z.shape[0]
     unet = comp.unet
-    z = z.to(dtype=unet.dtype)
+    z = z.to(dtype=base_dtype(unet))
     cfg = guidance_scale is not None and float(guidance_scale) != 1.0
     if cfg and negative is not None:
         raise ValueError("negative (a per-sample prompt choice) and guidance_scale (CFG) "
@@ -96,7 +102,7 @@ def predict_output(comp: SRComponents, z: torch.Tensor, *,
     else:
         emb, zz = _embeddings(comp, b, negative), z
     t = torch.full((zz.shape[0],), comp.timestep, dtype=torch.long, device=zz.device)
-    eps = unet(zz, t, encoder_hidden_states=emb.to(dtype=unet.dtype)).sample
+    eps = unet(zz, t, encoder_hidden_states=emb.to(dtype=z.dtype)).sample
     if cfg:
         eps_pos, eps_neg = eps.chunk(2)
         eps = eps_neg + float(guidance_scale) * (eps_pos - eps_neg)
@@ -115,7 +121,7 @@ def denoise(comp: SRComponents, z: torch.Tensor, *, guidance_scale: Optional[flo
 def decode(comp: SRComponents, x0: torch.Tensor) -> torch.Tensor:
     """Clean latent -> image ``(B, 3, H, W)`` clamped to [-1, 1] (the frozen decoder)."""
     vae = comp.vae
-    img = vae.decode((x0 / comp.scaling_factor).to(dtype=vae.dtype)).sample
+    img = vae.decode((x0 / comp.scaling_factor).to(dtype=base_dtype(vae))).sample
     return img.clamp(-1.0, 1.0)
 
 
