@@ -54,8 +54,10 @@ command -v degsr >/dev/null || die "degsr is not on the PATH; activate its venv 
 
 echo "eval.sh: job ${SLURM_JOB_ID:-none}: $input -> $out, scored against $gt"
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4
+sr_status=0  # degsr sr exits 1 when some inputs failed (one error line each): score the rest
 degsr sr --adapter "$adapter" --pretrained "$pretrained" "$input" --out "$out" \
-  ${sr_opts[@]+"${sr_opts[@]}"}
+  ${sr_opts[@]+"${sr_opts[@]}"} || sr_status=$?
+[ "$sr_status" -le 1 ] || exit "$sr_status"  # 2: bad options or adapter; else a crash
 status=0  # degsr eval exits 1 when some pairs were skipped: keep the summary, report the status
 degsr eval --pred "$out" --gt "$gt" --json ${eval_opts[@]+"${eval_opts[@]}"} \
   > "$out/summary.json.tmp" || status=$?
@@ -63,4 +65,4 @@ if [ -s "$out/summary.json.tmp" ]; then
   mv "$out/summary.json.tmp" "$out/summary.json"
   cat "$out/summary.json"
 fi
-exit "$status"
+exit $(( status > sr_status ? status : sr_status ))

@@ -208,6 +208,31 @@ def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tm
         fitmod.fit(load_config([EST], [*base, "trainer.max_steps=4"]))
     assert not (root / "final.json").exists() and "max_steps: 4" in (root / "config.yaml").read_text()
     assert events(root)[-1]["event"] == "error" and codes == [0, 1, 1]
+    with pytest.raises(UserError, match="holds a stage-'estimator' run; this is stage 'sr'"):
+        fitmod.fit(load_config([SR], base))  # one ablation file run as stage 1, then stage 2
+
+
+def test_sigusr1_while_the_models_load_is_honoured_at_the_first_step(shards, tmp_path,
+                                                                     monkeypatch):
+    """SIGUSR1 can come while degsr fit still builds its models (a hand-sent scancel, a short
+    --time): it used to end the process (the handler came with the trainer). Now the run saves
+    after its first step and ends preempted, to be resumed."""
+    real = fitmod.build_module
+
+    def build_then_signal(cfg):
+        module = real(cfg)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return module
+
+    monkeypatch.setattr(fitmod, "build_module", build_then_signal)
+    cfg = load_config([EST], [f"data.train_shards={shards}/shards", "logger.wandb=false",
+                              "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
+                              "data.batches_per_epoch=3", "trainer.max_steps=8",
+                              "trainer.val_every_n_steps=100", f"run.dir={tmp_path}"])
+    out = fitmod.fit(cfg)
+    assert out["status"] == "preempted" and out["global_step"] == 1
+    assert Path(out["last_checkpoint"]).is_file()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handed back
 
 
 def test_keep_last_n_checkpoints(shards, tmp_path):

@@ -135,6 +135,19 @@ def test_eval_sh_runs_sr_then_eval_with_their_own_options(tmp_path):
     r = subprocess.run(["bash", str(SLURM / "eval.sh"), str(tmp_path / "base"), *["x"] * 4],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2 and "has no adapter.json" in r.stderr
+    # degsr sr with some bad inputs (exit 1): the rest are still scored, the job reports 1;
+    # with bad options (exit 2) nothing is scored
+    degsr = Path(env["PATH"].split(os.pathsep)[0]) / "degsr"
+    degsr.write_text(degsr.read_text() + "import os\nsys.exit(int(os.environ['SR_EXIT']) "
+                                         "if sys.argv[1] == 'sr' else 0)\n")
+    args = ["bash", str(SLURM / "eval.sh"), str(tmp_path / "adapter"), str(tmp_path / "base"),
+            "lr", str(tmp_path / "gt"), str(out)]
+    (out / "summary.json").unlink()
+    r = subprocess.run(args, capture_output=True, text=True, env={**env, "SR_EXIT": "1"}, timeout=30)
+    assert r.returncode == 1 and json.loads((out / "summary.json").read_text())[1] == "eval"
+    (out / "summary.json").unlink()
+    r = subprocess.run(args, capture_output=True, text=True, env={**env, "SR_EXIT": "2"}, timeout=30)
+    assert r.returncode == 2 and not (out / "summary.json").exists()
 
 
 # --- the real cluster -------------------------------------------------------------------------

@@ -90,25 +90,35 @@ class Preemption(Callback):
         self.ckpt_path, self.on_preempt, self.signum = Path(ckpt_path), on_preempt, signum
         self.requested = False
         self.preempted = False
-        self._previous = None
+        self._previous, self._armed = None, False
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
-    def on_fit_start(self, trainer, module) -> None:
-        if threading.current_thread() is threading.main_thread():
+    def arm(self) -> None:
+        """Catch the signal from now on (``degsr fit`` arms before it builds the models: until
+        then SIGUSR1 would end the process). Idempotent."""
+        if not self._armed and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._handler)
+            self._armed = True
+
+    def disarm(self) -> None:
+        """Hand the signal back; also when our handler came back after a first disarm:
+        Lightning's signal connector restores at its teardown what it found at fit start, ours
+        when we armed before it."""
+        self._armed = False
+        if (self._previous is not None and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(self.signum) == self._handler):
+            signal.signal(self.signum, self._previous)
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.arm()
 
     def on_fit_end(self, trainer, module) -> None:
-        self._restore()
+        self.disarm()
 
     def on_exception(self, trainer, module, exception) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        self.disarm()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.preempted or not _at_step_boundary(trainer, module, batch_idx):

@@ -240,6 +240,19 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
         enable_progress_bar=console.show_progress(), enable_model_summary=console.show_progress())
 
 
+def _check_same_stage(root: Path, stage: str) -> None:
+    """A run directory holds one stage: resuming a stage-1 run as stage 2 is a one-line error."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((root / "config.yaml").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # no readable config: the checkpoint load decides
+    if saved is not None and saved != stage:
+        raise UserError(f"run {root} holds a stage-'{saved}' run; this is stage '{stage}': give it "
+                        "another run.name")
+
+
 def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
     from degsr.data.module import SRDataModule
@@ -252,14 +265,21 @@ def fit(cfg: DictConfig) -> dict:
     resume = find_resume(root / "checkpoints")
     if resume is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
         save_config(cfg, root)
+    else:
+        _check_same_stage(root, cfg.stage)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    module = build_module(cfg)
-    data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
     last = root / "checkpoints" / "last.ckpt"
     preemption = Preemption(last)
-    runlog = RunLog(root, cfg, resume, preemption)
-    preemption.on_preempt = runlog.preempted
-    trainer = make_trainer(cfg, root, make_logger(cfg, root), [preemption, runlog])
+    preemption.arm()  # a SIGUSR1 while the models load is honoured at the first step
+    try:
+        module = build_module(cfg)
+        data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
+        runlog = RunLog(root, cfg, resume, preemption)
+        preemption.on_preempt = runlog.preempted
+        trainer = make_trainer(cfg, root, make_logger(cfg, root), [preemption, runlog])
+    except BaseException:
+        preemption.disarm()
+        raise
     if resume:
         console.log.info(f"resuming from {resume}")
     failed = True
@@ -270,8 +290,9 @@ def fit(cfg: DictConfig) -> dict:
         if isinstance(e.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into exit(1)
             raise KeyboardInterrupt from None
         raise
-    except RuntimeError as e:
-        if resume is not None and "Error(s) in loading state_dict" in str(e):
+    except (RuntimeError, ValueError) as e:  # the weights', or the optimizer's groups
+        if resume is not None and ("Error(s) in loading state_dict" in str(e)
+                                   or "parameter group that doesn't match" in str(e)):
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             raise UserError(f"run {root}: its checkpoint {resume.name} does not fit this config "
                             f"({lines[min(1, len(lines) - 1)]}); the run's config.yaml is "
@@ -286,6 +307,7 @@ def fit(cfg: DictConfig) -> dict:
             launcher.kill(signal.SIGKILL)
         raise
     finally:
+        preemption.disarm()  # Lightning skips on_exception for some failures (a restore's)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         _finish_wandb(3 if preemption.preempted else 1 if failed else 0)  # sweeps see failures
