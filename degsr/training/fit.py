@@ -286,25 +286,22 @@ def fit(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
         failed = False
-    except SystemExit as e:
-        if isinstance(e.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into exit(1)
-            raise KeyboardInterrupt from None
-        raise
-    except (RuntimeError, ValueError) as e:  # the weights', or the optimizer's groups
-        if resume is not None and ("Error(s) in loading state_dict" in str(e)
-                                   or "parameter group that doesn't match" in str(e)):
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise UserError(f"run {root}: its checkpoint {resume.name} does not fit this config "
-                            f"({lines[min(1, len(lines) - 1)]}); the run's config.yaml is "
-                            "unchanged: give another run.name to start a new run") from None
-        raise
-    except BaseException:
+    except BaseException as e:
         # the ranks this process started (Lightning's subprocess launcher) must not outlive the
         # error: one could wait in a collective for this rank forever (seen: a NaN stop on both
         # ranks left rank 1 blocked after rank 0 exited)
         launcher = getattr(trainer.strategy, "launcher", None)
         if trainer.global_rank == 0 and getattr(launcher, "procs", None):
             launcher.kill(signal.SIGKILL)
+        if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1)
+        if resume is not None and isinstance(e, (RuntimeError, ValueError)) and (
+                "Error(s) in loading state_dict" in str(e)  # the weights
+                or "parameter group that doesn't match" in str(e)):  # the optimizer's groups
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise UserError(f"run {root}: its checkpoint {resume.name} does not fit this config "
+                            f"({lines[min(1, len(lines) - 1)]}); the run's config.yaml is "
+                            "unchanged: give another run.name to start a new run") from None
         raise
     finally:
         preemption.disarm()  # Lightning skips on_exception for some failures (a restore's)
