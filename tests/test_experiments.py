@@ -63,7 +63,7 @@ def required_overrides(files, tmp_path) -> list[str]:
 
 
 def flat(cfg) -> dict:
-    return dict(_walk(OmegaConf.to_container(cfg)))
+    return dict(_walk(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def _walk(d, prefix=""):
@@ -110,7 +110,10 @@ def test_ablation_validates_on_its_base_and_changes_what_it_claims(stem, base, b
     if claims and stem != "estimator_supervised":  # that one spells out the base's default
         assert any(before[k] != v for k, v in claims.items())
     changed = {k for k in after if after[k] != before[k]}
-    assert after["run.name"] == "ablation-" + stem.replace("_", "-")
+    name = "ablation-" + stem.replace("_", "-")
+    if stem in ("baseline", "preset_realesrgan"):  # files for both stages: one run dir each
+        name += "-" + after["stage"]
+    assert after["run.name"] == name
     assert after["logger.group"] == "ablation" and after["logger.tags"][0] == "ablation"
     if stem == "preset_realesrgan":
         preset = flat(load_config([ROOT / "configs/degradation/realesrgan.yaml"]))
