@@ -47,7 +47,8 @@ def read_image(path: str | os.PathLike, alpha: bool = False):
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
             arr = rgb_array(im)  # turns ``im`` upright in place: the alpha below too
             a = np.asarray(im.convert("RGBA"))[..., 3] if alpha and has_alpha else None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " "))
     rgb = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     if not alpha:
@@ -123,20 +124,22 @@ def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path]
     return paths, problems
 
 
-def output_targets(paths: list[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """``(input, out/<stem>.png)`` per input, in order, each file once (a file given twice, e.g.
-    by name and inside a folder, is done once). An input whose output another input already
-    takes (one stem in two folders, ``a.jpg`` beside ``a.png``) or whose output would overwrite
-    an input is a problem line instead."""
+def output_targets(paths: list[Path], out: Path,
+                   suffix: str = ".png") -> tuple[list[tuple[Path, Path]], list[str]]:
+    """``(input, out/<stem><suffix>)`` per input, in order, each file once (a file given twice,
+    e.g. by name and inside a folder, is done once). An input whose output name another input
+    already takes (one stem in two folders, ``a.jpg`` beside ``a.png``) or whose output would
+    overwrite an input is a problem line instead. (``degsr degrade`` names its outputs after
+    the stem: ``suffix=""``.)"""
     inputs = {p.resolve() for p in paths}
     pairs, problems, taken = [], [], {}  # taken: resolved target -> (resolved input, input)
     for path in paths:
-        target = out / f"{path.stem}.png"
+        target = out / f"{path.stem}{suffix}"
         key, tkey = path.resolve(), target.resolve()
         if tkey in taken:
             if taken[tkey][0] != key:
-                problems.append(f"{path}: its output {target} is already that of {taken[tkey][1]}; "
-                                "rename one or give it another --out")
+                problems.append(f"{path}: its output name '{target.name}' in {out} is taken by "
+                                f"{taken[tkey][1]}; rename one or give it another --out")
             continue
         taken[tkey] = (key, path)
         if tkey in inputs:

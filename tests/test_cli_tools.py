@@ -44,9 +44,39 @@ def test_degrade_writes_pairs_params_and_reports_bad_inputs(tmp_path, degsr_cmd)
 
 
 def test_degrade_rejects_bad_options(tmp_path, degsr_cmd):
-    r = subprocess.run([*degsr_cmd, "degrade", "x.png", "--crop", "130", "--scale", "4", "--out",
-                        str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and "--crop 130" in r.stderr and "Traceback" not in r.stderr
+    for bad, word in ((["--crop", "130"], "--crop 130"), (["--scale", "0"], "--scale"),
+                      (["--seed", "-1"], "--seed")):
+        r = subprocess.run([*degsr_cmd, "degrade", "x.png", *bad, "--out", str(tmp_path)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_degrade_applies_overrides_and_reports_a_stem_clash(tmp_path, degsr_cmd):
+    """key=value items are config overrides (they were taken for image paths), wherever they
+    stand; a.jpg beside a.png is one error line and the other images are still degraded."""
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.fromarray(skimage.data.astronaut()[:80, :80]).save(src / name)
+    r = subprocess.run([*degsr_cmd, "degrade", "degradation.no_degradation_prob=1", str(src),
+                        "--crop", "64", "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True)
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and str(src / "a.png") in err[0] and str(src / "a.jpg") in err[0]
+    records = [json.loads(line) for line in (tmp_path / "out" / "params.jsonl").read_text().splitlines()]
+    assert [rec["stem"] for rec in records] == ["a_0", "b_0"]
+    assert all(rec["params"]["clean"] and rec["scores"] == {"blur": 0.0, "noise": 0.0}
+               for rec in records)  # the override reached the engine: every sample clean
+
+
+def test_bench_options_are_checked_before_anything_runs(degsr_cmd):
+    r = subprocess.run([*degsr_cmd, "bench", "degradation", "--iters", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--iters: must be >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_bench_degradation_prints_json(degsr_cmd):

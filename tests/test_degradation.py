@@ -228,6 +228,16 @@ def test_uint8_input_equals_float_input():
     assert torch.equal(a["lr"], b["lr"])
 
 
+def test_modelled_scores_without_jpeg_or_noise_are_zero_not_nan():
+    """Quality ranges of [100, 100] and zero noise ranges made the modelled noise score 0/0."""
+    keys = ["degradation.noise_label=params", "degradation.blur_label=params"]
+    for r in ("first", "second"):
+        keys += [f"degradation.{r}.jpeg_quality=[100,100]", f"degradation.{r}.noise_sigma=[0,0]",
+                 f"degradation.{r}.poisson_scale=[0,0]"]
+    out = Degrader(preset("s3diff", *keys))(photos(4, 64), gen(3))
+    assert torch.equal(out["scores"][:, 1], torch.zeros(4))
+
+
 def test_every_key_tuple_has_its_own_seed():
     """Trailing zero keys used to be dropped ((s, 0) drew the stream of (s,)); all 1 + 4 + 16 +
     64 key tuples of length <= 3 over {0, 1, 2, 7} now give distinct seeds."""

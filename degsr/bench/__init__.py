@@ -8,6 +8,22 @@ from typing import Callable
 import torch
 
 
+def at_least(low: int):
+    """An argparse ``type``: an integer >= ``low`` (argparse then reports a bad value in one
+    line with exit 2, before anything is built)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

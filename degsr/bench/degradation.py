@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from degsr.bench import device_name, time_calls
+from degsr.bench import at_least, device_name, time_calls
 from degsr.config import load_config
 from degsr.degradation.pipeline import Degrader
 from degsr.io import preset_path
@@ -13,10 +13,10 @@ from degsr.seeding import make_generator
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", choices=["s3diff", "realesrgan"], default="s3diff")
-    p.add_argument("--size", type=int, default=512, help="HR crop size")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=at_least(1), default=512, help="HR crop size")
+    p.add_argument("--batch", type=at_least(1), default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--iters", type=at_least(1), default=5, help="timed iterations (median reported)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler tables of the batched call to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")

@@ -13,19 +13,19 @@ import time
 
 import torch
 
-from degsr.bench import device_name, sync
+from degsr.bench import at_least, device_name, sync
 
 
 def add_arguments(p) -> None:
     p.add_argument("--config", choices=["estimator", "estimator_tiny"], default="estimator",
                    help="network and preset (full: 2.35 M parameters)")
     p.add_argument("--objective", choices=["supervised", "ranking", "both"], default="supervised")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=None, help="HR crop (default: the config's)")
+    p.add_argument("--batch", type=at_least(1), default=32)
+    p.add_argument("--size", type=at_least(1), default=None, help="HR crop (default: the config's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (after 2 warm-up)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from degsr.bench import device_name, time_calls, time_rounds
+from degsr.bench import at_least, device_name, time_calls, time_rounds
 from degsr.errors import UserError
 
 
@@ -14,15 +14,15 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", choices=["tiny", "sd-turbo"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default="512,1024", help="output sizes (square), comma separated")
-    p.add_argument("--batch", type=int, default=16, help="batch for the throughput figure at 512² (0: skip)")
+    p.add_argument("--batch", type=at_least(0), default=16, help="batch for the throughput figure at 512² (0: skip)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet, VAE encoder and decoder (both paths)")
-    p.add_argument("--tiled", type=int, default=0,
+    p.add_argument("--tiled", type=at_least(0), default=0,
                    help="also time one output of this size with the default tiling (0: skip)")
     p.add_argument("--mem-cap-gib", type=float, default=0,
                    help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
-    p.add_argument("--iters", type=int, default=7, help="timed rounds (median reported)")
+    p.add_argument("--iters", type=at_least(1), default=7, help="timed rounds (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from degsr.bench import at_least
 from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import TrainStream, random_crop, reflect_pad
 from degsr.io import expand_inputs, read_image
@@ -16,10 +17,10 @@ from degsr.io import expand_inputs, read_image
 def add_arguments(p) -> None:
     p.add_argument("--shards", required=True, help="shard pattern (as data.train_shards)")
     p.add_argument("--folder", required=True, help="the same images as a plain folder")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for both")
-    p.add_argument("--crop", type=int, default=512, help="crop size")
-    p.add_argument("--batch", type=int, default=8, help="batch size")
-    p.add_argument("--batches", type=int, default=30, help="batches timed (after 2 warm-up)")
+    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader workers for both")
+    p.add_argument("--crop", type=at_least(1), default=512, help="crop size")
+    p.add_argument("--batch", type=at_least(1), default=8, help="batch size")
+    p.add_argument("--batches", type=at_least(1), default=30, help="batches timed (after 2 warm-up)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 

@@ -12,17 +12,17 @@ import time
 
 import torch
 
-from degsr.bench import device_name, sync
+from degsr.bench import at_least, device_name, sync
 
 
 def add_arguments(p) -> None:
     p.add_argument("--arch", choices=["tiny", "sd-turbo"], default="tiny")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=None, help="HR crop (default 512; tiny: 64)")
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--size", type=at_least(1), default=None, help="HR crop (default 512; tiny: 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (after 2 warm-up)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="unet,vae_encoder,vae_decoder",
                    default="", metavar="PARTS",
                    help="checkpoint these parts (comma list of unet, vae_encoder, vae_decoder; "

@@ -18,7 +18,9 @@ HELP = "write degraded HR/LR pairs from random crops of images (with every sampl
 
 
 def add_arguments(p) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
+    p.add_argument("items", nargs="+", metavar="IMAGE",
+                   help="image files, folders or globs; items with '=' are config overrides, "
+                        "e.g. degradation.final_sinc_prob=0")
     p.add_argument("--preset", choices=["s3diff", "realesrgan"], default="s3diff",
                    help="degradation preset (configs/degradation/<preset>.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of crops and degradations")
@@ -28,11 +30,6 @@ def add_arguments(p) -> None:
     p.add_argument("--scale", type=int, default=4, help="HR size / LR size")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=argparse_note())
-
-
-def argparse_note() -> str:
-    return "extra config overrides, e.g. degradation.final_sinc_prob=0"
 
 
 def random_crops(img: torch.Tensor, k: int, size: int, g: torch.Generator) -> torch.Tensor:
@@ -69,31 +66,36 @@ def params_record(stem: str, scores: torch.Tensor, params: dict, i: int) -> dict
 def run(args) -> int:
     from degsr.config import load_config
     from degsr.degradation.pipeline import Degrader
-    from degsr.io import atomic_write_bytes, expand_inputs, preset_path, read_image, save_png
+    from degsr.cli.config_cmd import split_items
+    from degsr.io import (atomic_write_bytes, expand_inputs, output_targets, preset_path,
+                          read_image, save_png)
     from degsr.seeding import make_generator
 
-    if args.n_per_image < 1:
-        raise UserError(f"--n-per-image must be >= 1, got {args.n_per_image}")
+    images, overrides = split_items(args.items)  # as degsr fit / config: '=' makes an override
+    if not images:
+        raise UserError("no IMAGE given (only key=value overrides)")
+    for flag, value, low in (("--n-per-image", args.n_per_image, 1), ("--scale", args.scale, 1),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.crop < args.scale or args.crop % args.scale:
         raise UserError(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
     cfg = load_config([preset_path(args.preset)],
-                      [f"degradation.scale={args.scale}", *args.overrides]).degradation
+                      [f"degradation.scale={args.scale}", *overrides]).degradation
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     device = user_device(args.device)
 
-    paths, problems = expand_inputs(args.images, out)
-    stems = [p.stem for p in paths]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
-    if dupes:
-        raise UserError(f"inputs share file stems, outputs would collide: {', '.join(dupes[:5])}")
+    paths, problems = expand_inputs(images, out)
+    jobs, clashes = output_targets(paths, out, suffix="")  # outputs: <stem>_<k>_{hr,lq}.png
+    problems.extend(clashes)
     degrader = Degrader(cfg)
     crop_gen = make_generator(args.seed, 0)
     deg_gen = make_generator(args.seed, 1, device=device)
     records = []
-    for path in console.progress(paths, desc="degrade", unit="img"):
+    for path, _ in console.progress(jobs, desc="degrade", unit="img"):
         try:
             img = read_image(path)
         except UserError as e:

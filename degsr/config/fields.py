@@ -130,10 +130,10 @@ def subset(default: Sequence[Any], options: Sequence[Any], doc: str = "", *,
     return _field(list(default), check, doc)
 
 
-def odd_sizes(default: Sequence[int], doc: str = "") -> Any:
+def odd_sizes(default: Sequence[int], doc: str = "", *, most: int = 21) -> Any:
     def check(v):
-        if not v or any(k < 1 or k % 2 == 0 for k in v):
-            return f"must be a non-empty list of odd positive sizes, got {list(v)}"
+        if not v or any(k < 1 or k % 2 == 0 or k > most for k in v):
+            return f"must be a non-empty list of odd sizes in [1, {most}], got {list(v)}"
         return None
     return _field(list(default), check, doc)
 

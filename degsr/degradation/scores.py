@@ -81,9 +81,10 @@ def noise_std(p: dict[str, Tensor], scale: int) -> Tensor:
 def jpeg_strength(p: dict[str, Tensor], scale: int, q_worst: float) -> Tensor:
     """The stronger visible JPEG: (100 - q)/(100 - q_worst) per JPEG, over its attenuation."""
     k1, k2 = _attenuation(p, scale)
-    j1 = (100.0 - p["jpeg1_quality"]) / (100.0 - q_worst) / k1
+    span = max(100.0 - q_worst, 1e-6)  # quality ranges of [100, 100]: no JPEG, strength 0
+    j1 = (100.0 - p["jpeg1_quality"]) / span / k1
     k_final = torch.where(p["final_jpeg_first"].bool(), k2, torch.ones_like(k2))
-    j2 = (100.0 - p["jpeg2_quality"]) / (100.0 - q_worst) / k_final
+    j2 = (100.0 - p["jpeg2_quality"]) / span / k_final
     return torch.maximum(j1, j2).clamp(0, 1)
 
 
@@ -110,7 +111,7 @@ def degradation_scores(p: dict[str, Tensor], cfg) -> Tensor:
     """(B, 2) scores [blur, noise] in [0, 1]; clean samples score 0."""
     b = score_bounds(cfg)
     blur = (blur_std_lr(p, cfg.scale) - b["blur_clean"]) / (b["blur_worst"] - b["blur_clean"])
-    a = (noise_std(p, cfg.scale) / b["noise_worst"]).clamp(0, 1)
+    a = (noise_std(p, cfg.scale) / max(b["noise_worst"], 1e-12)).clamp(0, 1)  # no noise: 0
     noise = (a + jpeg_strength(p, cfg.scale, b["jpeg_worst"])) / 2
     scores = torch.stack([blur.clamp(0, 1), noise], dim=1)
     return torch.where(p["clean"].bool().view(-1, 1), torch.zeros_like(scores), scores)
