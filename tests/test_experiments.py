@@ -376,3 +376,7 @@ def test_degsr_collect_command(runs, tmp_path, degsr_cmd, capsys):
         assert main(["collect", str(bad)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and str(bad) in err
+    for bad in (tmp_path / "tables", out / "under-a-file.md"):  # --out a folder; not creatable
+        assert main(["collect", str(runs), "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: --out {bad}")

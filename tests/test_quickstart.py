@@ -202,3 +202,34 @@ def test_busy_cores_from_two_proc_stat_samples(monkeypatch):
     assert qs.pick_threads(None) == 2 and qs.pick_threads(3) == 3
     with pytest.raises(UserError, match="--threads"):
         qs.pick_threads(0)
+
+
+def test_a_stage_stopped_by_sigusr1_is_not_marked_done(tmp_path):
+    """fit() returns status 'preempted' after SIGUSR1 (saved, not exported): the quickstart
+    stops with one line instead of marking the stage done (every rerun then failed)."""
+    from degsr.errors import UserError
+    from degsr.quickstart import run as qs
+
+    with pytest.raises(UserError, match="stopped by SIGUSR1 at step 4.*rerun"):
+        qs._stage(tmp_path, {"status": "preempted", "global_step": 4, "last_checkpoint": "x"})
+    assert not (tmp_path / qs.DONE).exists()
+    qs._stage(tmp_path, {"status": "finished"})
+    assert (tmp_path / qs.DONE).is_file()
+
+
+def test_sr_outputs_of_another_adapter_are_redone(runs, degsr_cmd_module):
+    """The SR outputs carry a stamp of the adapter and base that made them: outputs of another
+    (a --pretrained run in the same --out, or a set mixed by an interrupted sr) are redone.
+    Last in this file: it changes the shared run."""
+    out = runs["out"]
+    stamp = out / "eval" / "degsr" / ".made_by.json"
+    made = json.loads(stamp.read_text())
+    assert made["pretrained"] == str(out / "prior")
+    stamp.write_text(json.dumps({**made, "adapter": [0, 0]}))  # as if another adapter made them
+    before = (out / "eval/degsr/chelsea.png").stat().st_mtime_ns
+    r = subprocess.run([*degsr_cmd_module, "quickstart", "--out", str(out), "--minutes", MINUTES],
+                       capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sr: already complete, reused" not in r.stderr
+    assert (out / "eval/degsr/chelsea.png").stat().st_mtime_ns != before
+    assert json.loads(stamp.read_text()) == made

@@ -31,14 +31,20 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from degsr.experiments import collect
+    from degsr.errors import UserError
     from degsr.io import atomic_write_bytes
 
     patterns = [p.strip() for p in args.metrics.split(",") if p.strip()]
     table, _ = collect(args.paths, metrics=patterns, sort=args.sort, descending=args.desc,
                        max_keys_per_section=args.max_keys_per_section)
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name, e.g. {out / 'runs.md'}")
     print(table, end="")
-    if args.out:
-        out = Path(args.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, table.encode())
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, table.encode())
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return 0

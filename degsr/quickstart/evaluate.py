@@ -39,13 +39,34 @@ def eval_command(p, pred: Path) -> list[str]:
     return ["eval", "--pred", str(pred), "--gt", str(p.hr), "--crop-border", str(SCALE), "--json"]
 
 
+MADE_BY = ".made_by.json"  # beside the SR outputs: the adapter and base that made them
+
+
+def made_by(p) -> dict:
+    """What the SR outputs depend on: the adapter's weights (size, modification time) and the
+    base folder. Outputs whose stamp differs were made by another model and are redone."""
+    weights = (p.stage2 / "export" / "adapter.safetensors").stat()
+    return {"adapter": [weights.st_size, weights.st_mtime_ns], "pretrained": str(p.base)}
+
+
+def sr_current(p) -> bool:
+    try:
+        return json.loads((p.sr / MADE_BY).read_text()) == made_by(p)
+    except (OSError, ValueError):
+        return False
+
+
 def run_sr(p, overwrite: bool) -> dict:
+    from degsr.io import atomic_write_bytes
     from degsr.quickstart.report import make_eval_inputs
     from degsr.sr.model import read_adapter_meta
 
     mode = read_adapter_meta(p.stage2 / "export")[1].get("upsample_mode", "bicubic")
     names = make_eval_inputs(p.heldout, p.hr, p.lr, p.bicubic, SCALE, mode)
+    overwrite = overwrite or not sr_current(p)  # another adapter's (or a mixed) set: all again
+    (p.sr / MADE_BY).unlink(missing_ok=True)  # an interrupted run leaves no stamp
     _cli(sr_command(p) + (["--overwrite"] if overwrite else []))
+    atomic_write_bytes(p.sr / MADE_BY, json.dumps(made_by(p)).encode())
     return {"images": names}
 
 

@@ -161,7 +161,8 @@ def _fit(config: str, run_dir: Path, overrides: list[str]) -> dict:
                       [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
     result = fit(cfg)  # (fit closes its W&B run: the next stage gets its own)
     wandb = sorted(str(w) for w in (run_dir / "wandb").glob("offline-run-*"))
-    return {"global_step": result["global_step"], "export": result["export"],
+    return {"status": result["status"], "global_step": result["global_step"],
+            "export": result["export"], "last_checkpoint": result["last_checkpoint"],
             "metrics": result["metrics"], "wandb": wandb}
 
 
@@ -257,14 +258,15 @@ def _checked_paths(out: Path, pretrained: str | None) -> Paths:
 def _plan(p: Paths, pretrained: bool, total: float, seed: int, ran: set, state: dict) -> dict:
     """Per step: (is its output complete?, do it, training budget in seconds or None)."""
     from degsr.data.photos import HELD_OUT
-    from degsr.quickstart.evaluate import run_eval, run_sr
+    from degsr.quickstart.evaluate import run_eval, run_sr, sr_current
     from degsr.quickstart.prior import is_complete
     from degsr.quickstart.report import write_report
 
     b = {k: v * total for k, v in BUDGET.items()}
 
     def sr_done() -> bool:
-        return "stage2" not in ran and all((p.sr / f"{n}.png").is_file() for n in HELD_OUT)
+        return ("stage2" not in ran and sr_current(p)
+                and all((p.sr / f"{n}.png").is_file() for n in HELD_OUT))
     return {
         "photos": (lambda: p.train.is_dir() and p.heldout.is_dir(), lambda: make_photos(p), None),
         "shards": (lambda: (p.shards / "index.json").is_file(), lambda: make_shards(p), None),
@@ -281,6 +283,11 @@ def _plan(p: Paths, pretrained: bool, total: float, seed: int, ran: set, state: 
 
 
 def _stage(run_dir: Path, result: dict) -> dict:
-    """Mark a training stage finished (its export written) so a rerun reuses it."""
+    """Mark a training stage finished (its export written) so a rerun reuses it; a stage that
+    SIGUSR1 stopped (saved, not exported) ends the quickstart, and a rerun resumes it."""
+    if result.get("status") != "finished":
+        raise UserError(f"{run_dir.name}: stopped by SIGUSR1 at step {result.get('global_step')} "
+                        f"({result.get('last_checkpoint')} saved); rerun the same degsr "
+                        "quickstart command to resume it")
     atomic_write_bytes(run_dir / DONE, (json.dumps(result, indent=2) + "\n").encode())
     return result
