@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import tempfile
@@ -63,7 +64,10 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return img.permute(1, 2, 0).cpu().numpy()
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once: reading it means setting it, and while it is 0 a file
+    another thread creates would be world-writable."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -42,7 +42,7 @@ def run(args) -> dict:
     cfg = load_config([CONFIG_DIR / f"{args.config}.yaml"], [f"estimator.objective={args.objective}"])
     size = args.size or cfg.data.crop_size
     per = cfg.data.degradations_per_crop
-    if args.batch < 1 or args.batch % per:
+    if args.batch % per:
         raise UserError(f"--batch {args.batch}: must be a positive multiple of the config's "
                         f"data.degradations_per_crop ({per})")
     module = EstimatorModule(cfg.estimator, cfg.degradation).to(device)

@@ -62,9 +62,10 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     Raises (``tarfile.TarError``, ``OSError``, ``EOFError``) where the file is damaged, after
     yielding every sample read before the damage (the last one possibly without all its
-    members); a member cut in the middle is lost. Python's tarfile takes a damaged header after the first one (zeroed, garbage, or the file
-    cut right before it) for the end of the archive: an uncompressed shard must therefore end
-    in zero blocks (the end-of-archive marker every writer puts there), else it is damaged.
+    members); a member cut in the middle is lost. Python's tarfile takes a damaged header after
+    the first one (zeroed, garbage, or the file cut right before it) for the end of the
+    archive: an uncompressed shard must therefore end in zero blocks (the end-of-archive marker
+    every writer puts there), else it is damaged.
     """
     with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, parts = None, {}
