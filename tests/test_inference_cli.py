@@ -15,7 +15,7 @@ def trained(tmp_path_factory):
     from degsr.estimator.config import tiny_net
     from degsr.estimator.export import save_estimator
     from degsr.estimator.network import DegradationEstimator
-    from degsr.sr.components import save_tiny_pretrained
+    from degsr.sr.tiny_folder import save_tiny_pretrained
     from degsr.sr.config import LoraConfig, ModelConfig
     from degsr.sr.model import SRModel, save_adapter
 

@@ -10,8 +10,8 @@ import torch
 
 from degsr.errors import UserError
 from degsr.sr.arch import SD_TURBO_SCHEDULER, SD_TURBO_TEXT, SD_TURBO_UNET, SD_TURBO_VAE
-from degsr.sr.components import (SUBFOLDERS, SRComponents, build_scheduler, load_components,
-                                 save_tiny_pretrained)
+from degsr.sr.components import SUBFOLDERS, SRComponents, build_scheduler, load_components
+from degsr.sr.tiny_folder import save_tiny_pretrained
 from degsr.sr.config import NEG_PROMPT, POS_PROMPT, ModelConfig
 from degsr.sr.onestep import (alpha_bar, decode, denoise, encode_lr, one_step_sr,
                               predict_output, x0_from_eps)

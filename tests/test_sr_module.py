@@ -107,7 +107,7 @@ def test_adapter_json_is_checked_and_a_loaded_net_saves_the_same_adapter(tmp_pat
     import json
 
     from degsr.errors import UserError
-    from degsr.sr.components import save_tiny_pretrained
+    from degsr.sr.tiny_folder import save_tiny_pretrained
 
     m, _ = module()
     save_adapter(m.net, tmp_path / "a")
@@ -151,7 +151,7 @@ def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path
     from degsr.estimator.export import save_estimator
     from degsr.estimator.network import DegradationEstimator
     from degsr.metrics.lpips import VGG16Features
-    from degsr.sr.components import save_tiny_pretrained
+    from degsr.sr.tiny_folder import save_tiny_pretrained
     from degsr.sr.discriminator import save_tiny_backbone
 
     save_tiny_pretrained(tmp_path / "base")

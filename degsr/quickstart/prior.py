@@ -30,7 +30,7 @@ on, nothing more:
    latent of the crop (MSE on x0); each sample takes the positive or the negative prompt at random,
    so guidance starts neutral and stage 2's online negatives teach the difference.
 
-The folder is written by :func:`degsr.sr.components.save_tiny_pretrained` (unet/ vae/
+The folder is written by :func:`degsr.sr.tiny_folder.save_tiny_pretrained` (unet/ vae/
 text_encoder/ tokenizer/ scheduler/ model_index.json), loaded with
 :func:`~degsr.sr.components.load_components` like any SD-Turbo folder, fitted, saved back with
 ``save_pretrained`` and stamped with ``quickstart_prior.json``. It is built under a temporary name
@@ -230,7 +230,8 @@ def is_complete(folder: str | Path) -> bool:
 def build_prior(shards: str | Path, folder: str | Path, s: PriorSettings) -> dict:
     """Fit the tiny prior on the images of ``shards`` and write it to ``folder`` (a diffusers
     folder in SD-Turbo's layout). Returns what the stamp records (settings, steps, PSNR)."""
-    from degsr.sr.components import load_components, save_tiny_pretrained
+    from degsr.sr.components import load_components
+    from degsr.sr.tiny_folder import save_tiny_pretrained
     from degsr.sr.config import ModelConfig
 
     folder = Path(folder)

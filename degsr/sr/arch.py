@@ -70,7 +70,7 @@ TINY_VAE = dict(
 
 TINY_SCHEDULER = dict(SD_TURBO_SCHEDULER)
 
-# Token ids follow the tiny tokenizer that components.save_tiny_pretrained writes:
+# Token ids follow the tiny tokenizer that tiny_folder.save_tiny_pretrained writes:
 # 256 byte symbols, their 256 end-of-word forms, then <|startoftext|> (512), <|endoftext|> (513).
 TINY_TEXT = dict(
     SD_TURBO_TEXT, vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
