@@ -118,6 +118,16 @@ def test_stage_sr_rejects_lightnings_own_accumulation_and_clipping(override, key
     assert len(msg) == 1 and msg[0].startswith(f"config error: {key}:"), msg
 
 
+@pytest.mark.parametrize("overrides,key", [
+    (["data.crop_size=130"], "data.crop_size"),  # 130 % 4
+    (["data.val_crop_size=66"], "data.val_crop_size"),
+    (["degradation.scale=3"], "data.crop_size"),  # the default 512 % 3
+])
+def test_crop_sizes_must_be_multiples_of_the_scale(overrides, key):
+    msg = [m for m in problems(overrides=overrides) if key + ":" in m]
+    assert len(msg) == 1 and "multiple of degradation.scale" in msg[0], msg
+
+
 def test_all_problems_reported_together():
     msg = problems(overrides=["degradation.first.blur_prob=2", "degradation.second.sinc_prob=-1"])
     assert len(msg) == 2

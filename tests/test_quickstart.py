@@ -170,12 +170,12 @@ def test_bad_input_is_one_line_and_loses_nothing(tmp_path, degsr_cmd_module):
     keep = tmp_path / "out" / "keep.txt"
     keep.parent.mkdir()
     keep.write_text("mine")
-    cases = [(["--out", str(keep.parent), "--minutes", "0"], "--minutes must be > 0"),
-             (["--out", str(keep.parent), "--minutes", "-2"], "--minutes must be > 0"),
-             (["--out", str(keep / "sub")], "cannot write there"),
-             (["--out", str(keep)], "exists and is not a folder"),
-             (["--out", str(keep.parent), "--pretrained", str(tmp_path / "nope")],
-              "model.pretrained")]
+    cases = [(["--out", str(keep.parent), "--minutes", m], "--minutes must be a finite number > 0")
+             for m in ("0", "-2", "inf", "nan")]
+    cases += [(["--out", str(keep / "sub")], "cannot write there"),
+              (["--out", str(keep)], "exists and is not a folder"),
+              (["--out", str(keep.parent), "--pretrained", str(tmp_path / "nope")],
+               "model.pretrained")]
     for args, message in cases:
         r = subprocess.run([*degsr_cmd_module, "quickstart", *args], capture_output=True, text=True)
         lines = r.stderr.strip().splitlines()

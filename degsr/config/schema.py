@@ -15,6 +15,7 @@ from degsr.config.fields import (choice, distribution, number, odd_sizes, plain,
 KERNEL_TYPES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
                 "plateau_aniso"]
 RESIZE_MODES = ["area", "bilinear", "bicubic"]
+SCALES = [1, 2, 3, 4, 8]
 ODD_7_21 = [7, 9, 11, 13, 15, 17, 19, 21]
 
 
@@ -57,7 +58,7 @@ def _second_round() -> RoundConfig:
 class DegradationConfig:
     """Real-ESRGAN second-order synthesis, drawn per sample (METHOD.md, 'Synthetic degradation')."""
 
-    scale: int = choice(4, [1, 2, 3, 4, 8], "HR size / LR size")
+    scale: int = choice(4, SCALES, "HR size / LR size")
     first: RoundConfig = field(default_factory=RoundConfig)
     second: RoundConfig = field(default_factory=_second_round)
     final_sinc_prob: float = prob(0.8, "probability of the final sinc filter")
@@ -145,6 +146,10 @@ class Config:
     sr: SRConfig = field(default_factory=SRConfig)
 
     def check(self):
+        for key in ("crop_size", "val_crop_size"):  # (a bad scale is its own problem)
+            if self.degradation.scale in SCALES and getattr(self.data, key) % self.degradation.scale:
+                yield f"data.{key}", (f"must be a multiple of degradation.scale "
+                                      f"({self.degradation.scale}), got {getattr(self.data, key)}")
         if (self.stage == "estimator" and self.estimator.within_crop_weight > 0
                 and self.data.degradations_per_crop < 2):
             yield "estimator.within_crop_weight", ("needs data.degradations_per_crop >= 2 (each "

@@ -22,6 +22,7 @@ rest is start-up, validation and the quick steps). Timings of finished steps are
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -72,8 +73,8 @@ def prepare_out(out: str | os.PathLike) -> Path:
 
 
 def check_minutes(minutes: float) -> float:
-    if not minutes > 0:  # also NaN
-        raise UserError(f"--minutes must be > 0, got {minutes}")
+    if not 0 < minutes < math.inf:  # also NaN
+        raise UserError(f"--minutes must be a finite number > 0, got {minutes}")
     return float(minutes)
 
 
