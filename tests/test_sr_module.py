@@ -41,11 +41,44 @@ def test_generator_step_puts_no_gradient_into_the_discriminator():
     assert all(p.grad is None for p in m.disc.backbone.parameters())
 
 
-def test_negatives_use_negative_prompt_and_own_lr_target_and_skip_gan():
-    m, cfg = module("sr.neg_prob=1")
+def test_negatives_use_negative_prompt_and_own_lr_target():
+    m, cfg = module("sr.neg_prob=1", "sr.gan_weight=0")
     _, terms, out = m.generator_loss(batch(cfg), torch.Generator().manual_seed(0))
     assert out["negative"].all() and torch.equal(out["target"], out["lr_up"])
-    assert "gan_g" not in terms
+    assert set(terms) == {"mse"}
+
+
+def test_gan_terms_judge_every_sample_under_the_positive_prompt(monkeypatch):
+    """METHOD.md: the GAN term uses the positive prompt for all. Sample 1 takes the negative
+    prompt for the reconstruction; the GAN sees its output under the positive prompt."""
+    m, cfg = module("sr.neg_prob=0")
+    b = batch(cfg, n=3)
+    neg = torch.tensor([False, True, False])
+    monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
+        **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
+    calls, judged = [], []
+    forward, loss_g = m.net.forward, m.disc.loss_g
+
+    def spy(lr_up, d, **kw):
+        out = forward(lr_up, d, **kw)
+        calls.append((lr_up, kw.get("negative"), out))
+        return out
+
+    def spy_g(fake, generator=None):
+        judged.append(fake)
+        return loss_g(fake, generator)
+
+    monkeypatch.setattr(m.net, "forward", spy)
+    monkeypatch.setattr(m.disc, "loss_g", spy_g)
+    loss, terms, out = m.generator_loss(b, torch.Generator().manual_seed(0))
+    assert len(calls) == 2 and torch.equal(calls[0][1], neg)  # the mixed-prompt forward
+    assert calls[1][1] is None and torch.equal(calls[1][0], b["lr_up"][1:2] * 2 - 1)
+    fake, sr = judged[0], out["sr"]
+    assert torch.equal(fake[[0, 2]], sr[[0, 2]]) and torch.equal(fake[1], calls[1][2][0])
+    assert not torch.equal(fake[1], sr[1])  # the negative prompt gave another output
+    assert out["fake"] is fake  # the discriminator's fakes (training_step) are the same
+    loss.backward()
+    assert all(p.grad is None for p in m.disc.head_parameters())
 
 
 def test_a_few_steps_on_a_fixed_batch_reduce_the_reconstruction_loss():

@@ -65,7 +65,7 @@ def run(args) -> dict:
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         with autocast:
-            loss_d = 0.5 * module.disc.loss_d(out["gt"] * 2 - 1, out["sr"].detach(), generator=g)
+            loss_d = 0.5 * module.disc.loss_d(out["gt"] * 2 - 1, out["fake"].detach(), generator=g)
         loss_d.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)

@@ -14,7 +14,8 @@ the only trainable part, turn three of its feature levels into logits:
   linear -> one logit (the reference's ``MultiLevelDViT`` with ``down=2``, width 128);
 - loss (``multilevel_sigmoid_s``): per level the mean BCE-with-logits, summed over levels; real
   target ``real_label`` (0.8), fake target 0; the generator's non-saturating loss targets
-  ``real_label`` too. :meth:`VisionAidedDiscriminator.loss_d` weights real and fake 0.5 each.
+  ``real_label`` too. :meth:`VisionAidedDiscriminator.loss_d` sums the real and the fake term; the
+  stage multiplies the sum by ``sr.gan_weight`` (0.5 each, as the reference's two steps).
 
 No gradient leak (the reference's issue #25: its generator step back-propagates the GAN loss into
 the heads and only ``zero_grad`` hides it when gradients are not accumulated): the G step runs
@@ -279,7 +280,8 @@ class VisionAidedDiscriminator(nn.Module):
 
     def loss_d(self, real: torch.Tensor, fake: torch.Tensor,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """0.5 * BCE(real -> real_label) + 0.5 * BCE(fake -> 0), each summed over levels.
+        """BCE(real -> real_label) + BCE(fake -> 0), each summed over levels; the caller weights
+        the sum (``sr.gan_weight``, 0.5: each step weighted 0.5 as the reference's).
 
         Both inputs are detached (no gradient reaches the generator) and evaluated in one batch,
         ``torch.cat([real, fake])``, each sample augmented independently.
@@ -290,8 +292,8 @@ class VisionAidedDiscriminator(nn.Module):
         with torch.no_grad():  # mean D(x) over levels, for logging: how sure the critic is
             prob = torch.stack([torch.sigmoid(t.float()).flatten(1).mean(1) for t in lg]).mean(0)
             self.last_outputs = {"d_real": prob[:n].mean(), "d_fake": prob[n:].mean()}
-        return (0.5 * bce_levels([t[:n] for t in lg], self.real_label)
-                + 0.5 * bce_levels([t[n:] for t in lg], 0.0))
+        return (bce_levels([t[:n] for t in lg], self.real_label)
+                + bce_levels([t[n:] for t in lg], 0.0))
 
     def loss_g(self, fake: torch.Tensor,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:

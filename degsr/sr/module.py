@@ -4,8 +4,9 @@ Manual optimisation with two AdamW optimisers: the generator (LoRA, UNet ``conv_
 on ``mse_weight·MSE + lpips_weight·LPIPS + gan_weight·GAN_G`` and the discriminator heads on
 ``gan_weight·D``. The generator's GAN term runs inside ``disc.frozen_heads()``, so no gradient of
 it reaches the discriminator (the reference's open bug #25). Online negatives (``sr.neg_prob``)
-get the negative prompt and their own upsampled LR as target; they are left out of the GAN term,
-which judges positive-prompt outputs only. The degradation vector comes from the frozen stage-1
+get the negative prompt and their own upsampled LR as target; the GAN terms judge the
+positive-prompt output of every sample (a second forward of the negatives with the positive
+prompt, as the reference's second pass of the whole batch). The degradation vector comes from the frozen stage-1
 estimator on the model's own LR (clean samples: the clean LR), or from the engine (oracle).
 Checkpoints hold only the trainable tensors (adapter + discriminator heads + optimisers).
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from degsr.config.fields import as_dataclass
 
 from degsr.degradation.negatives import online_negatives
+from degsr.degradation.pipeline import upsample
 from degsr.metrics.fidelity import psnr_y, ssim_y
 from degsr.seeding import batch_generator, make_generator
 from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
@@ -93,13 +95,27 @@ class SRModule(L.LightningModule):
         d = self.degradation_vector(batch)
         sr = self.net(batch["lr_up"] * 2 - 1, d, negative=batch["negative"], generator=g)
         terms = self.reconstruction_losses(sr, batch["target"] * 2 - 1)
-        positive = ~batch["negative"]
-        if self.disc is not None and bool(positive.any()):
+        fake = sr
+        if self.disc is not None:
+            fake = self.positive_outputs(batch, d, sr, g)
             with self.disc.frozen_heads():  # no GAN gradient into the heads (reference bug #25)
-                terms["gan_g"] = self.disc.loss_g(sr[positive], generator=g)
+                terms["gan_g"] = self.disc.loss_g(fake, generator=g)
         weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "gan_g": cfg.gan_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
-        return loss, terms, {**batch, "sr": sr}
+        return loss, terms, {**batch, "sr": sr, "fake": fake}
+
+    def positive_outputs(self, batch: dict, d: torch.Tensor, sr: torch.Tensor,
+                         g: torch.Generator) -> torch.Tensor:
+        """The batch's outputs under the positive prompt, what the GAN terms judge (METHOD.md:
+        "the GAN term uses the positive prompt for all"): ``sr`` where the sample took the
+        positive prompt, a second forward of the negatives (only) with the positive prompt."""
+        neg = batch["negative"]
+        if not bool(neg.any()):
+            return sr
+        idx = neg.nonzero().flatten()
+        fake = sr.clone()
+        fake[idx] = self.net(batch["lr_up"][idx] * 2 - 1, d[idx], generator=g).to(sr.dtype)
+        return fake
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.cfg
@@ -125,7 +141,8 @@ class SRModule(L.LightningModule):
             opt_g.zero_grad(set_to_none=True)
             self._drop_g = False
         if self.disc is not None:
-            loss_d = cfg.gan_weight * self.disc.loss_d(batch["gt"] * 2 - 1, sr.detach(), generator=g)
+            loss_d = cfg.gan_weight * self.disc.loss_d(batch["gt"] * 2 - 1, batch["fake"].detach(),
+                                                       generator=g)
             self._drop_d |= self.guard_d.skip(self, loss_d, what="discriminator loss")
             if not self._drop_d:
                 self.manual_backward(loss_d / cfg.accumulate)
@@ -162,8 +179,7 @@ class SRModule(L.LightningModule):
         if "scores" not in batch:  # real paired folders: no engine scores, estimator required
             if self.estimator is None and self.net.modulation is not None:
                 return
-            lr_up = F.interpolate(batch["lr"], size=batch["hr"].shape[-2:], mode="bicubic",
-                                  align_corners=False).clamp(0, 1)
+            lr_up = upsample(batch["lr"], batch["hr"].shape[-2:], self.degradation.upsample_mode)
             batch = {**batch, "lr_up": lr_up, "gt": batch["hr"]}
         d = self.degradation_vector(batch)
         sr = _q(self.net(batch["lr_up"] * 2 - 1, d, guidance_scale=self.net.model_cfg.guidance_scale,
