@@ -48,7 +48,11 @@ class Recorder(Callback):
     """Every training step's loss, and SIGUSR1 to this process after batch ``kill_after``."""
 
     def __init__(self, kill_after: int | None = None):
-        self.losses, self.kill_after = {}, kill_after
+        self.losses, self.kill_after, self.validated = {}, kill_after, []
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.validated.append(trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.fit_loop.epoch_loop.total_batch_idx
@@ -121,6 +125,9 @@ def test_stop_and_resume_continue_the_loss_curve_exactly(stage, shards, tmp_path
     resumed = {**first.losses, **second.losses}
     for step in range(n):
         assert resumed[step] == pytest.approx(straight.losses[step], abs=1e-6, rel=0), step
+    # the validation passes are those of the straight run: none after the save (the job must
+    # exit within Slurm's warning window), none repeated at the resume
+    assert straight.validated and first.validated + second.validated == straight.validated
     ev = events(out2["run_dir"])
     assert [e["event"] for e in ev] == ["start", "preempt", "end", "start", "end"]
     assert ev[2]["status"] == "preempted" and ev[4]["status"] == "finished"

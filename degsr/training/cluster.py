@@ -141,6 +141,9 @@ class Preemption(Callback):
         if self.on_preempt is not None:
             self.on_preempt(trainer, under_slurm())
         trainer.should_stop = True
+        # Lightning validates when a run is stopped early; a preempted run must exit (and
+        # requeue) within Slurm's warning window, so no validation pass runs after the save
+        trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
 
 
 def _at_step_boundary(trainer, module, batch_idx: int) -> bool:
