@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,28 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit gray files
+
+
+_ANY_SIZE = {"users": 0, "saved": None}
+_ANY_SIZE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def any_pixel_count():
+    """PIL's decompression-bomb guard (images over ~179 MP refused) off for the body: degsr reads
+    the user's own photos (a 200 MP phone shot is one). Thread-safe: the guard comes back when
+    the last reader that lifted it is done."""
+    with _ANY_SIZE_LOCK:
+        if _ANY_SIZE["users"] == 0:
+            _ANY_SIZE["saved"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _ANY_SIZE["users"] += 1
+    try:
+        yield
+    finally:
+        with _ANY_SIZE_LOCK:
+            _ANY_SIZE["users"] -= 1
+            if _ANY_SIZE["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = _ANY_SIZE["saved"]
 
 
 def rgb_array(im: Image.Image) -> np.ndarray:
@@ -44,7 +68,7 @@ def read_image(path: str | os.PathLike, alpha: bool = False):
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
+        with any_pixel_count(), Image.open(path) as im:
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
             arr = rgb_array(im)  # turns ``im`` upright in place: the alpha below too
             a = np.asarray(im.convert("RGBA"))[..., 3] if alpha and has_alpha else None

@@ -112,6 +112,7 @@ def test_text_keys_keep_the_text_typed():
     ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
     ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
     ("sr.accumulate=3", "sr.accumulate"),  # 3 does not divide data.batches_per_epoch=1000
+    ("trainer.strategy=ddp", "trainer.strategy"),  # G and D steps leave parameters unused
 ])
 def test_stage_sr_rejects_lightnings_own_accumulation_and_clipping(override, key):
     msg = [m for m in problems(overrides=["stage=sr", override]) if key in m]
@@ -223,3 +224,14 @@ def test_cli_help_lists_subcommands(degsr_cmd):
         assert name in out.stdout
         sub = subprocess.run([*degsr_cmd, name, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "usage: degsr " + name in sub.stdout
+
+
+@pytest.mark.parametrize("stage,devices,want", [
+    ("sr", 2, True), ("sr", 1, None), ("estimator", 2, False)])
+def test_auto_strategy_of_stage_sr_finds_unused_parameters(stage, devices, want, tmp_path):
+    from degsr.training.fit import make_trainer
+
+    cfg = load_config([], [f"stage={stage}", "trainer.accelerator=cpu", f"trainer.devices={devices}",
+                           "sr.lpips_weight=0"])
+    kwargs = getattr(make_trainer(cfg, tmp_path, False).strategy, "_ddp_kwargs", None)
+    assert (None if kwargs is None else bool(kwargs.get("find_unused_parameters"))) == want

@@ -28,7 +28,7 @@ from degsr.data.config import DataConfig
 from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral, echo_position
 from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import TrainStream, read_shard, reflect_pad, rescale
-from degsr.data.validation import PairedFolders, SyntheticValSet
+from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.errors import ConfigError, UserError
 
 CROP = 64
@@ -478,6 +478,44 @@ def test_synthetic_val_set_is_fixed(shards, photos):
         SyntheticValSet.from_config(data_cfg(val_folder=str(photos / "nope")), deg)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_validation_split_counts_every_sample_once(n, world):
+    """Every rank gets the same number of items (the collectives stay in step); over the ranks
+    each sample is kept exactly once, the padding repeats samples with keep False."""
+    ds = [{"x": torch.tensor(float(i))} for i in range(n)]
+    per_rank = [[Marked(ds)[i] for i in EvenSplit(ds, world, r)] for r in range(world)]
+    assert len({len(items) for items in per_rank}) == 1 and len(per_rank[0]) == -(-n // world)
+    kept = sorted(int(it["x"]) for items in per_rank for it in items if it["keep"])
+    assert kept == list(range(n))
+    padding = [it for items in per_rank for it in items if not it["keep"]]
+    assert len(padding) == len(per_rank[0]) * world - n
+
+
+def test_sample_means_over_ranks_equal_the_mean_over_the_set():
+    from degsr.training.val_means import SampleMeans
+
+    g = torch.Generator().manual_seed(0)
+    values, keep = torch.rand(2, 3, 4, generator=g), torch.rand(2, 3, 4, generator=g) > 0.3
+    ranks = [SampleMeans(), SampleMeans()]
+    for r, means in enumerate(ranks):  # 3 batches of 4 on each rank
+        for b in range(3):
+            means.add("m", values[r, b], keep[r, b])
+    tables = [torch.stack(list(m.sums.values())) for m in ranks]
+
+    class TwoRanks:  # the all-reduce of two ranks that hold these tables
+        def reduce(self, t, reduce_op):
+            assert reduce_op == "sum"
+            return tables[0] + tables[1]
+
+    want = sum(float(v) for v, k in zip(values.flatten(), keep.flatten()) if k) / int(keep.sum())
+    assert ranks[0].compute(TwoRanks())["m"] == pytest.approx(want, rel=1e-12)
+    assert not ranks[0].sums  # reset
+    one = SampleMeans()
+    one.add("m", torch.tensor([1.0, 2.0]), torch.tensor([False, False]))
+    assert one.compute() == {}  # nothing kept: no mean
+
+
 def test_paired_folders(tmp_path):
     lr, hr = tmp_path / "lr", tmp_path / "hr"
     lr.mkdir()
@@ -552,8 +590,8 @@ def test_lightning_fit_with_workers_and_both_val_sets(shards, photos, tmp_path):
     trainer.fit(model, datamodule=dm)
     assert len(model.seen["train"]) == cfg.batches_per_epoch
     assert dm.val_names == ["synthetic", "paired"]
-    assert ["clean", "gt", "hr", "lr", "lr_up", "scores"] in model.seen["val"]
-    assert ["hr", "lr", "name"] in model.seen["val"]
+    assert ["clean", "gt", "hr", "keep", "lr", "lr_up", "scores"] in model.seen["val"]
+    assert ["hr", "keep", "lr", "name"] in model.seen["val"]
     assert dm.data_quality()["read"] >= cfg.batches_per_epoch * cfg.batch_size
 
 

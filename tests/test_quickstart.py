@@ -120,7 +120,7 @@ def test_prior_is_a_fitted_sd_turbo_style_folder(runs):
     from diffusers import AutoencoderKL
 
     from degsr.quickstart.prior import PRIOR_ARCH
-    from degsr.sr.components import check_pretrained_folder
+    from degsr.sr.folder_check import check_pretrained_folder
     from degsr.sr.tiny_folder import save_tiny_pretrained
 
     out = runs["out"]

@@ -323,6 +323,28 @@ def test_consecutive_nan_steps_stop_training_with_a_clear_message(shards, tmp_pa
     assert "trainer.max_nonfinite_skips=3" in r.stderr
 
 
+def test_validation_metrics_do_not_depend_on_the_number_of_ranks(shards, tmp_path):
+    """5 validation crops on 1 and on 2 DDP ranks (the second rank's last batch is padding that
+    must not count twice), the same weights (learning rate ~0): the same metrics."""
+    script = tmp_path / "fit.py"
+    script.write_text("import sys, degsr.cli\nsys.exit(degsr.cli.main(['fit', *sys.argv[1:]]))\n")
+    metrics = []
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        args = [a for a in _ddp_args(shards, tmp_path) if not a.startswith("trainer.")]
+        r = _ddp_fit(script, [*args, f"data.val_folder={shards}/val", "data.val_crops=5",
+                              "data.val_batch_size=2", "estimator.lr=1e-30", "trainer.max_steps=1",
+                              "trainer.val_every_n_steps=1", "trainer.accelerator=cpu",
+                              f"trainer.devices={devices}", f"trainer.strategy={strategy}",
+                              f"run.name=d{devices}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        final = json.loads((tmp_path / "runs" / f"d{devices}" / "final.json").read_text())
+        metrics.append({k: v for k, v in final["metrics"].items() if k.startswith("val/")})
+    assert set(metrics[0]) >= {"val/mse", "val/spearman_blur", "val/spearman_noise"}
+    assert metrics[1].keys() == metrics[0].keys()
+    for k in metrics[0]:
+        assert metrics[1][k] == pytest.approx(metrics[0][k], abs=1e-4), k
+
+
 CTRL_C_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import degsr.cli, degsr.training.fit as fitmod

@@ -231,6 +231,14 @@ def test_photos_over_pils_pixel_guard_are_read(tmp_path, monkeypatch):
     assert cli(src, "--out", tmp_path / "o", "--max-side", 48, *SMALL) == 0
     meta = json.loads(check_index(tmp_path / "o")[0]["json"])
     assert (meta["width"], meta["height"], meta["resized_from"]) == (48, 32, [96, 64])
+    # kept at full size, the training stream and every file reader decode it too
+    from degsr.data.stream import decode_image, read_shard
+    from degsr.io import read_image
+
+    assert cli(src, "--out", tmp_path / "full", *SMALL) == 0
+    (_, parts), = read_shard(str(tmp_path / "full" / "train-000000.tar"))
+    assert decode_image(parts).shape == (64, 96, 3)
+    assert read_image(src / "big.png").shape == (3, 64, 96)
     assert Image.MAX_IMAGE_PIXELS == 1000  # the guard is back for everything else
 
 
@@ -260,6 +268,11 @@ def test_expand_shard_pattern(tmp_path):
     assert expand_shard_pattern(str(d)) == want
     assert expand_shard_pattern(str(d / "index.json")) == want
     assert expand_shard_pattern(str(files[1])) == [str(files[1])]
+    odd = tmp_path / "set[1]" / "a{b}.tar"  # glob and brace characters in an existing name
+    odd.parent.mkdir()
+    odd.write_bytes(b"")
+    assert expand_shard_pattern(str(odd)) == [str(odd)]
+    assert expand_shard_pattern(str(odd.parent)) == [str(odd)]
     with pytest.raises(UserError, match="no shard files match .*val-"):
         expand_shard_pattern(str(d / "val-*.tar"))
     with pytest.raises(UserError, match=r"2 of 5 shard files do not exist: .*train-000003\.tar"):

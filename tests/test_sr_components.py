@@ -10,7 +10,8 @@ import torch
 
 from degsr.errors import UserError
 from degsr.sr.arch import SD_TURBO_SCHEDULER, SD_TURBO_TEXT, SD_TURBO_UNET, SD_TURBO_VAE
-from degsr.sr.components import SUBFOLDERS, SRComponents, build_scheduler, load_components
+from degsr.sr.components import SRComponents, build_scheduler, load_components
+from degsr.sr.folder_check import SUBFOLDERS
 from degsr.sr.tiny_folder import save_tiny_pretrained
 from degsr.sr.config import NEG_PROMPT, POS_PROMPT, ModelConfig
 from degsr.sr.onestep import (alpha_bar, decode, denoise, encode_lr, one_step_sr,
@@ -111,12 +112,18 @@ BAD_FOLDERS = {
                                 prediction_type="sample"),
                 ["prediction_type", "sample", "v_prediction"]),
     "no weights": (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
-                   ["cannot load unet/"]),
+                   ["unet", "no weights file"]),
     "lfs pointer": (lambda f: (f / "text_encoder" / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"),
-                    ["cannot load text_encoder/"]),
+                    ["text_encoder/model.safetensors is a git-lfs pointer", "git lfs pull"]),
+    "lfs pointer bin": (lambda f: _as_bin_pointer(f / "unet"),
+                        ["unet/diffusion_pytorch_model.bin is a git-lfs pointer"]),
     "truncated": (lambda f: _truncate(f / "text_encoder" / "model.safetensors"),
-                  ["cannot load text_encoder/"]),
+                  ["text_encoder/model.safetensors is truncated", "incomplete download"]),
+    "truncated unet": (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"),
+                       ["unet/diffusion_pytorch_model.safetensors is truncated"]),
+    "garbage": (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+        b"\xff" * 64), ["vae/diffusion_pytorch_model.safetensors is not a readable safetensors"]),
     "bad vocab": (lambda f: (f / "tokenizer" / "vocab.json").write_text("{not json"),
                   ["cannot load tokenizer/"]),
     "unet lacks": (lambda f: _drop(f / "unet" / "diffusion_pytorch_model.safetensors", "conv_out."),
@@ -124,6 +131,12 @@ BAD_FOLDERS = {
     "text lacks": (lambda f: _drop(f / "text_encoder" / "model.safetensors", "final_layer_norm."),
                    ["text_encoder", "lack 2 tensor(s)", "final_layer_norm"]),
 }
+
+
+def _as_bin_pointer(folder):
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.bin").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
 
 
 def _truncate(path):
@@ -151,6 +164,17 @@ def test_bad_folders_give_one_line_user_errors(tiny_folder, tmp_path, case):
     assert "\n" not in msg and msg.startswith("model.pretrained:")
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_text_encoder_weights_load_in_float32_whatever_the_config_says(tiny_folder, comp, tmp_path):
+    """SD 2.x / sd-turbo text_encoder configs carry "torch_dtype": "float16", which transformers
+    >= 5 loads the float32 weights as: the prompt embeddings must not be rounded."""
+    folder = tmp_path / "sd2"
+    shutil.copytree(tiny_folder, folder)
+    _edit(folder / "text_encoder" / "config.json", torch_dtype="float16", dtype="float16")
+    got = load_components(ModelConfig(pretrained=str(folder)))
+    torch.testing.assert_close(got.pos_embeds, comp.pos_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(got.neg_embeds, comp.neg_embeds, rtol=0, atol=0)
 
 
 def test_a_folder_with_only_fp16_variant_weights_loads_them(tiny_folder, comp, tmp_path):

@@ -158,6 +158,10 @@ class Config:
         if self.stage == "sr" and self.trainer.precision == "16-mixed":
             yield "trainer.precision", ("stage sr steps its discriminator outside Lightning's "
                                         "loss scaler: use bf16-mixed or 32-true, not 16-mixed")
+        if self.stage == "sr" and self.trainer.strategy == "ddp":
+            yield "trainer.strategy", ("stage sr's generator and discriminator steps each leave the "
+                                       "other's parameters without gradients, which plain ddp "
+                                       "rejects: use ddp_find_unused_parameters_true (or auto)")
         if self.stage == "sr":  # manual optimisation: Lightning's own two keys do not apply
             if self.trainer.accumulate_grad_batches != 1:
                 yield "trainer.accumulate_grad_batches", ("stage sr optimises by hand: use "

@@ -50,7 +50,7 @@ from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
 from degsr.data.shards import expand_shard_pattern
 from degsr.data.stream import TrainStream
-from degsr.data.validation import PairedFolders, SyntheticValSet
+from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.degradation.pipeline import Degrader
 from degsr.errors import UserError
 from degsr.seeding import make_generator
@@ -211,13 +211,16 @@ class SRDataModule(L.LightningDataModule):
         return [n for n, s in (("synthetic", self.val_set), ("paired", self.paired_set)) if s]
 
     def val_dataloader(self) -> list[DataLoader]:
+        """The validation sets split over the ranks without counting a sample twice (items carry
+        ``keep``: False on the padding that evens out the ranks, :class:`EvenSplit`)."""
+        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size,
+                                                           self.trainer.global_rank)
         loaders = []
-        if self.val_set is not None:
-            loaders.append(DataLoader(self.val_set, batch_size=self.data.val_batch_size,
-                                      shuffle=False, pin_memory=self._pin()))
-        if self.paired_set is not None:
-            loaders.append(DataLoader(self.paired_set, batch_size=1, shuffle=False,
-                                      num_workers=min(self.data.num_workers, 2)))
+        for ds, batch, kw in ((self.val_set, self.data.val_batch_size, {"pin_memory": self._pin()}),
+                              (self.paired_set, 1, {"num_workers": min(self.data.num_workers, 2)})):
+            if ds is not None:
+                loaders.append(DataLoader(Marked(ds), batch_size=batch,
+                                          sampler=EvenSplit(ds, world, rank), **kw))
         return loaders
 
     # ----------------------------------------------------------------- per-batch hooks

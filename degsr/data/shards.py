@@ -103,7 +103,7 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
     """
     from PIL import Image, UnidentifiedImageError
 
-    from degsr.io import rgb_array
+    from degsr.io import any_pixel_count, rgb_array
 
     try:
         size = os.path.getsize(path)
@@ -113,11 +113,9 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
             data = f.read()
     except OSError as e:
         return f"cannot read: {e.strerror or e}", None
-    # PIL refuses images over ~179 MP (a guard against hostile files); these are the user's own
-    # photos, and --max-side exists to bring such panoramas and 200 MP phone shots down
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    # the user's own photos, of any size: --max-side brings panoramas and 200 MP shots down
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with any_pixel_count(), Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if min(w, h) < min_side:  # downscaling only shrinks: reject before decoding
                 return f"too small: {w}x{h}, shorter side < --min-side {min_side}", None
@@ -127,8 +125,6 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
         return "cannot decode: not an image PIL can identify", None
     except Exception as e:  # noqa: BLE001 - any decoder failure means "unusable", never fatal
         return f"cannot decode: {type(e).__name__}: {e}", None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     ext, resized_from = KEPT_FORMATS.get(fmt), None
     if max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
@@ -282,6 +278,8 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{pattern}: not a degsr shard index ({e})") from None
         files = [os.path.join(os.path.dirname(path), n) for n in names]
+    elif os.path.isfile(path):  # an existing file is itself, whatever [ or { its name holds
+        files = [path]
     elif "{" in path:
         files = list(braceexpand(path))
     elif glob.has_magic(path):

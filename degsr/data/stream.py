@@ -51,7 +51,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from degsr.errors import UserError
-from degsr.io import rgb_array
+from degsr.io import any_pixel_count, rgb_array
 from degsr.seeding import derive_seed
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -103,7 +103,7 @@ def decode_image(parts: dict[str, bytes]) -> np.ndarray:
     if ext is None:
         raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
     try:
-        with Image.open(io.BytesIO(parts[ext])) as im:
+        with any_pixel_count(), Image.open(io.BytesIO(parts[ext])) as im:
             return rgb_array(im)
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample unusable
         raise ValueError(f"cannot decode {ext}: {type(e).__name__}: {e}") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from degsr import console
 from degsr.config.schema import DegradationConfig
@@ -132,3 +132,33 @@ class PairedFolders(Dataset):
         name, lr, hr = self.pairs[i]
         return {"lr": read_image(lr).float() / 255.0, "hr": read_image(hr).float() / 255.0,
                 "name": name}
+
+
+class EvenSplit(DistributedSampler):
+    """Validation under DDP, each sample counted once: ``DistributedSampler(shuffle=False)``
+    (every rank gets the same number of batches, so the ranks' collectives stay in step), but
+    the padding it repeats to fill the last round is yielded as ``len(dataset) + i``, an index
+    :class:`Marked` returns with ``keep`` False: the metrics leave it out."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        return iter([p if p < n else n + p % n
+                     for p in range(self.rank, self.total_size, self.num_replicas)])
+
+
+class Marked(Dataset):
+    """``dataset``'s items with ``keep`` added: True for index ``i < len``, False for the
+    repeats :class:`EvenSplit` pads with (index ``len + i``: item ``i``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.dataset)
+        return {**self.dataset[i % n], "keep": i < n}

@@ -28,6 +28,7 @@ from degsr.estimator.network import SCORES, DegradationEstimator
 from degsr.estimator.pairs import clean_lr, ranking_batches, worst_draw
 from degsr.seeding import batch_generator
 from degsr.training.guard import NonFiniteGuard
+from degsr.training.val_means import SampleMeans
 
 
 class EstimatorModule(L.LightningModule):
@@ -47,6 +48,7 @@ class EstimatorModule(L.LightningModule):
                 f"{kind}_{name}": cls() for name in SCORES
                 for kind, cls in (("spearman", SpearmanCorrCoef), ("pearson", PearsonCorrCoef))})
         self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.val_means = SampleMeans()
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         return self.net(lr)
@@ -96,28 +98,34 @@ class EstimatorModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "scores" not in batch:  # paired real-world folders carry no labels
             return
-        pred = self.net(batch["lr"])
-        for i, name in enumerate(SCORES):
-            for kind in ("spearman", "pearson"):
-                self.val_metrics[f"{kind}_{name}"].update(pred[:, i], batch["scores"][:, i])
-        self.log("val/mse", F.mse_loss(pred, batch["scores"]), batch_size=pred.shape[0],
-                 add_dataloader_idx=False, sync_dist=True)
-        self._val_pairs.append((pred.detach().cpu(), batch["scores"].detach().cpu()))
+        keep = batch.get("keep")  # False: a repeat that evens out the DDP ranks
+        pred, true = self.net(batch["lr"]), batch["scores"]
+        self.val_means.add("mse", (pred - true).square().mean(1), keep)
+        if keep is not None:
+            pred, true = pred[keep], true[keep]
+        if pred.shape[0]:
+            for i, name in enumerate(SCORES):
+                for kind in ("spearman", "pearson"):
+                    self.val_metrics[f"{kind}_{name}"].update(pred[:, i], true[:, i])
+            self._val_pairs.append((pred.detach().cpu(), true.detach().cpu()))
         if batch_idx == 0:
-            self._log_examples(batch["lr"][:8], pred[:8], batch["scores"][:8])
+            self._log_examples(batch["lr"][:8], pred[:8], true[:8])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_pairs:
+        means = self.val_means.compute(self.trainer.strategy)
+        if not means:
             return
+        self.log("val/mse", means["mse"], sync_dist=True)  # equal on all ranks (summed)
         values = {key: metric.compute() for key, metric in self.val_metrics.items()}
         for metric in self.val_metrics.values():
             metric.reset()
         values["spearman_mean"] = torch.stack([values[f"spearman_{n}"] for n in SCORES]).mean()
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)  # equal on all
         # ranks already (torchmetrics gathers in compute()); sync_dist only says so to Lightning
-        pred, true = (torch.cat(x) for x in zip(*self._val_pairs))
-        self._val_pairs.clear()
-        self._log_scatter(pred, true)
+        if self._val_pairs:  # this rank's share (may be empty: fewer samples than ranks)
+            pred, true = (torch.cat(x) for x in zip(*self._val_pairs))
+            self._val_pairs.clear()
+            self._log_scatter(pred, true)
 
     def _wandb(self):
         from lightning.pytorch.loggers import WandbLogger

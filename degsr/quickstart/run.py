@@ -247,7 +247,7 @@ def _checked_paths(out: Path, pretrained: str | None) -> Paths:
     from degsr.quickstart.prior import STAMP, is_complete
 
     if pretrained:
-        from degsr.sr.components import check_pretrained_folder
+        from degsr.sr.folder_check import check_pretrained_folder
         check_pretrained_folder(pretrained)
     p = Paths(out, pretrained)
     if not pretrained and p.prior.exists() and not is_complete(p.prior):

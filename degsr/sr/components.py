@@ -25,7 +25,6 @@ meaningless, but the code path is the one users take.
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -36,9 +35,8 @@ from torch import nn
 from degsr.errors import UserError
 from degsr.sr.arch import arch_configs
 from degsr.sr.config import ModelConfig
+from degsr.sr.folder_check import PREDICTION_TYPES, check_pretrained_folder, check_weights_file
 
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class SRComponents(nn.Module):
@@ -124,94 +122,24 @@ def build_scheduler(config: dict) -> Any:
     return DDPMScheduler.from_config(config)
 
 
-# --------------------------------------------------------------------------- checking a folder
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"model.pretrained: {path} is missing (a diffusers model folder has a "
-                        f"config file in every subfolder)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.pretrained: cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"model.pretrained: {path} is not a JSON object")
-    return data
-
-
-def _bad(path: Path, key: str, value: Any, want: str) -> UserError:
-    return UserError(f"model.pretrained: {path}: {key} is {value!r}, expected {want} "
-                     f"(is this an SD-Turbo / SD 2.1 folder?)")
-
-
-def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str, dict]:
-    """Check that ``folder`` is one SD-Turbo-like diffusers model; return the subfolders' configs
-    (``unet``, ``vae``, ``text_encoder``, ``scheduler``). Raises a one-line :class:`UserError`."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError(f"model.pretrained: folder not found: {folder}")
-    expected = ", ".join(s + "/" for s in SUBFOLDERS)
-    for sub in SUBFOLDERS:
-        if not (root / sub).is_dir():
-            raise UserError(f"model.pretrained: {root} has no {sub}/ subfolder; a diffusers "
-                            f"SD-Turbo folder holds {expected} and model_index.json")
-    index_path = root / "model_index.json"
-    if index_path.is_file():
-        index = _read_json(index_path)
-        extra = [k for k in ("text_encoder_2", "tokenizer_2") if k in index]
-        if extra:
-            raise UserError(f"model.pretrained: {index_path} lists {', '.join(extra)} "
-                            f"({index.get('_class_name')}): an SDXL-style model with two text "
-                            f"encoders, not SD-Turbo")
-
-    unet_path, vae_path = root / "unet" / "config.json", root / "vae" / "config.json"
-    text_path = root / "text_encoder" / "config.json"
-    sched_path = root / "scheduler" / "scheduler_config.json"
-    unet, vae = _read_json(unet_path), _read_json(vae_path)
-    text, sched = _read_json(text_path), _read_json(sched_path)
-
-    if unet.get("_class_name") != "UNet2DConditionModel":
-        raise _bad(unet_path, "_class_name", unet.get("_class_name"), "'UNet2DConditionModel'")
-    if vae.get("_class_name") != "AutoencoderKL":
-        raise _bad(vae_path, "_class_name", vae.get("_class_name"), "'AutoencoderKL'")
-    archs = text.get("architectures") or []
-    if text.get("model_type") != "clip_text_model" or (archs and "CLIPTextModel" not in archs):
-        got = archs[0] if archs else text.get("model_type")
-        raise _bad(text_path, "architectures" if archs else "model_type", got,
-                   "'CLIPTextModel' (model_type 'clip_text_model')")
-    tok = root / "tokenizer"
-    if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
-            or (tok / "tokenizer.json").is_file()):
-        raise UserError(f"model.pretrained: {tok} holds neither vocab.json + merges.txt nor "
-                        f"tokenizer.json (a CLIP tokenizer)")
-
-    if unet.get("addition_embed_type") is not None:
-        raise _bad(unet_path, "addition_embed_type", unet["addition_embed_type"],
-                   "None (SDXL-style added conditioning is not supported)")
-    latent = vae.get("latent_channels", 4)  # SD-Turbo: 4
-    for key in ("in_channels", "out_channels"):
-        if unet.get(key, 4) != latent:
-            raise _bad(unet_path, key, unet.get(key),
-                       f"{latent} ({vae_path}: latent_channels {latent})")
-    for key in ("in_channels", "out_channels"):
-        if vae.get(key, 3) != 3:
-            raise _bad(vae_path, key, vae.get(key), "3 (RGB)")
-    cross = unet.get("cross_attention_dim", 1280)
-    hidden = text.get("hidden_size")
-    if cross != hidden:
-        raise UserError(f"model.pretrained: {unet_path}: cross_attention_dim is {cross!r} but "
-                        f"{text_path}: hidden_size is {hidden!r}; they must match (SD-Turbo: 1024)")
-    pred = sched.get("prediction_type", "epsilon")
-    if pred not in PREDICTION_TYPES:
-        raise _bad(sched_path, "prediction_type", pred, "'epsilon' (SD-Turbo) or 'v_prediction'")
-    n = sched.get("num_train_timesteps", 1000)
-    if not 0 <= timestep < n:
-        raise UserError(f"model.timestep: {timestep} is outside the scheduler's "
-                        f"[0, {n - 1}] ({sched_path}: num_train_timesteps {n})")
-    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
-
-
 # --------------------------------------------------------------------------- loading
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """transformers' and diffusers' loggers at error level for the body (load reports, the
+    "unsafe serialization" notes of .bin files)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+
 
 def _load(what: str, root: Path, fn, weights: bool = False, **kw):
     """``fn`` on ``root/what`` (local files only), any failure a one-line UserError naming the
@@ -222,11 +150,19 @@ def _load(what: str, root: Path, fn, weights: bool = False, **kw):
     folder = root / what
     if weights:
         kw["output_loading_info"] = True
-        files = [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
-        if files and all(".fp16." in name for name in files):
+        files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+        if not files:
+            raise UserError(f"model.pretrained: {folder} has no weights file (*.safetensors or "
+                            "*.bin)")
+        fp16 = all(".fp16." in p.name for p in files)
+        if fp16:
             kw["variant"] = "fp16"
+        for path in files:  # the files the library will read: a clear line before its own
+            if (".fp16." in path.name) == fp16:
+                check_weights_file(path)
     try:
-        out = fn(str(root), subfolder=what, local_files_only=True, **kw)
+        with _quiet_libraries():  # their load reports and warnings: we say what matters once
+            out = fn(str(root), subfolder=what, local_files_only=True, **kw)
     except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and hub errors have own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.pretrained: cannot load {what}/ from {root}: {first}") from None
@@ -241,6 +177,14 @@ def _load(what: str, root: Path, fn, weights: bool = False, **kw):
     return model
 
 
+def _dtype_key() -> str:
+    """transformers' ``from_pretrained`` keyword for the dtype (``torch_dtype`` before 4.56)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -248,7 +192,9 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
     root = Path(model.pretrained).expanduser()
     check_pretrained_folder(root, model.timestep)
     tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
-    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained, True).float().eval()
+    # float32 weights: SD 2.x configs say float16, which transformers >= 5 would load them as
+    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained, True,
+                         **{_dtype_key(): torch.float32}).float().eval()
     embeds = encode_prompts(tokenizer, text_encoder, [model.pos_prompt, model.neg_prompt])
     del text_encoder, tokenizer                       # only the two embeddings are ever needed
     # DDPM from the folder's config whatever its class (sd-turbo ships Euler's): only the

@@ -84,10 +84,11 @@ class SRModel(nn.Module):
             self._folded = None
 
     def forward(self, lr_up: torch.Tensor, d: torch.Tensor, *, negative=None,
-                guidance_scale=None, generator=None) -> torch.Tensor:
-        """LR upsampled to the output size, in [-1, 1] -> SR in [-1, 1], one UNet step."""
+                guidance_scale=None, generator=None, posterior_mean: bool = False) -> torch.Tensor:
+        """LR upsampled to the output size, in [-1, 1] -> SR in [-1, 1], one UNet step (the LR
+        latent a posterior sample drawn from ``generator``, or its mean)."""
         self.set_degradation(d, cfg_batch=guidance_scale is not None and guidance_scale != 1)
-        z = encode_lr(self.comp, lr_up, generator=generator)
+        z = encode_lr(self.comp, lr_up, generator=generator, posterior_mean=posterior_mean)
         return decode(self.comp, denoise(self.comp, z, guidance_scale=guidance_scale,
                                          negative=negative))
 

@@ -21,10 +21,11 @@ from degsr.config.fields import as_dataclass
 from degsr.degradation.negatives import online_negatives
 from degsr.degradation.pipeline import upsample
 from degsr.metrics.fidelity import psnr_y, ssim_y
-from degsr.seeding import batch_generator, make_generator
+from degsr.seeding import batch_generator
 from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
 from degsr.sr.model import SRModel, save_adapter
 from degsr.training.guard import NonFiniteGuard
+from degsr.training.val_means import SampleMeans
 
 
 def _q(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,7 @@ class SRModule(L.LightningModule):
         super().__init__()
         self.guard = NonFiniteGuard(max_nonfinite_skips)  # generator steps
         self.guard_d = NonFiniteGuard(max_nonfinite_skips)  # discriminator steps
+        self.val_means = SampleMeans()
         self._drop_g = self._drop_d = False  # drop the step being accumulated
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable tensors only
@@ -182,19 +184,23 @@ class SRModule(L.LightningModule):
             lr_up = upsample(batch["lr"], batch["hr"].shape[-2:], self.degradation.upsample_mode)
             batch = {**batch, "lr_up": lr_up, "gt": batch["hr"]}
         d = self.degradation_vector(batch)
+        # the posterior mean of the LR latent, as `degsr sr`: a sample's score does not depend on
+        # the rank or batch it lands in
         sr = _q(self.net(batch["lr_up"] * 2 - 1, d, guidance_scale=self.net.model_cfg.guidance_scale,
-                         generator=make_generator(self.seed, 3500 + self.global_rank, dataloader_idx,
-                                                  batch_idx, device=batch["lr"].device)))
+                         posterior_mean=True))
         name = "val" if dataloader_idx == 0 else "val_real"
-        bs = sr.shape[0]
-        metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100).mean(),
-                   "ssim_y": ssim_y(sr, batch["gt"]).mean()}
+        metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100), "ssim_y": ssim_y(sr, batch["gt"])}
         if self.lpips is not None:
-            metrics["lpips"] = self.lpips(sr, batch["gt"], normalize=True).mean()
-        self.log_dict({f"{name}/{k}": v.float() for k, v in metrics.items()}, batch_size=bs,
-                      add_dataloader_idx=False, sync_dist=True)
+            metrics["lpips"] = self.lpips(sr, batch["gt"], normalize=True)
+        for k, v in metrics.items():  # per sample; the padding of the DDP split left out
+            self.val_means.add(f"{name}/{k}", v, batch.get("keep"))
         if batch_idx == 0:
             self._log_panel(f"{name}/panel", batch["lr_up"], sr, batch["gt"])
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.val_means.compute(self.trainer.strategy)
+        if means:  # equal on all ranks (summed over them)
+            self.log_dict(means, sync_dist=True)
 
     def _log_panel(self, key: str, lr_up, sr, hr, n: int = 4) -> None:
         """LR-up | SR | HR side by side, a few samples, to W&B."""

@@ -59,9 +59,11 @@ def base_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
-              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [-1, 1] -> latent ``(B, 4, H/f, W/f)`` (a sample of the posterior, times
-    the VAE's scaling factor). H and W must be multiples of ``f = comp.vae_scale_factor``."""
+              generator: Optional[torch.Generator] = None,
+              posterior_mean: bool = False) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [-1, 1] -> latent ``(B, 4, H/f, W/f)`` (a sample of the posterior, or
+    its mean, times the VAE's scaling factor). H and W must be multiples of ``f =
+    comp.vae_scale_factor``."""
     if lr_up.dim() != 4 or lr_up.shape[1] != 3:
         raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(lr_up.shape)}")
     f = comp.vae_scale_factor
@@ -70,7 +72,8 @@ def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
                          f"factor {f} (pad first)")
     vae = comp.vae
     x = lr_up.to(device=vae.device, dtype=base_dtype(vae))
-    return vae.encode(x).latent_dist.sample(generator=generator) * comp.scaling_factor
+    post = vae.encode(x).latent_dist
+    return (post.mode() if posterior_mean else post.sample(generator=generator)) * comp.scaling_factor
 
 
 def _embeddings(comp: SRComponents, b: int, negative: Optional[torch.Tensor]) -> torch.Tensor:

@@ -229,9 +229,12 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
     if under_slurm():
         from lightning.pytorch.plugins.environments import SLURMEnvironment
         plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it between steps
+    strategy = t.strategy  # stage sr: the generator and discriminator steps each leave the
+    if cfg.stage == "sr" and strategy == "auto" and t.devices * t.num_nodes > 1:  # other's
+        strategy = "ddp_find_unused_parameters_true"  # parameters without gradients
     return L.Trainer(
         default_root_dir=str(root), accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, max_steps=t.max_steps,
+        num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, max_steps=t.max_steps,
         max_time=datetime.timedelta(minutes=t.max_minutes) if t.max_minutes else None,
         val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,

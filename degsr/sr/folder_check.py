@@ -1,0 +1,135 @@
+"""Is a local folder one SD-Turbo-like diffusers model? Every problem a one-line
+:class:`~degsr.errors.UserError` naming the file, the key and its value, before any library
+loads it (their own errors name neither): :func:`check_pretrained_folder` for the configs,
+:func:`check_weights_file` for a weights file (a git-lfs pointer, a truncated download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from degsr.errors import UserError
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"model.pretrained: {path} is missing (a diffusers model folder has a "
+                        f"config file in every subfolder)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.pretrained: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"model.pretrained: {path} is not a JSON object")
+    return data
+
+
+def _bad(path: Path, key: str, value: Any, want: str) -> UserError:
+    return UserError(f"model.pretrained: {path}: {key} is {value!r}, expected {want} "
+                     f"(is this an SD-Turbo / SD 2.1 folder?)")
+
+
+def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str, dict]:
+    """Check that ``folder`` is one SD-Turbo-like diffusers model; return the subfolders' configs
+    (``unet``, ``vae``, ``text_encoder``, ``scheduler``). Raises a one-line :class:`UserError`."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"model.pretrained: folder not found: {folder}")
+    expected = ", ".join(s + "/" for s in SUBFOLDERS)
+    for sub in SUBFOLDERS:
+        if not (root / sub).is_dir():
+            raise UserError(f"model.pretrained: {root} has no {sub}/ subfolder; a diffusers "
+                            f"SD-Turbo folder holds {expected} and model_index.json")
+    index_path = root / "model_index.json"
+    if index_path.is_file():
+        index = _read_json(index_path)
+        extra = [k for k in ("text_encoder_2", "tokenizer_2") if k in index]
+        if extra:
+            raise UserError(f"model.pretrained: {index_path} lists {', '.join(extra)} "
+                            f"({index.get('_class_name')}): an SDXL-style model with two text "
+                            f"encoders, not SD-Turbo")
+
+    unet_path, vae_path = root / "unet" / "config.json", root / "vae" / "config.json"
+    text_path = root / "text_encoder" / "config.json"
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    unet, vae = _read_json(unet_path), _read_json(vae_path)
+    text, sched = _read_json(text_path), _read_json(sched_path)
+
+    if unet.get("_class_name") != "UNet2DConditionModel":
+        raise _bad(unet_path, "_class_name", unet.get("_class_name"), "'UNet2DConditionModel'")
+    if vae.get("_class_name") != "AutoencoderKL":
+        raise _bad(vae_path, "_class_name", vae.get("_class_name"), "'AutoencoderKL'")
+    archs = text.get("architectures") or []
+    if text.get("model_type") != "clip_text_model" or (archs and "CLIPTextModel" not in archs):
+        got = archs[0] if archs else text.get("model_type")
+        raise _bad(text_path, "architectures" if archs else "model_type", got,
+                   "'CLIPTextModel' (model_type 'clip_text_model')")
+    tok = root / "tokenizer"
+    if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+            or (tok / "tokenizer.json").is_file()):
+        raise UserError(f"model.pretrained: {tok} holds neither vocab.json + merges.txt nor "
+                        f"tokenizer.json (a CLIP tokenizer)")
+
+    if unet.get("addition_embed_type") is not None:
+        raise _bad(unet_path, "addition_embed_type", unet["addition_embed_type"],
+                   "None (SDXL-style added conditioning is not supported)")
+    latent = vae.get("latent_channels", 4)  # SD-Turbo: 4
+    for key in ("in_channels", "out_channels"):
+        if unet.get(key, 4) != latent:
+            raise _bad(unet_path, key, unet.get(key),
+                       f"{latent} ({vae_path}: latent_channels {latent})")
+    for key in ("in_channels", "out_channels"):
+        if vae.get(key, 3) != 3:
+            raise _bad(vae_path, key, vae.get(key), "3 (RGB)")
+    cross = unet.get("cross_attention_dim", 1280)
+    hidden = text.get("hidden_size")
+    if cross != hidden:
+        raise UserError(f"model.pretrained: {unet_path}: cross_attention_dim is {cross!r} but "
+                        f"{text_path}: hidden_size is {hidden!r}; they must match (SD-Turbo: 1024)")
+    pred = sched.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise _bad(sched_path, "prediction_type", pred, "'epsilon' (SD-Turbo) or 'v_prediction'")
+    n = sched.get("num_train_timesteps", 1000)
+    if not 0 <= timestep < n:
+        raise UserError(f"model.timestep: {timestep} is outside the scheduler's "
+                        f"[0, {n - 1}] ({sched_path}: num_train_timesteps {n})")
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
+
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+def check_weights_file(path: Path) -> None:
+    """A weights file that is a git-lfs pointer (a clone without git-lfs), or a safetensors file
+    whose header does not parse or whose tensors run past its end (an interrupted download):
+    one line naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if (head + f.read(len(LFS_POINTER) - 8)).startswith(LFS_POINTER):
+                raise UserError(f"model.pretrained: {path} is a git-lfs pointer, not the weights "
+                                f"(cloned without git-lfs: run `git lfs pull` in the model folder)")
+            if path.suffix != ".safetensors":
+                return
+            f.seek(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except OSError as e:
+        raise UserError(f"model.pretrained: cannot read {path}: {e.strerror or e}") from None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"model.pretrained: {path} is not a readable safetensors file (its header "
+                        f"does not parse): a damaged or incomplete download")
+    end = 8 + n + max((int(t["data_offsets"][1]) for k, t in header.items()
+                       if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t),
+                      default=0)
+    if size < end:
+        raise UserError(f"model.pretrained: {path} is truncated ({size} of {end} bytes): an "
+                        "incomplete download")
