@@ -196,7 +196,7 @@ def test_partition_by_area_is_the_brute_force_optimum():
 @pytest.mark.parametrize("size", [(64, 64), (50, 47)])
 def test_fft_filter_matches_direct_correlation(size):
     """The FFT path (accelerators) against a float64 direct cross-correlation (asymmetric kernels)."""
-    from degsr.degradation.kernels import fft_filter
+    from degsr.degradation.filtering import fft_filter
 
     torch.manual_seed(0)
     imgs = torch.rand(3, 2, *size, dtype=torch.float64)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import j1
 
-from degsr.degradation import kernels as K
+from degsr.degradation import filtering, kernels as K
 
 F64 = torch.float64
 TYPES = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
@@ -171,7 +171,7 @@ def test_filter_per_sample_matches_conv2d_loop(dtype):
     torch.manual_seed(0)
     imgs = torch.rand(3, 2, 24, 19, dtype=dtype)
     kers = torch.rand(3, 7, 7, dtype=dtype)  # asymmetric: checks the correlation convention too
-    got = K.filter_per_sample(imgs, kers)
+    got = filtering.filter_per_sample(imgs, kers)
     for b in range(3):
         x = F.pad(imgs[b : b + 1], [3, 3, 3, 3], mode="reflect")
         ref = F.conv2d(x, kers[b].expand(2, 1, 7, 7), groups=2)  # conv2d is cross-correlation
@@ -190,8 +190,8 @@ def test_filter_per_sample_in_bands_is_bit_identical(b, h, w, k, bands):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # 32 lanes: the band counts below
     try:
-        assert K._strips(imgs, k) == bands
-        got = K.filter_per_sample(imgs, kers)
+        assert filtering._strips(imgs, k) == bands
+        got = filtering.filter_per_sample(imgs, kers)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, filter2d(imgs, kers, border_type="reflect"))
@@ -263,7 +263,7 @@ def test_final_sinc_identity_and_sinc():
     imgs = torch.rand(4, 3, 16, 16)
     k, p = K.sample_sinc_kernels(4, gen(0), kernel_sizes=[7, 21], prob=0.0)
     assert not p["final_sinc"].any() and (p["final_omega_c"] == 0).all()
-    assert torch.equal(K.filter_per_sample(imgs, k), imgs)
+    assert torch.equal(filtering.filter_per_sample(imgs, k), imgs)
     k, p = K.sample_sinc_kernels(400, gen(0), kernel_sizes=[7, 21], prob=1.0, dtype=F64)
     om = p["final_omega_c"]
     assert p["final_sinc"].all() and om.min() >= math.pi / 3 and om.max() <= math.pi

@@ -192,7 +192,7 @@ def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tm
     attempt drops the old final.json at its start (collect must not show the old end). A failed
     run closes its W&B run with a non-zero exit code (sweeps count it as failed)."""
     codes = []
-    monkeypatch.setattr(fitmod, "_finish_wandb", codes.append)
+    monkeypatch.setattr(fitmod, "finish_wandb", codes.append)
     base = [f"data.train_shards={shards}/shards", "logger.wandb=false", "data.crop_size=64",
             "data.batch_size=4", "data.num_workers=0", "data.batches_per_epoch=3",
             "trainer.val_every_n_steps=100", f"run.dir={tmp_path}", "run.name=r"]

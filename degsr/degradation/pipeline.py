@@ -26,7 +26,8 @@ from torch import Tensor
 from degsr.config.schema import DegradationConfig
 from degsr.degradation import ops
 from degsr.degradation.jpeg import jpeg
-from degsr.degradation.kernels import filter_per_sample, sample_blur_kernels, sample_sinc_kernels
+from degsr.degradation.filtering import filter_per_sample
+from degsr.degradation.kernels import sample_blur_kernels, sample_sinc_kernels
 from degsr.degradation.resize import (RESIZE_MODES, apply_resize, resize_matrices, resize_taps,
                                       scatter_taps, tap_bound)
 from degsr.degradation.scores import degradation_scores

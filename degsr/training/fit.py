@@ -16,10 +16,8 @@ preemption and end, with the global step) and, when training ends, ``final.json`
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import re
 import signal
 import time
 import warnings
@@ -28,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from degsr import console
 from degsr.config import save_config
@@ -36,16 +34,8 @@ from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
-
-
-def sweep_run_id() -> str | None:
-    """The run id a W&B sweep agent gave this process, if any."""
-    return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    name = cfg.run.name + (f"-{sweep_run_id()}" if sweep_run_id() else "")
-    return Path(cfg.run.dir).expanduser() / name
+from degsr.training.tracking import (finish_wandb, is_wandb, log_export_artifact, make_logger,
+                                     run_dir)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
@@ -60,28 +50,6 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
                         images_every_n_steps=cfg.logger.images_every_n_steps,
                         max_nonfinite_skips=skips)
     raise ValueError(f"unknown stage {cfg.stage}")  # the schema's choice() rules this out
-
-
-def wandb_id(cfg: DictConfig) -> str:
-    """A stable W&B run id from the run directory: a requeued job logs into the same run."""
-    if sweep_run_id():
-        return sweep_run_id()
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.run.name)[:48]
-    digest = hashlib.sha1(str(run_dir(cfg).resolve()).encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
-
-
-def make_logger(cfg: DictConfig, root: Path):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
-    if not cfg.logger.wandb:
-        return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
-    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
-                       save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
-                       config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
-                       log_model=bool(cfg.logger.log_artifacts))
 
 
 class RunLog(Callback):
@@ -113,7 +81,7 @@ class RunLog(Callback):
     def preempted(self, trainer, will_requeue: bool) -> None:
         self.event(trainer, "preempt", signal="SIGUSR1", requeue=will_requeue)
         logger = trainer.logger
-        if trainer.is_global_zero and hasattr(logger, "experiment") and _is_wandb(logger):
+        if trainer.is_global_zero and hasattr(logger, "experiment") and is_wandb(logger):
             try:  # a W&B sweep re-queues a run marked as preempting
                 logger.experiment.mark_preempting()
             except Exception as e:  # noqa: BLE001 - logging must not break the save
@@ -123,8 +91,8 @@ class RunLog(Callback):
         status = "preempted" if self.preemption.preempted else "finished"
         if status == "finished" and trainer.is_global_zero:
             module.export(self.export_path)
-            if self.cfg.logger.log_artifacts and _is_wandb(trainer.logger):
-                _log_export_artifact(trainer.logger, self.export_path, self.root.name)
+            if self.cfg.logger.log_artifacts and is_wandb(trainer.logger):
+                log_export_artifact(trainer.logger, self.export_path, self.root.name)
         if not trainer.is_global_zero:
             return
         metrics = final_metrics(trainer)
@@ -150,30 +118,6 @@ def append_event(root: Path, name: str, **fields) -> None:
 def final_metrics(trainer) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
             if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
-
-
-def _finish_wandb(exit_code: int) -> None:
-    """Close this process's W&B run (a later ``fit`` in the same process starts its own); a
-    non-zero exit code lets a W&B sweep hand a preempted run out again."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
-
-
-def _is_wandb(logger) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return isinstance(logger, WandbLogger)
-
-
-def _log_export_artifact(logger, folder: Path, name: str) -> None:
-    import wandb
-
-    art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", f"{name}-export"), type="model")
-    art.add_dir(str(folder))
-    logger.experiment.log_artifact(art)
 
 
 class SeedEachBatch(Callback):
@@ -310,7 +254,7 @@ def fit(cfg: DictConfig) -> dict:
         preemption.disarm()  # Lightning skips on_exception for some failures (a restore's)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        _finish_wandb(3 if preemption.preempted else 1 if failed else 0)  # sweeps see failures
+        finish_wandb(3 if preemption.preempted else 1 if failed else 0)  # sweeps see failures
     if preemption.preempted and trainer.is_global_zero and under_slurm():
         append_event(root, "requeue", ok=requeue())  # the last thing: Slurm then ends the tasks
     metrics = final_metrics(trainer)

@@ -1,0 +1,68 @@
+"""Experiment tracking of ``degsr fit``: the logger (W&B, offline by default, or CSV), the W&B
+run id that a requeued job or a sweep agent's run keeps, closing the run, export artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def sweep_run_id() -> str | None:
+    """The run id a W&B sweep agent gave this process, if any."""
+    return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<run.dir>/<run.name>``, with a sweep agent's run id appended under a W&B sweep."""
+    name = cfg.run.name + (f"-{sweep_run_id()}" if sweep_run_id() else "")
+    return Path(cfg.run.dir).expanduser() / name
+
+
+def wandb_id(cfg: DictConfig) -> str:
+    """A stable W&B run id from the run directory: a requeued job logs into the same run."""
+    if sweep_run_id():
+        return sweep_run_id()
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", cfg.run.name)[:48]
+    digest = hashlib.sha1(str(run_dir(cfg).resolve()).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def make_logger(cfg: DictConfig, root: Path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if not cfg.logger.wandb:
+        return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
+    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
+                       save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
+                       config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+                       log_model=bool(cfg.logger.log_artifacts))
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close this process's W&B run (a later ``fit`` in the same process starts its own); a
+    non-zero exit code lets a W&B sweep hand a preempted run out again."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def is_wandb(logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+def log_export_artifact(logger, folder: Path, name: str) -> None:
+    import wandb
+
+    art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", f"{name}-export"), type="model")
+    art.add_dir(str(folder))
+    logger.experiment.log_artifact(art)
