@@ -92,6 +92,7 @@ def test_wrong_type_names_key_and_types(override, key, words):
     ("trainer.max_minutes=.nan", "trainer.max_minutes"),
     ("run.name=", "run.name"),
     ("run.name=a/b", "run.name"),
+    ("trainer.precision=bf16-true", "trainer.precision"),  # weights cast, the LR is not
 ])
 def test_out_of_range_names_key(override, key):
     msg = problems(overrides=[override])

@@ -40,6 +40,29 @@ def test_margin_ranking_matches_formula_on_hand_built_pairs():
 def test_anchor_loss_formula():
     c, w = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.7, 1.0]])
     assert anchor_loss(c, w).item() == pytest.approx((0.01 + 0.04) / 2 + (0.09 + 0) / 2)
+    t = torch.tensor([[0.9, 0.4]])
+    assert anchor_loss(c, w, t).item() == pytest.approx((0.01 + 0.04) / 2 + (0.04 + 0.36) / 2)
+
+
+@pytest.mark.parametrize("labels", ["params", "measured"])
+def test_top_anchor_is_the_worst_draw_at_its_own_label(labels, monkeypatch):
+    """Ranking pairs are ordered by the label in use; the top anchor must not contradict them:
+    1 under the modelled labels, the worst render's measured value under the measured ones."""
+    import degsr.estimator.module as mod
+
+    seen = []
+    monkeypatch.setattr(mod, "anchor_loss", lambda c, w, t=None: seen.append(t) or w.sum() * 0)
+    cfg = load_config([TINY], ["estimator.objective=ranking", "estimator.within_crop_weight=0",
+                               f"degradation.blur_label={labels}",
+                               f"degradation.noise_label={labels}"])
+    m = EstimatorModule(cfg.estimator, cfg.degradation)
+    m.losses({"hr": hr_batch(3), "lr": torch.zeros(3, 3, 16, 16)})
+    (target,) = seen
+    assert target.shape == (3, 2) and 0 <= float(target.min()) and float(target.max()) <= 1
+    if labels == "params":
+        torch.testing.assert_close(target, torch.ones(3, 2))
+    else:  # a noise field std over 16/255 is 1 only for the strongest draws on busy content
+        assert float(target[:, 1].min()) < 1
 
 
 def test_within_crop_mse_matches_a_loop_over_crops():

@@ -242,6 +242,31 @@ def test_estimate_cli_bad_image_among_good(photo_setup, degsr_cmd):
     assert len(err) == 1 and str(bad) in err[0]
 
 
+def test_estimate_out_of_memory_is_one_line_for_the_image_that_does_not_fit(
+        photo_setup, monkeypatch, capsys):
+    import degsr.cli
+    from degsr.estimator.network import DegradationEstimator
+
+    tmp_path, photo, small = photo_setup
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(small.read_bytes())
+    real = DegradationEstimator.forward
+
+    def tight(self, x):  # batches of two and the 512 x 512 photo do not fit
+        if x.shape[0] > 1 or x.shape[-1] > 256:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: 1234 bytes")
+        return real(self, x)
+
+    monkeypatch.setattr(DegradationEstimator, "forward", tight)
+    rc = degsr.cli.main(["estimate", "--ckpt", str(tmp_path / "export"), str(small), str(twin),
+                         str(photo), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert [json.loads(line)["path"] for line in out.out.splitlines()] == [str(small), str(twin)]
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and str(photo) in err[0] and "out of memory" in err[0] and "512x512" in err[0]
+
+
 def test_estimate_cli_bad_ckpt(tmp_path, degsr_cmd):
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)

@@ -205,3 +205,41 @@ def test_sr_rerun_with_out_inside_the_input_folder(trained, tmp_path, degsr_cmd)
     r = subprocess.run([*base, str(src), "--out", str(tmp_path / "x"), "--device", "gpu"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device gpu" in r.stderr
+
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes"
+
+
+def test_sr_out_of_memory_splits_the_batch_and_reports_only_what_does_not_fit(
+        trained, tmp_path, monkeypatch, capsys):
+    """A batch that runs out of memory is retried one image at a time; an image that alone does
+    not fit is one error line, the others are written, exit status 1."""
+    import degsr.cli
+    from degsr.data.photos import load_photo
+    from degsr.inference.upscale import Upscaler
+
+    (tmp_path / "in").mkdir()
+    photo = load_photo("coffee")
+    for name, img in {"a": photo[:24, :32], "b": photo[40:64, 100:132],
+                      "big": photo[:40, :40]}.items():
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / "in" / f"{name}.png")
+    real, calls = Upscaler.__call__, []
+
+    def tight(self, lr, opts):
+        calls.append(tuple(lr.shape))
+        if lr.shape[0] > 1 or lr.shape[-1] >= 40:  # batches of two and the 40 x 40 image
+            raise RuntimeError(CPU_OOM)
+        return real(self, lr, opts)
+
+    monkeypatch.setattr(Upscaler, "__call__", tight)
+    rc = degsr.cli.main(["sr", "--adapter", str(trained / "adapter"), "--pretrained",
+                         str(trained / "base"), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                         "--batch", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "b.png"]
+    assert len(err) == 1 and "big.png" in err[0] and "out of memory" in err[0]
+    assert calls == [(2, 3, 24, 32), (1, 3, 24, 32), (1, 3, 24, 32), (1, 3, 40, 40)]
+    monkeypatch.setattr(Upscaler, "__call__", lambda self, lr, opts: 1 / 0)  # not a memory error
+    with pytest.raises(ZeroDivisionError):
+        degsr.cli.main(["sr", "--adapter", str(trained / "adapter"), "--pretrained",
+                        str(trained / "base"), str(tmp_path / "in"), "--out", str(tmp_path / "p")])

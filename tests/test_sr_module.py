@@ -195,12 +195,13 @@ def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path
     write_photos(tmp_path / "val", ("chelsea",))
     subprocess.run([*degsr_cmd, "shards", str(tmp_path / "train"), "--out", str(tmp_path / "sh"),
                     "--min-side", "64", "--min-bytes", "0"], check=True, capture_output=True)
-    common = [str(TINY), f"model.pretrained={tmp_path}/base", f"sr.estimator={tmp_path}/est",
+    common = [str(TINY), f"model.pretrained={tmp_path}/base", "sr.estimator=est",  # relative
               f"sr.lpips_vgg={tmp_path}/vgg16.pth", "sr.lpips_weight=5", f"disc.backbone={tmp_path}/vit",
               f"data.train_shards={tmp_path}/sh", f"data.val_folder={tmp_path}/val", f"run.dir={tmp_path}/runs",
               "data.batch_size=2", "data.num_workers=0", "data.val_crops=2", "data.val_batch_size=2",
               "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2", "sr.neg_prob=0.5"]
-    r = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=2"], capture_output=True, text=True)
+    r = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=2"], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     run = Path(out["run_dir"])
@@ -210,8 +211,9 @@ def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path
     assert not any(".backbone." in k or "base_layer" in k for k in ckpt["state_dict"])  # trainable only
     assert any(k.startswith("disc.heads.") for k in ckpt["state_dict"])
     net, meta = load_adapter(run / "export", pretrained=str(tmp_path / "base"))
-    assert meta["scale"] == 4 and meta["estimator"] == f"{tmp_path}/est"
-    r2 = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=3"], capture_output=True, text=True)
+    assert meta["scale"] == 4 and meta["estimator"] == str((tmp_path / "est").resolve())  # absolute
+    r2 = subprocess.run([*degsr_cmd, "fit", *common, "trainer.max_steps=3"], capture_output=True, text=True,
+                        cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert json.loads(r2.stdout.strip().splitlines()[-1])["global_step"] == 3
 

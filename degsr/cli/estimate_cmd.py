@@ -28,29 +28,37 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
+    from degsr.cli import each_fitting, user_device
     from degsr.errors import UserError
     from degsr.estimator import SCORES, load_estimator
     from degsr.io import read_image
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device = user_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_estimator(args.ckpt, device=device)
     failed = 0
     pending: list[tuple[str, torch.Tensor]] = []
 
-    def flush() -> None:
-        if not pending:
-            return
-        x = torch.stack([t for _, t in pending]).to(device)
+    def score(group) -> None:
+        x = torch.stack([t for _, t in group]).to(device)
         with torch.inference_mode():
             scores = model(x).float().cpu().tolist()
-        for (path, _), row in zip(pending, scores):
+        for (path, _), row in zip(group, scores):
             print(json.dumps({"path": path, **{k: round(v, 4) for k, v in zip(SCORES, row)}}),
                   flush=True)
-        pending.clear()
+
+    def fail(item, message) -> None:
+        nonlocal failed
+        failed += 1
+        h, w = item[1].shape[-2:]
+        print(f"error: {item[0]}: {message} scoring {w}x{h} on {device}", file=sys.stderr,
+              flush=True)
+
+    def flush() -> None:
+        if pending:
+            each_fitting(list(pending), score, fail)
+            pending.clear()
 
     for path in args.images:
         try:

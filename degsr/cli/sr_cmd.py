@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from degsr import console
-from degsr.cli import user_device
+from degsr.cli import each_fitting, user_device
 from degsr.errors import UserError
 
 NAME = "sr"
@@ -78,9 +78,8 @@ def run(args) -> int:
     done = skipped = 0
     pending: dict[tuple, list] = {}  # image size -> [(path, target, lr, alpha)], up to --batch
 
-    def flush(size) -> None:
+    def upscale(group) -> None:
         nonlocal done
-        group = pending.pop(size)
         try:
             sr, d = up(torch.cat([lr for _, _, lr, _ in group]), opts)
         except UserError as e:
@@ -94,6 +93,11 @@ def run(args) -> int:
             done += 1
             console.log.debug(json.dumps({"path": str(path), "blur": round(dv[0], 4),
                                           "noise": round(dv[1], 4)}))
+
+    def flush(size) -> None:
+        each_fitting(pending.pop(size), upscale, lambda item, msg: problems.append(
+            f"{item[0]}: {msg} upscaling {size[1]}x{size[0]} on {device} (try a smaller --tile, "
+            "--precision bf16 or another --device)"))
 
     for path, target in console.progress(jobs, desc="sr", unit="img"):
         if target.exists() and not args.overwrite:

@@ -52,7 +52,8 @@ class EstimatorConfig(Checked):
 
     ``supervised`` regresses the engine's scores; ``ranking`` is MM-RealSR's objective: pairs of
     the same crop differing only in the blur draws (or only in the noise+JPEG draws), a
-    margin-ranking loss on each pair, plus anchors (clean -> 0, worst case of the preset -> 1).
+    margin-ranking loss on each pair, plus anchors (clean -> 0, worst case of the preset -> its
+    label: 1 under the modelled labels, what it measures under the measured ones).
     MM-RealSR weighs ranking 0.01 and anchors 1e-4 next to an SR loss; alone, only their ratio
     matters, kept here as 1 : 0.01.
     """
@@ -65,7 +66,7 @@ class EstimatorConfig(Checked):
              "(data.degradations_per_crop >= 2), each relative to their mean, regressed on the "
              "same for the engine's scores", lo=0)
     ranking_weight: float = number(1.0, "weight of the margin-ranking loss", lo=0)
-    anchor_weight: float = number(0.01, "weight of the clean->0 / worst->1 anchors (MSE)", lo=0)
+    anchor_weight: float = number(0.01, "weight of the clean->0 / worst-case->its label anchors (MSE)", lo=0)
     margin: float = number(0.05, "ranking margin", lo=0)
     min_gap: float = number(0.05, "pairs whose engine scores differ by less are not ranked", lo=0)
     lr: float = positive(2e-4, "AdamW learning rate")

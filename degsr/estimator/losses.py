@@ -21,10 +21,11 @@ def margin_ranking(pred_a: Tensor, pred_b: Tensor, true_a: Tensor, true_b: Tenso
     return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
-def anchor_loss(pred_clean: Tensor, pred_worst: Tensor) -> Tensor:
-    """MSE pulling clean inputs to 0 and the preset's worst case to 1 (both scores)."""
+def anchor_loss(pred_clean: Tensor, pred_worst: Tensor, worst: Tensor | None = None) -> Tensor:
+    """MSE pulling clean inputs to 0 and the preset's worst case to ``worst`` (its labels; 1
+    for both scores when None, the modelled labels' value there)."""
     return F.mse_loss(pred_clean, torch.zeros_like(pred_clean)) + \
-        F.mse_loss(pred_worst, torch.ones_like(pred_worst))
+        F.mse_loss(pred_worst, torch.ones_like(pred_worst) if worst is None else worst)
 
 
 def within_crop_mse(pred: Tensor, true: Tensor, crop: Tensor) -> Tensor:

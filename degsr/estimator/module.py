@@ -72,10 +72,13 @@ class EstimatorModule(L.LightningModule):
                 terms.append(margin_ranking(pa[:, i], pb[:, i], a["scores"][:, i],
                                             b["scores"][:, i], cfg.margin, cfg.min_gap))
             out["ranking"] = sum(terms)
-            worst = self.degrader.apply(hr, worst_draw(self.degrader, hr.shape[0], g), g)["lr"]
+            # the top anchor at its own label: 1 under the modelled labels (the worst draw is
+            # their maximum by construction); under the measured ones, what that LR carries
+            # (no draw is their maximum for every crop: JPEG error depends on the content)
+            worst = self.degrader.apply(hr, worst_draw(self.degrader, hr.shape[0], g), g)
             pred_clean, pred_worst = self.net(
-                torch.cat([clean_lr(batch["hr"], self.degradation.scale), worst])).chunk(2)
-            out["anchor"] = anchor_loss(pred_clean, pred_worst)
+                torch.cat([clean_lr(batch["hr"], self.degradation.scale), worst["lr"]])).chunk(2)
+            out["anchor"] = anchor_loss(pred_clean, pred_worst, worst["scores"])
         return out
 
     def objective(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

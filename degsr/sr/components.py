@@ -126,19 +126,23 @@ def build_scheduler(config: dict) -> Any:
 
 @contextlib.contextmanager
 def _quiet_libraries():
-    """transformers' and diffusers' loggers at error level for the body (load reports, the
-    "unsafe serialization" notes of .bin files)."""
+    """transformers' and diffusers' loggers at error level and their progress bars off for the
+    body (load reports, the "unsafe serialization" notes of .bin files, "Loading weights" bars)."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     levels = tlog.get_verbosity(), dlog.get_verbosity()
-    tlog.set_verbosity_error()
-    dlog.set_verbosity_error()
+    bars = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    for lib in (tlog, dlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        tlog.set_verbosity(levels[0])
-        dlog.set_verbosity(levels[1])
+        for lib, level, bar in zip((tlog, dlog), levels, bars):
+            lib.set_verbosity(level)
+            if bar:
+                lib.enable_progress_bar()
 
 
 def _load(what: str, root: Path, fn, weights: bool = False, **kw):

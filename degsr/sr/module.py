@@ -13,6 +13,8 @@ Checkpoints hold only the trainable tensors (adapter + discriminator heads + opt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -229,4 +231,6 @@ class SRModule(L.LightningModule):
     def export(self, path) -> None:
         save_adapter(self.net, path, extra={
             "scale": self.degradation.scale, "upsample_mode": self.degradation.upsample_mode,
-            "estimator": self.cfg.estimator})
+            # absolute: `degsr sr` may run from another folder
+            "estimator": str(Path(self.cfg.estimator).expanduser().resolve())
+            if self.cfg.estimator else None})
