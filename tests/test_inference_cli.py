@@ -52,6 +52,34 @@ def test_merged_path_equals_unmerged(trained):
     torch.testing.assert_close(again, merged, rtol=0, atol=0)
 
 
+def test_a_refold_that_fails_half_way_leaves_the_base_weights(trained, monkeypatch):
+    """An upscaler kept alive after an error (a notebook, a server): the vector-2 fold fails
+    after the VAE encoder was refolded; the next vector-1 call must not reuse the mixed weights."""
+    import degsr.sr.model as model_mod
+    from degsr.inference.upscale import Upscaler, UpscaleOptions
+
+    up = Upscaler.load(trained / "adapter", trained / "base")
+    base = {k: v.clone() for k, v in up.net.comp.state_dict().items()}
+    lr = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    d1 = UpscaleOptions(color_fix="none", blur=0.1, noise=0.2)
+    first, _ = up(lr, d1)
+    real = model_mod.fold
+
+    def fails_on_the_unet(module, c, **kw):
+        if module is up.net.comp.unet:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(module, c, **kw)
+
+    monkeypatch.setattr(model_mod, "fold", fails_on_the_unet)
+    with pytest.raises(RuntimeError, match="simulated"):
+        up(lr, UpscaleOptions(color_fix="none", blur=0.9, noise=0.8))
+    for k, v in up.net.comp.state_dict().items():  # LoRA factors included: nothing changed
+        assert torch.equal(v, base[k]), k
+    monkeypatch.setattr(model_mod, "fold", real)
+    again, _ = up(lr, d1)
+    assert torch.equal(again, first)
+
+
 def test_sr_then_eval_on_real_photos_with_a_bad_file(trained, tmp_path, degsr_cmd):
     from degsr.data.photos import load_photo
 

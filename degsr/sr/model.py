@@ -72,8 +72,13 @@ class SRModel(nn.Module):
         if self._folded is not None and torch.equal(self._folded, key):
             return
         c_vae, c_unet = (None, None) if self.modulation is None else self.modulation(d[:1].float())
-        fold(self.comp.vae.encoder, c_vae)
-        fold(self.comp.unet, c_unet)
+        try:
+            fold(self.comp.vae.encoder, c_vae)
+            fold(self.comp.unet, c_unet)
+        except BaseException:  # out of memory, Ctrl-C: no half-folded weights left behind
+            self._folded = torch.zeros(0)
+            self.unfold()
+            raise
         self._folded = key
 
     def unfold(self) -> None:
