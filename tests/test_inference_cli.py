@@ -271,3 +271,15 @@ def test_sr_out_of_memory_splits_the_batch_and_reports_only_what_does_not_fit(
     with pytest.raises(ZeroDivisionError):
         degsr.cli.main(["sr", "--adapter", str(trained / "adapter"), "--pretrained",
                         str(trained / "base"), str(tmp_path / "in"), "--out", str(tmp_path / "p")])
+
+
+def test_too_small_to_estimate_points_to_the_dial(trained):
+    from degsr.errors import UserError
+    from degsr.inference.upscale import Upscaler, UpscaleOptions
+
+    up = Upscaler.load(trained / "adapter", trained / "base")
+    tiny = torch.rand(1, 3, 1, 1)
+    with pytest.raises(UserError, match=r"too small .*--blur B --noise N"):
+        up(tiny, UpscaleOptions(color_fix="none"))
+    out, d = up(tiny, UpscaleOptions(color_fix="none", blur=0.2, noise=0.1))
+    assert out.shape == (1, 3, 4, 4) and d.tolist() == [[pytest.approx(0.2), pytest.approx(0.1)]]

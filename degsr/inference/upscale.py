@@ -77,7 +77,10 @@ class Upscaler:
         if need and self.estimator is None:
             raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "
                             "both --blur and --noise")
-        est = self.estimator(lr.float()) if need else zeros
+        try:
+            est = self.estimator(lr.float()) if need else zeros
+        except UserError as e:  # too small to estimate: the dial still works
+            raise UserError(f"{e} (or set the degradation yourself: --blur B --noise N)") from None
         blur = est[:, 0] if opts.blur is None else torch.full_like(est[:, 0], opts.blur)
         noise = est[:, 1] if opts.noise is None else torch.full_like(est[:, 1], opts.noise)
         return torch.stack([blur, noise], 1)
