@@ -50,31 +50,32 @@ def test_negatives_use_negative_prompt_and_own_lr_target():
 
 def test_gan_terms_judge_every_sample_under_the_positive_prompt(monkeypatch):
     """METHOD.md: the GAN term uses the positive prompt for all. Sample 1 takes the negative
-    prompt for the reconstruction; the GAN sees its output under the positive prompt."""
+    prompt for the reconstruction; the GAN sees its output under the positive prompt, made as
+    one more row of the same call."""
     m, cfg = module("sr.neg_prob=0")
     b = batch(cfg, n=3)
     neg = torch.tensor([False, True, False])
     monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
         **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
-    calls, judged = [], []
-    forward, loss_g = m.net.forward, m.disc.loss_g
+    calls, judged, recon = [], [], []
+    forward, loss_g, losses = m.net.forward, m.disc.loss_g, m.reconstruction_losses
 
     def spy(lr_up, d, **kw):
         out = forward(lr_up, d, **kw)
-        calls.append((lr_up, kw.get("negative"), out))
+        calls.append((lr_up, d, kw.get("negative"), out))
         return out
 
-    def spy_g(fake, generator=None):
-        judged.append(fake)
-        return loss_g(fake, generator)
-
     monkeypatch.setattr(m.net, "forward", spy)
-    monkeypatch.setattr(m.disc, "loss_g", spy_g)
+    monkeypatch.setattr(m.disc, "loss_g", lambda fake, generator=None: judged.append(fake) or
+                        loss_g(fake, generator))
+    monkeypatch.setattr(m, "reconstruction_losses", lambda sr, t: recon.append(sr) or losses(sr, t))
     loss, terms, out = m.generator_loss(b, torch.Generator().manual_seed(0))
-    assert len(calls) == 2 and torch.equal(calls[0][1], neg)  # the mixed-prompt forward
-    assert calls[1][1] is None and torch.equal(calls[1][0], b["lr_up"][1:2] * 2 - 1)
+    (x, d, negative, y), = calls  # one call: rows 0-2 the batch, row 3 sample 1 again
+    torch.testing.assert_close(x, torch.cat([b["lr_up"], b["lr_up"][1:2]]) * 2 - 1, rtol=0, atol=0)
+    assert torch.equal(d[3], d[1]) and negative.tolist() == [False, True, False, False]
     fake, sr = judged[0], out["sr"]
-    assert torch.equal(fake[[0, 2]], sr[[0, 2]]) and torch.equal(fake[1], calls[1][2][0])
+    assert torch.equal(recon[0], y[:3]) and torch.equal(sr, y[:3])
+    assert torch.equal(fake[[0, 2]], y[[0, 2]]) and torch.equal(fake[1], y[3])
     assert not torch.equal(fake[1], sr[1])  # the negative prompt gave another output
     assert out["fake"] is fake  # the discriminator's fakes (training_step) are the same
     loss.backward()
@@ -250,5 +251,24 @@ def test_checkpointing_the_vae_decoder_keeps_less_and_changes_no_gradient():
     kept_plain, g_plain = _saved_bytes_and_grads(plain, b)
     kept_ckpt, g_ckpt = _saved_bytes_and_grads(ckpt, b)
     assert kept_ckpt < 0.8 * kept_plain
+    for a, c in zip(g_plain, g_ckpt):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointed_unet_with_negatives_and_gan_changes_no_gradient(monkeypatch):
+    """The negatives' positive-prompt rows run in the same call as the batch: a checkpointed
+    UNet/encoder recomputes with that call's modulation, so the gradients are the plain ones."""
+    neg = torch.tensor([False, True])
+    monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
+        **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
+    plain, cfg = module()
+    ckpt, _ = module("sr.gradient_checkpointing=[unet,vae_encoder]")
+    with torch.no_grad():
+        for p, q in zip(plain.net.trainable_parameters(), ckpt.net.trainable_parameters()):
+            q.copy_(p.add_(torch.randn_like(p) * 1e-2))
+    plain.train(), ckpt.train()
+    b = batch(cfg)
+    _, g_plain = _saved_bytes_and_grads(plain, b)
+    _, g_ckpt = _saved_bytes_and_grads(ckpt, b)
     for a, c in zip(g_plain, g_ckpt):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)

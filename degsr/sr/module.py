@@ -5,8 +5,8 @@ on ``mse_weight·MSE + lpips_weight·LPIPS + gan_weight·GAN_G`` and the discrim
 ``gan_weight·D``. The generator's GAN term runs inside ``disc.frozen_heads()``, so no gradient of
 it reaches the discriminator (the reference's open bug #25). Online negatives (``sr.neg_prob``)
 get the negative prompt and their own upsampled LR as target; the GAN terms judge the
-positive-prompt output of every sample (a second forward of the negatives with the positive
-prompt, as the reference's second pass of the whole batch). The degradation vector comes from the frozen stage-1
+positive-prompt output of every sample (the negatives run a second time with the positive prompt,
+as more rows of the same call; the reference runs the whole batch twice). The degradation vector comes from the frozen stage-1
 estimator on the model's own LR (clean samples: the clean LR), or from the engine (oracle).
 Checkpoints hold only the trainable tensors (adapter + discriminator heads + optimisers).
 """
@@ -93,33 +93,29 @@ class SRModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def generator_loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
-        """The generator's weighted loss, its terms, and the batch (with negatives and ``sr``)."""
+        """The generator's weighted loss, its terms, and the batch (with negatives, ``sr`` and
+        ``fake``: the outputs the GAN terms judge, every sample under the positive prompt as
+        METHOD.md says; for the online negatives that is a second output, made in the same UNet
+        call as k more rows: one call, so the modulation a recomputing gradient checkpoint
+        reads is the call's own)."""
         cfg = self.cfg
         batch = online_negatives(batch, g, cfg.neg_prob)
-        d = self.degradation_vector(batch)
-        sr = self.net(batch["lr_up"] * 2 - 1, d, negative=batch["negative"], generator=g)
+        d, neg, x = self.degradation_vector(batch), batch["negative"], batch["lr_up"] * 2 - 1
+        b = x.shape[0]
+        idx = neg.nonzero().flatten() if self.disc is not None and bool(neg.any()) else None
+        if idx is not None:  # the negatives again, with the positive prompt
+            x, d = torch.cat([x, x[idx]]), torch.cat([d, d[idx]])
+            neg = torch.cat([neg, torch.zeros_like(neg[idx])])
+        out = self.net(x, d, negative=neg, generator=g)
+        sr = out[:b]
         terms = self.reconstruction_losses(sr, batch["target"] * 2 - 1)
-        fake = sr
+        fake = sr if idx is None else sr.index_copy(0, idx, out[b:])
         if self.disc is not None:
-            fake = self.positive_outputs(batch, d, sr, g)
             with self.disc.frozen_heads():  # no GAN gradient into the heads (reference bug #25)
                 terms["gan_g"] = self.disc.loss_g(fake, generator=g)
         weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "gan_g": cfg.gan_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
         return loss, terms, {**batch, "sr": sr, "fake": fake}
-
-    def positive_outputs(self, batch: dict, d: torch.Tensor, sr: torch.Tensor,
-                         g: torch.Generator) -> torch.Tensor:
-        """The batch's outputs under the positive prompt, what the GAN terms judge (METHOD.md:
-        "the GAN term uses the positive prompt for all"): ``sr`` where the sample took the
-        positive prompt, a second forward of the negatives (only) with the positive prompt."""
-        neg = batch["negative"]
-        if not bool(neg.any()):
-            return sr
-        idx = neg.nonzero().flatten()
-        fake = sr.clone()
-        fake[idx] = self.net(batch["lr_up"][idx] * 2 - 1, d[idx], generator=g).to(sr.dtype)
-        return fake
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.cfg
