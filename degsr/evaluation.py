@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from degsr import console
-from degsr.errors import UserError
+from degsr.errors import UserError, each_fitting
 from degsr.io import atomic_write_bytes, pair_folders, read_image
 
 __all__ = ["pair_images", "score_pair", "summarize", "evaluate", "rows_to_csv", "write_csv",
@@ -48,11 +48,13 @@ METRIC_COLUMNS = ("psnr_y", "ssim_y", "lpips", "dists")
 PERCEPTUAL = ("lpips", "dists")
 
 
-def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
+                missing: list | None = None) -> list[tuple[str, Path, Path]]:
     """``[(stem, pred_path, gt_path), ...]`` sorted by stem (exact stems, no tag stripping);
     UserError (one line) when a folder is missing or empty, has two images with one stem, or any
-    stem is unmatched."""
-    return pair_folders(pred_dir, gt_dir, "--pred", "--gt")
+    stem is unmatched. ``missing`` (a list): ground truth without a prediction is appended to it
+    instead (``--allow-missing``)."""
+    return pair_folders(pred_dir, gt_dir, "--pred", "--gt", unmatched_b=missing)
 
 
 def _fidelity_device(device: torch.device) -> torch.device:
@@ -101,15 +103,16 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: list[dict], pred_dir, gt_dir, crop_border: int) -> dict:
+def summarize(rows: list[dict], pred_dir, gt_dir, crop_border: int,
+              perceptual: tuple[str, ...] = ()) -> dict:
     """Means of the per-image rows. ``psnr_y`` averages the finite values only (``psnr_inf``
-    counts identical pairs left out); a mean with no value to average is ``None``."""
+    counts identical pairs left out); a mean with no value to average is ``None``.
+    ``perceptual``: the metrics computed besides PSNR/SSIM (keys present, None with no rows)."""
     psnr = [r["psnr_y"] for r in rows]
     finite = [v for v in psnr if math.isfinite(v)]
     summary: dict = {"psnr_y": _mean(finite), "ssim_y": _mean([r["ssim_y"] for r in rows])}
-    for name in PERCEPTUAL:
-        if rows and all(name in r for r in rows):
-            summary[name] = _mean([r[name] for r in rows])
+    for name in perceptual:
+        summary[name] = _mean([r[name] for r in rows])
     summary.update({"n": len(rows), "psnr_inf": len(psnr) - len(finite), "pred": str(pred_dir),
                     "gt": str(gt_dir), "crop_border": int(crop_border)})
     return summary
@@ -127,8 +130,8 @@ def _resolve(model, cls_name: str, device: torch.device):
 
 
 def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, crop_border: int = 0,
-             lpips=None, device: str | torch.device = "cpu",
-             dists=None) -> tuple[list[dict], dict, list[str]]:
+             lpips=None, device: str | torch.device = "cpu", dists=None,
+             allow_missing: bool = False) -> tuple[list[dict], dict, list[str]]:
     """Score every ``pred_dir`` image against the ``gt_dir`` image of the same file stem.
 
     ``lpips`` / ``dists``: ``None`` (not computed), a :class:`degsr.metrics.LPIPS` /
@@ -136,22 +139,32 @@ def evaluate(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, crop_border
     ``from_files``). Returns ``(rows, summary, problems)``: ``rows`` are ``{"name": stem,
     "psnr_y", "ssim_y"[, "lpips"][, "dists"]}`` per scored pair (sorted by stem), ``summary`` as
     :func:`summarize`, ``problems`` one line per skipped pair. Pairing problems raise UserError
-    (see the module docstring)."""
+    (see the module docstring); with ``allow_missing``, ground truth without a prediction is one
+    problem line each instead (the predictions of a run that failed on some inputs). A pair that
+    runs out of memory is skipped too."""
     if int(crop_border) != crop_border or crop_border < 0:
         raise UserError(f"--crop-border must be a non-negative integer, got {crop_border}")
     crop_border = int(crop_border)
     device = torch.device(device)
-    pairs = pair_images(pred_dir, gt_dir)
+    missing: list[Path] = []
+    pairs = pair_images(pred_dir, gt_dir, missing if allow_missing else None)
     lpips, dists = _resolve(lpips, "LPIPS", device), _resolve(dists, "DISTS", device)
-    rows, problems = [], []
-    for stem, p, g in console.progress(pairs, desc="eval", unit="img"):
+    problems = [f"{g}: no prediction in {pred_dir}; pair skipped" for g in missing]
+    rows: list[dict] = []
+
+    def score(group) -> None:
+        (stem, p, g), = group
         try:
-            scores = score_pair(p, g, crop_border, lpips, device, dists)
+            rows.append({"name": stem, **score_pair(p, g, crop_border, lpips, device, dists)})
         except UserError as e:
             problems.append(str(e))
-            continue
-        rows.append({"name": stem, **scores})
-    return rows, summarize(rows, pred_dir, gt_dir, crop_border), problems
+
+    for pair in console.progress(pairs, desc="eval", unit="img"):
+        each_fitting([pair], score, lambda item, msg: problems.append(
+            f"{item[1].name}: {msg}; pair skipped"))
+    summary = summarize(rows, pred_dir, gt_dir, crop_border,
+                        tuple(n for n, m in zip(PERCEPTUAL, (lpips, dists)) if m is not None))
+    return rows, summary, problems
 
 
 def rows_to_csv(rows: list[dict], perceptual: tuple[str, ...] = ()) -> str:

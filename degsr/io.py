@@ -47,14 +47,16 @@ def any_pixel_count():
 
 def rgb_array(im: Image.Image) -> np.ndarray:
     """A PIL image as (H, W, 3) uint8 RGB, the way a viewer shows it: the EXIF orientation
-    applied (phone photos are stored sideways), 16-bit gray scaled to 8 bits (``v / 257``,
-    PIL's own conversion would clip it to white). One decoder for every reader in degsr (files,
+    applied (phone photos are stored sideways), 16-bit gray brought to 8 bits by its high byte
+    (``v >> 8``, the rule PIL's decoders apply to 16-bit colour PNG and TIFF, so a gray and an
+    RGB copy of one picture read alike; PIL's own conversion of gray would clip it to white).
+    One decoder for every reader in degsr (files,
     shards, validation sets), so training, ``sr``, ``degrade`` and ``eval`` see the same pixels.
     ValueError for a float image (no agreed range)."""
     ImageOps.exif_transpose(im, in_place=True)
     if im.mode in SIXTEEN_BIT_MODES:
-        gray = np.asarray(im).astype(np.float64) / 257.0
-        return np.repeat(gray.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+        gray = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
     if im.mode == "F":
         raise ValueError("32-bit float image: no agreed value range; save it as 8 or 16 bit")
     return np.asarray(im.convert("RGB"))
@@ -208,13 +210,17 @@ def images_by_key(folder, label: str, key=lambda stem: stem) -> dict[str, Path]:
     return {k: ps[0] for k, ps in found.items()}
 
 
-def pair_folders(a, b, a_label: str, b_label: str, key=lambda stem: stem
+def pair_folders(a, b, a_label: str, b_label: str, key=lambda stem: stem, unmatched_b=None
                  ) -> list[tuple[str, Path, Path]]:
     """``[(key, a_path, b_path)]`` sorted by key for two folders of images matched by
-    ``key(stem)``; one UserError line naming the unmatched files on each side."""
+    ``key(stem)``; one UserError line naming the unmatched files on each side. ``unmatched_b``
+    (a list): ``b`` images without a match are appended to it instead of being an error."""
     left, right = images_by_key(a, a_label, key), images_by_key(b, b_label, key)
     only_a = [left[k] for k in sorted(left.keys() - right.keys())]
     only_b = [right[k] for k in sorted(right.keys() - left.keys())]
+    if unmatched_b is not None:
+        unmatched_b.extend(only_b)
+        only_b = []
     if only_a or only_b:
         parts = [f"{len(ps)} in {label} without a match: {_names(ps)}"
                  for ps, label in ((only_a, a_label), (only_b, b_label)) if ps]

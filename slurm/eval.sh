@@ -15,7 +15,7 @@
 #               --lpips-vgg). See `degsr sr --help` and `degsr eval --help`.
 #
 # Runs:  degsr sr --adapter ADAPTER --pretrained PRETRAINED INPUT --out OUT_DIR [sr options]
-#        degsr eval --pred OUT_DIR --gt GT_DIR --json [eval options]  (-> OUT_DIR/summary.json)
+#        degsr eval --pred OUT_DIR --gt GT_DIR --json --allow-missing [eval options]  (-> OUT_DIR/summary.json)
 # Finished outputs are skipped by `degsr sr`, so a rerun (or a requeue) continues where it stopped.
 # Environment: DEGSR_VENV=/path/to/venv is activated when set; otherwise `degsr` must be on the PATH.
 #
@@ -59,7 +59,7 @@ degsr sr --adapter "$adapter" --pretrained "$pretrained" "$input" --out "$out" \
   ${sr_opts[@]+"${sr_opts[@]}"} || sr_status=$?
 [ "$sr_status" -le 1 ] || exit "$sr_status"  # 2: bad options or adapter; else a crash
 status=0  # degsr eval exits 1 when some pairs were skipped: keep the summary, report the status
-degsr eval --pred "$out" --gt "$gt" --json ${eval_opts[@]+"${eval_opts[@]}"} \
+degsr eval --pred "$out" --gt "$gt" --json --allow-missing ${eval_opts[@]+"${eval_opts[@]}"} \
   > "$out/summary.json.tmp" || status=$?
 if [ -s "$out/summary.json.tmp" ]; then
   mv "$out/summary.json.tmp" "$out/summary.json"

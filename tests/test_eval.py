@@ -253,6 +253,49 @@ def test_unmatched_names_exit_2_one_line(tmp_path, photos, monkeypatch, capsys):
     assert not (pdir / "metrics.csv").exists()
 
 
+def test_allow_missing_scores_the_predictions_there_are(tmp_path, photos, monkeypatch, capsys):
+    """What `degsr sr` wrote when it failed on some inputs: ground truth without a prediction is a
+    skipped pair with --allow-missing (exit 1); a prediction without ground truth stays an error."""
+    gt, pred = photos
+    pdir, gdir = make_dirs(tmp_path, {**gt, "only_gt": gt["same"]}, pred)
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json", "--allow-missing"],
+               monkeypatch) == 1
+    cap = capsys.readouterr()
+    errs = [line for line in cap.err.splitlines() if line.startswith("error:")]
+    assert len(errs) == 1 and "only_gt.png: no prediction" in errs[0]
+    assert json.loads(cap.out)["n"] == 3
+    (pdir / "stray.png").write_bytes((pdir / "same.png").read_bytes())
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--allow-missing"], monkeypatch) == 2
+    assert "stray" in capsys.readouterr().err
+
+
+def test_json_keys_do_not_depend_on_what_was_scored(folders, vgg_file, monkeypatch, capsys):
+    pdir, gdir = folders  # --crop-border 10000: every pair skipped
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json", "--vgg", str(vgg_file),
+                "--crop-border", "10000"], monkeypatch) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 0 and all(summary[k] is None for k in ("psnr_y", "ssim_y", "lpips", "dists"))
+
+
+def test_a_pair_out_of_memory_is_skipped(folders, monkeypatch, capsys):
+    import degsr.evaluation as ev
+
+    real = ev.score_pair
+
+    def tight(p, g, *args, **kw):
+        if p.stem == "chelsea":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: 13224719200 bytes")
+        return real(p, g, *args, **kw)
+
+    monkeypatch.setattr(ev, "score_pair", tight)
+    pdir, gdir = folders
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json"], monkeypatch) == 1
+    cap = capsys.readouterr()
+    errs = [line for line in cap.err.splitlines() if line.startswith("error:")]
+    assert len(errs) == 1 and "chelsea.png: out of memory" in errs[0]
+    assert json.loads(cap.out)["n"] == 2
+
+
 def test_pairing_rules(tmp_path, photos):
     gt, _ = photos
     g, p = tmp_path / "g", tmp_path / "p"

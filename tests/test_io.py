@@ -42,6 +42,17 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(photo, tmp_path):
     assert np.array_equal(got, np.repeat(gray8[..., None], 3, axis=2))
 
 
+def test_sixteen_bit_gray_and_rgb_of_one_picture_read_alike(tmp_path):
+    """PIL decodes 16-bit colour to 8 bits by the high byte; gray (decoded here) must match."""
+    import tifffile  # scikit-image's dependency
+    v = np.array([[0, 255, 256, 383, 32767, 33024, 51300, 65535]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.repeat(v[..., None], 3, 2), photometric="rgb")
+    Image.fromarray(v).save(tmp_path / "g.png")
+    want = [x // 256 for x in v[0].tolist()]  # the high byte, by integer division
+    assert read_image(tmp_path / "rgb.tif")[0, 0].tolist() == want
+    assert read_image(tmp_path / "g.png")[0, 0].tolist() == want
+
+
 def test_float_image_is_a_one_line_error(tmp_path):
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
     with pytest.raises(UserError, match=r"f\.tif: .*float"):

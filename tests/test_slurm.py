@@ -131,7 +131,7 @@ def test_eval_sh_runs_sr_then_eval_with_their_own_options(tmp_path):
                   str(tmp_path / "base"), "lr/*.png", "--out", str(out), "--guidance", "1.5"]
     assert json.loads((out / "summary.json").read_text()) == [
         "degsr", "eval", "--pred", str(out), "--gt", str(tmp_path / "gt"), "--json",
-        "--crop-border", "4"]
+        "--allow-missing", "--crop-border", "4"]
     r = subprocess.run(["bash", str(SLURM / "eval.sh"), str(tmp_path / "base"), *["x"] * 4],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2 and "has no adapter.json" in r.stderr

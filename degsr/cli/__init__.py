@@ -45,38 +45,6 @@ def user_device(name):
     return device
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is PyTorch running out of memory (a CUDA OOM, or the CPU allocator's)."""
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    text = str(e)
-    return isinstance(e, oom) or (isinstance(e, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text))
-
-
-def each_fitting(group: list, fn, fail) -> None:
-    """``fn(group)``; when that runs out of memory, ``fn`` on each item alone, and an item that
-    alone does not fit goes to ``fail(item, message)``: one image too large never ends a run of
-    many, nor takes the images batched with it down."""
-    import torch
-
-    try:
-        fn(group)
-        return
-    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
-        if not out_of_memory(e):
-            raise
-        message = f"out of memory ({str(e).strip().splitlines()[0][:160]})"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if len(group) == 1:
-        fail(group[0], message)
-        return
-    for item in group:
-        each_fitting([item], fn, fail)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(args.verbose)

@@ -28,8 +28,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from degsr.cli import each_fitting, user_device
-    from degsr.errors import UserError
+    from degsr.cli import user_device
+    from degsr.errors import UserError, each_fitting
     from degsr.estimator import SCORES, load_estimator
     from degsr.io import read_image
 

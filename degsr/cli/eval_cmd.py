@@ -41,6 +41,10 @@ def add_arguments(p) -> None:
                    help="print the summary as one JSON object on stdout (psnr_y mean over finite "
                         "values, psnr_inf = pairs left out, ssim_y, lpips, dists, n, pred, gt, "
                         "crop_border)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="ground-truth images without a prediction are skipped pairs (one error "
+                        "line each, exit status 1) instead of an error: scores what a `degsr sr` "
+                        "run that failed on some inputs wrote")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
 
 
@@ -50,13 +54,15 @@ def run(args) -> int:
     if args.crop_border < 0:
         raise UserError(f"--crop-border must be >= 0, got {args.crop_border}")
     device = user_device(args.device)
-    pair_images(args.pred, args.gt)  # fail fast on pairing, before loading VGG weights
+    pair_images(args.pred, args.gt, [] if args.allow_missing else None)  # fail fast on pairing,
+    # before loading VGG weights
     lpips = dists = None
     if args.vgg is not None:
         from degsr.metrics import DISTS, LPIPS
 
         lpips, dists = LPIPS.from_files(args.vgg), DISTS.from_files(args.vgg)
-    rows, summary, problems = evaluate(args.pred, args.gt, args.crop_border, lpips, device, dists)
+    rows, summary, problems = evaluate(args.pred, args.gt, args.crop_border, lpips, device, dists,
+                                       allow_missing=args.allow_missing)
     perceptual = ("lpips", "dists") if args.vgg is not None else ()
     csv_path = write_csv(args.csv or Path(args.pred) / "metrics.csv", rows, perceptual)
     for msg in problems:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from degsr import console
-from degsr.cli import each_fitting, user_device
-from degsr.errors import UserError
+from degsr.cli import user_device
+from degsr.errors import UserError, each_fitting
 
 NAME = "sr"
 HELP = "super-resolve images with a stage-2 adapter (one diffusion step, merged LoRA, CFG)"
