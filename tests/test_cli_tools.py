@@ -121,3 +121,13 @@ def test_bench_train_prints_json(degsr_cmd):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["img_per_s"] > 0 and out["peak_mem_gib"] > 0 and out["trainable_params"] > 0
+
+
+def test_verbose_before_or_after_the_subcommand():
+    from degsr.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["config", "a.yaml"]).verbose is False
+    assert parse(["-v", "config", "a.yaml"]).verbose is True
+    assert parse(["config", "a.yaml", "-v"]).verbose is True
+    assert parse(["degrade", "x.png", "--out", "o", "--verbose"]).verbose is True

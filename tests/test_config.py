@@ -133,6 +133,8 @@ def test_crop_sizes_must_be_multiples_of_the_scale(overrides, key):
 def test_all_problems_reported_together():
     msg = problems(overrides=["degradation.first.blur_prob=2", "degradation.second.sinc_prob=-1"])
     assert len(msg) == 2
+    msg = problems(overrides=["run.seed=x", "trainer.max_steps=y", "run.name=ok"])  # two types
+    assert [m.split(":")[1].strip() for m in msg] == ["run.seed", "trainer.max_steps"]
 
 
 def test_missing_required_and_paths(tmp_path):
@@ -236,3 +238,20 @@ def test_auto_strategy_of_stage_sr_finds_unused_parameters(stage, devices, want,
                            "sr.lpips_weight=0"])
     kwargs = getattr(make_trainer(cfg, tmp_path, False).strategy, "_ddp_kwargs", None)
     assert (None if kwargs is None else bool(kwargs.get("find_unused_parameters"))) == want
+
+
+def test_a_gpu_config_on_a_machine_without_one_is_one_line(tmp_path, monkeypatch, capsys):
+    """configs/estimator.yaml says accelerator gpu: on a CPU machine that is a one-line error
+    before anything is written (Lightning's own is a traceback)."""
+    import torch
+
+    import degsr.cli
+    import degsr.training.cluster as cluster
+
+    monkeypatch.setattr(cluster, "under_slurm", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    rc = degsr.cli.main(["fit", str(ROOT / "configs" / "estimator.yaml"), f"run.dir={tmp_path}",
+                         f"data.train_shards={tmp_path}", f"data.val_folder={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "trainer.accelerator=gpu" in err[0], err
+    assert list(tmp_path.iterdir()) == []

@@ -119,6 +119,7 @@ def test_stop_and_resume_continue_the_loss_curve_exactly(stage, shards, tmp_path
     k = out1["global_step"]
     assert out1["status"] == "preempted" and k == kill_after + 2  # saved after the next step
     assert not (Path(out1["run_dir"]) / "export").exists()  # no export from a stopped run
+    assert out1["export"] is None  # nor one in its summary
     out2 = run(cfg, monkeypatch, second)
     assert out2["status"] == "finished" and out2["global_step"] == n
     assert sorted(first.losses) == list(range(k)) and sorted(second.losses) == list(range(k, n))

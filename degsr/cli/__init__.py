@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         mod = importlib.import_module(f"degsr.cli.{name.replace('-', '_')}_cmd")
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="as degsr -v: debug logging and progress bars everywhere")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

@@ -20,8 +20,8 @@ def add_arguments(p) -> None:
                    help="a real SD-Turbo diffusers folder: skip fitting the tiny stand-in prior "
                         "and train stage 2 on it")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: the cores the load average leaves idle, "
-                        "at least 1)")
+                   help="torch CPU threads (default: the cores left idle over half a second of "
+                        "/proc/stat, else by the load average; at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every step (default: %(default)s)")
 
 

@@ -148,11 +148,22 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
         raise ConfigError(problems)
     try:
         return OmegaConf.merge(cfg, data)
-    except OmegaConfBaseException as e:
-        key = (e.full_key or "?").split("[")[0]
-        expected = _type_name(schema[key]) if key in schema else "another type"
-        raise ConfigError([f"config error: {key}: expected {expected}, got {e.value!r} "
-                           f"({type(e.value).__name__}) in {origin}"]) from None
+    except OmegaConfBaseException:
+        pass
+    for leaf, value in _flatten(data):  # again one key at a time: every wrong type reported
+        nested: Any = value
+        for part in reversed(leaf.split(".")):
+            nested = {part: nested}
+        try:
+            cfg = OmegaConf.merge(cfg, nested)
+        except OmegaConfBaseException as e:
+            key = (e.full_key or leaf).split("[")[0]
+            expected = _type_name(schema[key]) if key in schema else "another type"
+            problems.append(f"config error: {key}: expected {expected}, got {e.value!r} "
+                            f"({type(e.value).__name__}) in {origin}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def validate(cfg: DictConfig, schema_cls: type = Config) -> None:

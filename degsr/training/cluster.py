@@ -43,10 +43,15 @@ def _count(name: str) -> int | None:
 
 
 def check_allocation(cfg: DictConfig) -> None:
-    """Under Slurm: trainer.devices/num_nodes must describe the allocation (UserError if not)."""
-    if not under_slurm():
-        return
+    """A GPU config needs a GPU here; under Slurm, trainer.devices/num_nodes must describe the
+    allocation (UserError if not)."""
     t = cfg.trainer
+    if not under_slurm():
+        if t.accelerator in ("gpu", "cuda") and torch.cuda.device_count() < 1:
+            raise UserError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible here: "
+                            "set trainer.accelerator=cpu (or auto), or use the *_tiny.yaml configs "
+                            "on a CPU")
+        return
     per_node, nodes, tasks = (_count(n) for n in ("SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES",
                                                  "SLURM_NTASKS"))
     if per_node is not None and t.devices != per_node:

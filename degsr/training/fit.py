@@ -260,5 +260,5 @@ def fit(cfg: DictConfig) -> dict:
     metrics = final_metrics(trainer)
     return {"run_dir": str(root), "global_rank": trainer.global_rank, "global_step": trainer.global_step,
             "status": "preempted" if preemption.preempted else "finished",
-            "export": str(root / cfg.run.export_dir),
+            "export": None if preemption.preempted else str(root / cfg.run.export_dir),
             "last_checkpoint": str(last) if last.is_file() else None, "metrics": metrics}
