@@ -29,6 +29,14 @@ def batch(cfg, n=2, size=64):
     return Degrader(cfg.degradation)(hr, torch.Generator().manual_seed(0))
 
 
+def force_negatives(monkeypatch, marks):
+    """online_negatives marking exactly ``marks`` (their target: their own upsampled LR)."""
+    neg = torch.tensor(marks)
+    monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
+        **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
+    return neg
+
+
 def test_generator_step_puts_no_gradient_into_the_discriminator():
     m, cfg = module("sr.neg_prob=0")
     loss, terms, _ = m.generator_loss(batch(cfg), torch.Generator().manual_seed(0))
@@ -54,9 +62,7 @@ def test_gan_terms_judge_every_sample_under_the_positive_prompt(monkeypatch):
     one more row of the same call."""
     m, cfg = module("sr.neg_prob=0")
     b = batch(cfg, n=3)
-    neg = torch.tensor([False, True, False])
-    monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
-        **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
+    force_negatives(monkeypatch, [False, True, False])
     calls, judged, recon = [], [], []
     forward, loss_g, losses = m.net.forward, m.disc.loss_g, m.reconstruction_losses
 
@@ -238,37 +244,33 @@ def _saved_bytes_and_grads(m, b):
 def test_checkpointing_the_vae_decoder_keeps_less_and_changes_no_gradient():
     """sr.gradient_checkpointing=[vae_decoder]: only the decoder recomputes; the gradients are
     those of the plain backward (float32 rounding), and autograd keeps fewer bytes."""
-    plain, cfg = module("sr.gan_weight=0", "sr.neg_prob=0")
-    ckpt, _ = module("sr.gan_weight=0", "sr.neg_prob=0", "sr.gradient_checkpointing=[vae_decoder]")
-    comp = ckpt.net.comp
+    comp, (kept_plain, _), (kept_ckpt, _) = _plain_vs_checkpointed(
+        ["sr.gan_weight=0", "sr.neg_prob=0"], "vae_decoder")
     assert comp.vae.decoder.gradient_checkpointing and not comp.vae.encoder.gradient_checkpointing
     assert not comp.unet.is_gradient_checkpointing
-    with torch.no_grad():  # a non-zero adapter, the same in both, so every LoRA factor has a gradient
-        for p, q in zip(plain.net.trainable_parameters(), ckpt.net.trainable_parameters()):
-            q.copy_(p.add_(torch.randn_like(p) * 1e-2))
-    plain.train(), ckpt.train()
-    b = batch(cfg)
-    kept_plain, g_plain = _saved_bytes_and_grads(plain, b)
-    kept_ckpt, g_ckpt = _saved_bytes_and_grads(ckpt, b)
     assert kept_ckpt < 0.8 * kept_plain
-    for a, c in zip(g_plain, g_ckpt):
-        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
 
 
-def test_checkpointed_unet_with_negatives_and_gan_changes_no_gradient(monkeypatch):
-    """The negatives' positive-prompt rows run in the same call as the batch: a checkpointed
-    UNet/encoder recomputes with that call's modulation, so the gradients are the plain ones."""
-    neg = torch.tensor([False, True])
-    monkeypatch.setattr("degsr.sr.module.online_negatives", lambda x, g, p: {
-        **x, "negative": neg, "target": torch.where(neg.view(-1, 1, 1, 1), x["lr_up"], x["gt"])})
-    plain, cfg = module()
-    ckpt, _ = module("sr.gradient_checkpointing=[unet,vae_encoder]")
+def _plain_vs_checkpointed(overrides, parts):
+    """The same non-zero adapter (every LoRA factor gets a gradient) without and with
+    ``sr.gradient_checkpointing=[parts]``: the gradients must agree (float32 rounding); returns
+    the checkpointed components and (saved bytes, gradients) of both."""
+    plain, cfg = module(*overrides)
+    ckpt, _ = module(*overrides, f"sr.gradient_checkpointing=[{parts}]")
     with torch.no_grad():
         for p, q in zip(plain.net.trainable_parameters(), ckpt.net.trainable_parameters()):
             q.copy_(p.add_(torch.randn_like(p) * 1e-2))
     plain.train(), ckpt.train()
     b = batch(cfg)
-    _, g_plain = _saved_bytes_and_grads(plain, b)
-    _, g_ckpt = _saved_bytes_and_grads(ckpt, b)
-    for a, c in zip(g_plain, g_ckpt):
-        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+    a, c = _saved_bytes_and_grads(plain, b), _saved_bytes_and_grads(ckpt, b)
+    for x, y in zip(a[1], c[1]):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+    return ckpt.net.comp, a, c
+
+
+def test_checkpointed_unet_with_negatives_and_gan_changes_no_gradient(monkeypatch):
+    """The negatives' positive-prompt rows run in the same call as the batch: a checkpointed
+    UNet/encoder recomputes with that call's modulation, so the gradients are the plain ones."""
+    force_negatives(monkeypatch, [False, True])
+    comp, _, _ = _plain_vs_checkpointed([], "unet,vae_encoder")
+    assert comp.unet.is_gradient_checkpointing
