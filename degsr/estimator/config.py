@@ -66,7 +66,8 @@ class EstimatorConfig(Checked):
              "(data.degradations_per_crop >= 2), each relative to their mean, regressed on the "
              "same for the engine's scores", lo=0)
     ranking_weight: float = number(1.0, "weight of the margin-ranking loss", lo=0)
-    anchor_weight: float = number(0.01, "weight of the clean->0 / worst-case->its label anchors (MSE)", lo=0)
+    anchor_weight: float = number(0.01, "weight of the clean->0 / worst-case->its-label anchors "
+                                        "(MSE)", lo=0)
     margin: float = number(0.05, "ranking margin", lo=0)
     min_gap: float = number(0.05, "pairs whose engine scores differ by less are not ranked", lo=0)
     lr: float = positive(2e-4, "AdamW learning rate")

@@ -6,8 +6,9 @@ on ``mse_weight·MSE + lpips_weight·LPIPS + gan_weight·GAN_G`` and the discrim
 it reaches the discriminator (the reference's open bug #25). Online negatives (``sr.neg_prob``)
 get the negative prompt and their own upsampled LR as target; the GAN terms judge the
 positive-prompt output of every sample (the negatives run a second time with the positive prompt,
-as more rows of the same call; the reference runs the whole batch twice). The degradation vector comes from the frozen stage-1
-estimator on the model's own LR (clean samples: the clean LR), or from the engine (oracle).
+as more rows of the same call; the reference runs the whole batch twice). The degradation vector
+comes from the frozen stage-1 estimator on the model's own LR (clean samples: the clean LR), or
+from the engine (oracle).
 Checkpoints hold only the trainable tensors (adapter + discriminator heads + optimisers).
 """
 
@@ -187,7 +188,8 @@ class SRModule(L.LightningModule):
         sr = _q(self.net(batch["lr_up"] * 2 - 1, d, guidance_scale=self.net.model_cfg.guidance_scale,
                          posterior_mean=True))
         name = "val" if dataloader_idx == 0 else "val_real"
-        metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100), "ssim_y": ssim_y(sr, batch["gt"])}
+        metrics = {"psnr_y": psnr_y(sr, batch["gt"]).clamp(max=100),
+                   "ssim_y": ssim_y(sr, batch["gt"])}
         if self.lpips is not None:
             metrics["lpips"] = self.lpips(sr, batch["gt"], normalize=True)
         for k, v in metrics.items():  # per sample; the padding of the DDP split left out

@@ -73,7 +73,8 @@ def encode_lr(comp: SRComponents, lr_up: torch.Tensor, *,
     vae = comp.vae
     x = lr_up.to(device=vae.device, dtype=base_dtype(vae))
     post = vae.encode(x).latent_dist
-    return (post.mode() if posterior_mean else post.sample(generator=generator)) * comp.scaling_factor
+    z = post.mode() if posterior_mean else post.sample(generator=generator)
+    return z * comp.scaling_factor
 
 
 def _embeddings(comp: SRComponents, b: int, negative: Optional[torch.Tensor]) -> torch.Tensor:
