@@ -166,6 +166,17 @@ def test_bad_folders_give_one_line_user_errors(tiny_folder, tmp_path, case):
         assert w in msg, (w, msg)
 
 
+def test_a_bin_pointer_beside_safetensors_is_not_read(tiny_folder, comp, tmp_path):
+    """`git lfs pull --include "*.safetensors"` leaves the .bin files as pointers: the libraries
+    load the safetensors, and so does the check."""
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    got = load_components(ModelConfig(pretrained=str(folder)))
+    assert torch.equal(got.unet.conv_in.weight, comp.unet.conv_in.weight)
+
+
 def test_text_encoder_weights_load_in_float32_whatever_the_config_says(tiny_folder, comp, tmp_path):
     """SD 2.x / sd-turbo text_encoder configs carry "torch_dtype": "float16", which transformers
     >= 5 loads the float32 weights as: the prompt embeddings must not be rounded."""

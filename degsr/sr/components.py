@@ -161,9 +161,12 @@ def _load(what: str, root: Path, fn, weights: bool = False, **kw):
         fp16 = all(".fp16." in p.name for p in files)
         if fp16:
             kw["variant"] = "fp16"
-        for path in files:  # the files the library will read: a clear line before its own
-            if (".fp16." in path.name) == fp16:
-                check_weights_file(path)
+        variant = [p for p in files if (".fp16." in p.name) == fp16]
+        # the files the library will read (safetensors when there are any: a .bin beside them
+        # may be a git-lfs pointer left by `git lfs pull --include "*.safetensors"`): a clear
+        # line before the library's own
+        for path in [p for p in variant if p.suffix == ".safetensors"] or variant:
+            check_weights_file(path)
     try:
         with _quiet_libraries():  # their load reports and warnings: we say what matters once
             out = fn(str(root), subfolder=what, local_files_only=True, **kw)
