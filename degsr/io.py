@@ -50,9 +50,8 @@ def rgb_array(im: Image.Image) -> np.ndarray:
     applied (phone photos are stored sideways), 16-bit gray brought to 8 bits by its high byte
     (``v >> 8``, the rule PIL's decoders apply to 16-bit colour PNG and TIFF, so a gray and an
     RGB copy of one picture read alike; PIL's own conversion of gray would clip it to white).
-    One decoder for every reader in degsr (files,
-    shards, validation sets), so training, ``sr``, ``degrade`` and ``eval`` see the same pixels.
-    ValueError for a float image (no agreed range)."""
+    One decoder for every reader in degsr (files, shards, validation sets), so training, ``sr``,
+    ``degrade`` and ``eval`` see the same pixels. ValueError for a float image (no agreed range)."""
     ImageOps.exif_transpose(im, in_place=True)
     if im.mode in SIXTEEN_BIT_MODES:
         gray = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)

@@ -35,7 +35,7 @@ from torch import nn
 from degsr.errors import UserError
 from degsr.sr.arch import arch_configs
 from degsr.sr.config import ModelConfig
-from degsr.sr.folder_check import PREDICTION_TYPES, check_pretrained_folder, check_weights_file
+from degsr.sr.folder_check import PREDICTION_TYPES, check_pretrained_folder, check_weights
 
 
 
@@ -154,19 +154,8 @@ def _load(what: str, root: Path, fn, weights: bool = False, **kw):
     folder = root / what
     if weights:
         kw["output_loading_info"] = True
-        files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
-        if not files:
-            raise UserError(f"model.pretrained: {folder} has no weights file (*.safetensors or "
-                            "*.bin)")
-        fp16 = all(".fp16." in p.name for p in files)
-        if fp16:
+        if check_weights(folder):
             kw["variant"] = "fp16"
-        variant = [p for p in files if (".fp16." in p.name) == fp16]
-        # the files the library will read (safetensors when there are any: a .bin beside them
-        # may be a git-lfs pointer left by `git lfs pull --include "*.safetensors"`): a clear
-        # line before the library's own
-        for path in [p for p in variant if p.suffix == ".safetensors"] or variant:
-            check_weights_file(path)
     try:
         with _quiet_libraries():  # their load reports and warnings: we say what matters once
             out = fn(str(root), subfolder=what, local_files_only=True, **kw)

@@ -1,7 +1,8 @@
 """Is a local folder one SD-Turbo-like diffusers model? Every problem a one-line
 :class:`~degsr.errors.UserError` naming the file, the key and its value, before any library
 loads it (their own errors name neither): :func:`check_pretrained_folder` for the configs,
-:func:`check_weights_file` for a weights file (a git-lfs pointer, a truncated download).
+:func:`check_weights` for the weights files a library will read (a git-lfs pointer, a truncated
+download).
 """
 
 from __future__ import annotations
@@ -133,3 +134,18 @@ def check_weights_file(path: Path) -> None:
     if size < end:
         raise UserError(f"model.pretrained: {path} is truncated ({size} of {end} bytes): an "
                         "incomplete download")
+
+
+def check_weights(folder: Path) -> bool:
+    """Check the weights files a library will read from ``folder`` (:func:`check_weights_file`);
+    return whether that is the fp16 variant (``*.fp16.*`` files only, as a hub download with
+    ``variant="fp16"`` leaves). Safetensors are read when there are any: a ``.bin`` beside them
+    may be a git-lfs pointer left by ``git lfs pull --include "*.safetensors"``."""
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise UserError(f"model.pretrained: {folder} has no weights file (*.safetensors or *.bin)")
+    fp16 = all(".fp16." in p.name for p in files)
+    variant = [p for p in files if (".fp16." in p.name) == fp16]
+    for path in [p for p in variant if p.suffix == ".safetensors"] or variant:
+        check_weights_file(path)
+    return fp16

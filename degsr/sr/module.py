@@ -103,14 +103,14 @@ class SRModule(L.LightningModule):
         batch = online_negatives(batch, g, cfg.neg_prob)
         d, neg, x = self.degradation_vector(batch), batch["negative"], batch["lr_up"] * 2 - 1
         b = x.shape[0]
-        idx = neg.nonzero().flatten() if self.disc is not None and bool(neg.any()) else None
-        if idx is not None:  # the negatives again, with the positive prompt
+        idx = neg.nonzero().flatten() if self.disc is not None else None  # (one host sync)
+        if idx is not None and idx.numel():  # the negatives again, with the positive prompt
             x, d = torch.cat([x, x[idx]]), torch.cat([d, d[idx]])
             neg = torch.cat([neg, torch.zeros_like(neg[idx])])
         out = self.net(x, d, negative=neg, generator=g)
         sr = out[:b]
         terms = self.reconstruction_losses(sr, batch["target"] * 2 - 1)
-        fake = sr if idx is None else sr.index_copy(0, idx, out[b:])
+        fake = sr if out.shape[0] == b else sr.index_copy(0, idx, out[b:])
         if self.disc is not None:
             with self.disc.frozen_heads():  # no GAN gradient into the heads (reference bug #25)
                 terms["gan_g"] = self.disc.loss_g(fake, generator=g)

@@ -43,32 +43,29 @@ def _count(name: str) -> int | None:
 
 
 def check_allocation(cfg: DictConfig) -> None:
-    """A GPU config needs a GPU here; under Slurm, trainer.devices/num_nodes must describe the
-    allocation (UserError if not)."""
+    """Under Slurm, trainer.devices/num_nodes must describe the allocation; everywhere, a GPU
+    config needs a GPU (UserError if not)."""
     t = cfg.trainer
-    if not under_slurm():
-        if t.accelerator in ("gpu", "cuda") and torch.cuda.device_count() < 1:
-            raise UserError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible here: "
-                            "set trainer.accelerator=cpu (or auto), or use the *_tiny.yaml configs "
-                            "on a CPU")
-        return
-    per_node, nodes, tasks = (_count(n) for n in ("SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES",
-                                                 "SLURM_NTASKS"))
-    if per_node is not None and t.devices != per_node:
-        raise UserError(f"trainer.devices={t.devices} but the Slurm allocation has "
-                        f"--ntasks-per-node={per_node}: one task per device, set "
-                        f"trainer.devices={per_node} (slurm/train.sh passes it)")
-    if nodes is not None and t.num_nodes != nodes:
-        raise UserError(f"trainer.num_nodes={t.num_nodes} but the Slurm allocation has "
-                        f"--nodes={nodes}: set trainer.num_nodes={nodes}")
-    if tasks is not None and t.devices * t.num_nodes != tasks:
-        raise UserError(f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes} but Slurm "
-                        f"started {tasks} tasks (--ntasks); use --ntasks-per-node and --nodes")
-    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available()):
-        seen = torch.cuda.device_count()
-        if seen < 1:
-            raise UserError(f"trainer.accelerator={t.accelerator} but this Slurm task sees no GPU "
-                            f"(request them with --gres=gpu:{t.devices})")
+    slurm = under_slurm()
+    if slurm:
+        per_node, nodes, tasks = (_count(n) for n in ("SLURM_NTASKS_PER_NODE",
+                                                     "SLURM_JOB_NUM_NODES", "SLURM_NTASKS"))
+        if per_node is not None and t.devices != per_node:
+            raise UserError(f"trainer.devices={t.devices} but the Slurm allocation has "
+                            f"--ntasks-per-node={per_node}: one task per device, set "
+                            f"trainer.devices={per_node} (slurm/train.sh passes it)")
+        if nodes is not None and t.num_nodes != nodes:
+            raise UserError(f"trainer.num_nodes={t.num_nodes} but the Slurm allocation has "
+                            f"--nodes={nodes}: set trainer.num_nodes={nodes}")
+        if tasks is not None and t.devices * t.num_nodes != tasks:
+            raise UserError(f"trainer.devices x trainer.num_nodes = {t.devices * t.num_nodes} but "
+                            f"Slurm started {tasks} tasks (--ntasks); use --ntasks-per-node and "
+                            "--nodes")
+    if t.accelerator in ("gpu", "cuda") and torch.cuda.device_count() < 1:
+        fix = (f"request them with --gres=gpu:{t.devices}" if slurm else
+               "set trainer.accelerator=cpu (or auto), or use the *_tiny.yaml configs on a CPU")
+        raise UserError(f"trainer.accelerator={t.accelerator} but "
+                        f"{'this Slurm task sees' if slurm else 'this machine has'} no GPU: {fix}")
 
 
 def requeue() -> bool:

@@ -22,9 +22,9 @@ class SampleMeans:
         """Per-sample ``values`` (B,) of ``name``; only where ``keep`` (B,) holds. Call it for
         every batch on every rank, even when nothing is kept (the names must agree)."""
         v = values.detach().double().reshape(-1)
-        if keep is not None:
-            v = v[keep.to(v.device).reshape(-1)]
-        row = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=v.dtype, device=v.device)])
+        w = torch.ones_like(v) if keep is None else keep.to(v).reshape(-1)
+        # weights, not indexing: no host sync per batch
+        row = torch.stack([torch.where(w > 0, v, 0.0).sum(), w.sum()])
         if name in self.sums:
             self.sums[name] += row
         else:
