@@ -67,7 +67,7 @@ def read_image(path: str | os.PathLike, alpha: bool = False):
     an image that has one (RGBA, LA, a palette with transparency), else None."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: " + ("a folder, not an image" if path.is_dir() else "no such file"))
     try:
         with any_pixel_count(), Image.open(path) as im:
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
@@ -119,27 +119,68 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write an image as PNG via a temporary file and a rename (never a half-written file)."""
+    """Write an image as PNG via a temporary file and a rename (never a half-written file),
+    marked as degsr's (:func:`written_by_degsr`)."""
     import io
 
+    from PIL.PngImagePlugin import PngInfo
+
+    from degsr import __version__
+
+    info = PngInfo()
+    info.add_text("Software", f"degsr {__version__}")
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(img)).save(buf, format="PNG")
+    Image.fromarray(to_uint8(img)).save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def written_by_degsr(path: Path) -> bool:
+    """Whether ``path`` is a PNG that :func:`save_png` wrote (its ``Software`` text chunk): the
+    only files a command counts as its earlier outputs, skips, or replaces with ``--overwrite``."""
+    try:
+        with any_pixel_count(), Image.open(path) as im:
+            return im.format == "PNG" and str(im.info.get("Software", "")).startswith("degsr ")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, None for a path that can't be resolved (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def make_out_folder(out: Path) -> None:
+    """Create the output folder ``out`` (and its parents) before any work; UserError (one line)
+    when it is a file or can't be made."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
 
 def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
     """Files, folders (their images, sorted) and globs -> (image paths, problems). A folder's
-    images inside ``out`` (the command's output folder, when it is a subfolder of an input
-    folder) are left out: a rerun must not take the first run's outputs for inputs. (When
-    ``out`` is the input folder itself, outputs and inputs can't be told apart.)"""
+    images inside ``out`` (the command's output folder, the input folder or one inside it) that
+    degsr wrote (:func:`written_by_degsr`) are left out: a rerun must not take the first run's
+    outputs for inputs. Every other file there is an input."""
     paths, problems = [], []
-    outdir = out.resolve() if out is not None else None
+    outdir = _resolved(out) if out is not None else None
+
+    def earlier_output(q: Path) -> bool:
+        r = _resolved(q)
+        return (outdir is not None and r is not None and r.is_relative_to(outdir)
+                and written_by_degsr(q))
+
     for item in items:
         p = Path(item)
         if p.is_dir():
-            skip = outdir if outdir is not None and outdir != p.resolve() else None
             found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
-                           and (skip is None or not q.resolve().is_relative_to(skip)))
+                           and not earlier_output(q))
             if not found:
                 problems.append(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
@@ -160,11 +201,15 @@ def output_targets(paths: list[Path], out: Path,
     already takes (one stem in two folders, ``a.jpg`` beside ``a.png``) or whose output would
     overwrite an input is a problem line instead. (``degsr degrade`` names its outputs after
     the stem: ``suffix=""``.)"""
-    inputs = {p.resolve() for p in paths}
+    inputs = {_resolved(p) for p in paths}
     pairs, problems, taken = [], [], {}  # taken: resolved target -> (resolved input, input)
     for path in paths:
         target = out / f"{path.stem}{suffix}"
-        key, tkey = path.resolve(), target.resolve()
+        key, tkey = _resolved(path), _resolved(target)
+        if key is None or tkey is None:
+            problems.append(f"{path if key is None else target}: cannot resolve the path "
+                            "(a symbolic link loop?)")
+            continue
         if tkey in taken:
             if taken[tkey][0] != key:
                 problems.append(f"{path}: its output name '{target.name}' in {out} is taken by "

@@ -131,3 +131,16 @@ def test_verbose_before_or_after_the_subcommand():
     assert parse(["-v", "config", "a.yaml"]).verbose is True
     assert parse(["config", "a.yaml", "-v"]).verbose is True
     assert parse(["degrade", "x.png", "--out", "o", "--verbose"]).verbose is True
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(degsr_cmd):
+    """`degsr config ... | head -0`: the pipe closes before degsr writes; it exits 141 (as a
+    process killed by SIGPIPE) without Python's BrokenPipeError traceback or exit message."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "configs/sr_tiny.yaml"
+    p = subprocess.Popen([*degsr_cmd, "config", str(tiny)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # long before the child has imported torch and printed
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == "", err

@@ -235,6 +235,89 @@ def test_sr_rerun_with_out_inside_the_input_folder(trained, tmp_path, degsr_cmd)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device gpu" in r.stderr
 
 
+def _sr(trained, *args) -> int:
+    """``degsr sr`` in this process (its exit status)."""
+    from degsr.cli import main
+
+    return main(["sr", "--adapter", str(trained / "adapter"), "--pretrained", str(trained / "base"),
+                 *map(str, args)])
+
+
+def _crop(y, x, h=16, w=24):
+    from degsr.data.photos import load_photo
+
+    return Image.fromarray(np.ascontiguousarray(load_photo("coffee")[y:y + h, x:x + w]))
+
+
+def test_sr_skips_and_replaces_only_files_it_wrote(trained, tmp_path, capsys):
+    """A file in --out that degsr did not write is neither taken for a finished output nor
+    replaced, even with --overwrite; an input folder's own photo inside --out stays an input
+    (the first run's outputs there do not); a symbolic link loop, a folder where an output
+    would go: one line each, the rest is done."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    _crop(0, 0).save(src / "b.png")
+    _crop(40, 100).save(src / "sub" / "b.png")  # the user's photo, inside --out
+    _crop(80, 200).save(src / "d.png")
+    (src / "loop.png").symlink_to(src / "loop.png")
+    mine = (src / "sub" / "b.png").read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        assert _sr(trained, src, "--out", src / "sub", *overwrite) == 1
+        err = capsys.readouterr().err
+        assert f"{src / 'b.png'}: output {src / 'sub' / 'b.png'} would overwrite an input" in err
+        assert f"{src / 'sub' / 'b.png'}: its output name" in err  # the same name as b.png's
+        assert "loop.png: cannot resolve" in err
+        assert "1 written, 0 already there, 3 failed" in err, err
+        assert (src / "sub" / "b.png").read_bytes() == mine
+        assert Image.open(src / "sub" / "d.png").size == (96, 64)
+    other = tmp_path / "other"
+    (other / "b.png").mkdir(parents=True)
+    _crop(0, 0).save(other / "d.png")
+    theirs = (other / "d.png").read_bytes()
+    assert _sr(trained, src / "b.png", src / "d.png", "--out", other, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert err.count("exists and is not a degsr output") == 2 and "0 written" in err, err
+    assert (other / "d.png").read_bytes() == theirs and (other / "b.png").is_dir()
+
+
+def test_sr_sigterm_mid_write_leaves_no_partial_file(trained, tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, scancel) while an output is being written: the temporary file
+    is removed as on Ctrl-C, degsr exits 143, and the caller's SIGTERM handler is back."""
+    import os
+    import signal
+
+    import degsr.io
+
+    _crop(0, 0).save(tmp_path / "a.png")
+
+    def interrupted(path, data):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data[:10])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
+                f.write(data[10:])
+        degsr.io.atomic_write(path, write)
+
+    monkeypatch.setattr(degsr.io, "atomic_write_bytes", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert _sr(trained, tmp_path / "a.png", "--out", tmp_path / "out") == 143
+    assert "terminated" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sr_rejects_a_guidance_or_out_it_cannot_use(trained, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    _crop(0, 0).save(tmp_path / "a.png")
+    for args, says in ((["--out", tmp_path / "o", "--guidance", "nan"], "--guidance"),
+                       (["--out", tmp_path / "o", "--guidance", "inf"], "--guidance"),
+                       (["--out", tmp_path / "file" / "sub"], "cannot create the folder")):
+        assert _sr(trained, tmp_path / "a.png", *args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "o").exists()
+
+
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes"
 
 

@@ -274,3 +274,37 @@ def test_checkpointed_unet_with_negatives_and_gan_changes_no_gradient(monkeypatc
     force_negatives(monkeypatch, [False, True])
     comp, _, _ = _plain_vs_checkpointed([], "unet,vae_encoder")
     assert comp.unet.is_gradient_checkpointing
+
+
+def test_both_optimizer_steps_are_clipped_to_grad_clip(monkeypatch):
+    """sr.grad_clip bounds the gradient each optimizer steps with, the discriminator's too (the
+    reference clips both); the norms are recomputed here in float64, one tensor at a time."""
+    import lightning as L
+
+    clip = 1e-4
+    m, cfg = module(f"sr.grad_clip={clip}", "sr.neg_prob=0")
+    seen, configure = {}, m.configure_optimizers
+
+    def norm(params):
+        return sum(p.grad.double().pow(2).sum() for p in params if p.grad is not None) ** 0.5
+
+    def spied():
+        opt_g, opt_d = configure()
+        for name, opt in (("g", opt_g), ("d", opt_d)):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            step = opt.step
+            opt.step = lambda *a, _s=step, _n=name, _p=params, **k: (
+                seen.__setitem__(_n, norm(_p).item()), _s(*a, **k))[1]
+        return opt_g, opt_d
+
+    monkeypatch.setattr(m, "configure_optimizers", spied)
+    logged = {}
+    monkeypatch.setattr(m, "log_dict", lambda d, **k: logged.update(d))
+    b = batch(cfg)
+    loader = torch.utils.data.DataLoader([b], batch_size=None)
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0
+              ).fit(m, loader)
+    assert set(seen) == {"g", "d"}
+    assert logged["train/grad_norm"] > 10 * clip and logged["train/grad_norm_d"] > 10 * clip
+    assert seen["g"] == pytest.approx(clip, rel=1e-4) and seen["d"] == pytest.approx(clip, rel=1e-4)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from degsr import __version__, console
 from degsr.errors import UserError
@@ -47,11 +50,35 @@ def user_device(name):
     return device
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, ``scancel``) as an exception, so that what a command is
+    writing is cleaned up on the way out as on Ctrl-C (``io.atomic_write``)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+TRAINING = ("fit", "quickstart")  # Lightning and degsr.training handle SIGTERM themselves
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(args.verbose)
+    previous = signal.getsignal(signal.SIGTERM)
+    if args.command not in TRAINING and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args._run(args) or 0)
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    try:
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that left is a BrokenPipeError below
+        return rc
     except UserError as e:
         for line in str(e).splitlines():
             print(line if line.startswith(("error", "config error")) else f"error: {line}",
@@ -60,3 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except BrokenPipeError:  # `degsr estimate ... | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except OSError as e:  # the file system refused (disk full, permissions): one line
+        console.log.debug("", exc_info=True)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2

@@ -67,8 +67,8 @@ def run(args) -> int:
     from degsr.config import load_config
     from degsr.degradation.pipeline import Degrader
     from degsr.cli.config_cmd import split_items
-    from degsr.io import (atomic_write_bytes, expand_inputs, output_targets, preset_path,
-                          read_image, save_png)
+    from degsr.io import (atomic_write_bytes, expand_inputs, make_out_folder, output_targets,
+                          preset_path, read_image, save_png)
     from degsr.seeding import make_generator
 
     images, overrides = split_items(args.items)  # as degsr fit / config: '=' makes an override
@@ -83,9 +83,7 @@ def run(args) -> int:
     cfg = load_config([preset_path(args.preset)],
                       [f"degradation.scale={args.scale}", *overrides]).degradation
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out)
     device = user_device(args.device)
 
     paths, problems = expand_inputs(images, out)

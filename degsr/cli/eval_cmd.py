@@ -64,13 +64,13 @@ def run(args) -> int:
     rows, summary, problems = evaluate(args.pred, args.gt, args.crop_border, lpips, device, dists,
                                        allow_missing=args.allow_missing)
     perceptual = ("lpips", "dists") if args.vgg is not None else ()
-    csv_path = write_csv(args.csv or Path(args.pred) / "metrics.csv", rows, perceptual)
     for msg in problems:
         print(f"error: {msg}", file=sys.stderr)
-    if args.json:
+    if args.json:  # the summary first: a CSV that can't be written then loses only the rows
         print(json.dumps(summary))
     else:
         print(format_table(summary), end="")
+    csv_path = write_csv(args.csv or Path(args.pred) / "metrics.csv", rows, perceptual)
     console.log.info(f"wrote per-image metrics of {len(rows)} pair(s) to {csv_path}"
                      + (f"; {len(problems)} pair(s) skipped" if problems else ""))
     return 1 if problems else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,16 +54,18 @@ def _check(args) -> None:
                         f"and 0 <= overlap < tile")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
 
 
 def run(args) -> int:
     from degsr.inference.upscale import Upscaler, UpscaleOptions
-    from degsr.io import expand_inputs, output_targets, read_image, save_png
+    from degsr.io import (expand_inputs, make_out_folder, output_targets, read_image, save_png,
+                          written_by_degsr)
 
     _check(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    make_out_folder(out)
     device = user_device(args.device)
     paths, problems = expand_inputs(args.inputs, out)
     jobs, clashes = output_targets(paths, out)
@@ -74,7 +77,6 @@ def run(args) -> int:
         raise UserError(f"--scale {args.scale} does not match the adapter's scale {up.scale}")
     opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
                           color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
-    out.mkdir(parents=True, exist_ok=True)
     done = skipped = 0
     pending: dict[tuple, list] = {}  # image size -> [(path, target, lr, alpha)], up to --batch
 
@@ -89,7 +91,10 @@ def run(args) -> int:
             if alpha is not None:  # transparency: upscaled bicubic, beside the model's RGB
                 alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bicubic", align_corners=False)
                 img = torch.cat([img, alpha[0].clamp(0, 1).to(img)])
-            save_png(img, target)
+            try:
+                save_png(img, target)
+            except OSError as e:  # the folder is broken for every output: stop here
+                raise UserError(f"--out {out}: cannot write {target.name} ({e.strerror or e})")
             done += 1
             console.log.debug(json.dumps({"path": str(path), "blur": round(dv[0], 4),
                                           "noise": round(dv[1], 4)}))
@@ -99,24 +104,33 @@ def run(args) -> int:
             f"{item[0]}: {msg} upscaling {size[1]}x{size[0]} on {device} (try a smaller --tile, "
             "--precision bf16 or another --device)"))
 
-    for path, target in console.progress(jobs, desc="sr", unit="img"):
-        if target.exists() and not args.overwrite:
-            skipped += 1
-            continue
-        try:
-            rgb, alpha = read_image(path, alpha=True)
-        except UserError as e:
-            problems.append(str(e))
-            continue
-        lr = rgb.float()[None] / 255.0
-        alpha = None if alpha is None else alpha.float()[None] / 255.0
-        size = tuple(lr.shape[-2:])
-        pending.setdefault(size, []).append((path, target, lr, alpha))
-        if len(pending[size]) == args.batch:
+    try:
+        for path, target in console.progress(jobs, desc="sr", unit="img"):
+            if target.exists() or target.is_symlink():
+                if not written_by_degsr(target):
+                    problems.append(f"{path}: {target} exists and is not a degsr output: left as "
+                                    "it is (move it or choose another --out)")
+                    continue
+                if not args.overwrite:
+                    skipped += 1
+                    continue
+            try:
+                rgb, alpha = read_image(path, alpha=True)
+            except UserError as e:
+                problems.append(str(e))
+                continue
+            lr = rgb.float()[None] / 255.0
+            alpha = None if alpha is None else alpha.float()[None] / 255.0
+            size = tuple(lr.shape[-2:])
+            pending.setdefault(size, []).append((path, target, lr, alpha))
+            if len(pending[size]) == args.batch:
+                flush(size)
+            elif sum(map(len, pending.values())) > 2 * args.batch:
+                flush(next(iter(pending)))  # many sizes: the oldest partial batch, memory bound
+        for size in list(pending):  # the partial batches left over
             flush(size)
-    for size in list(pending):  # the partial batches left over
-        flush(size)
-    for msg in problems:
-        print(f"error: {msg}", file=sys.stderr)
+    finally:  # also on an error or an interrupt: what failed so far
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
     console.log.info(f"{done} written, {skipped} already there, {len(problems)} failed -> {out}")
     return 1 if problems else 0

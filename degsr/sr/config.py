@@ -153,7 +153,8 @@ class SRConfig(Checked):
     disc_lr: float = positive(2e-5, "AdamW learning rate of the discriminator heads")
     betas: List[float] = plain([0.9, 0.999], "AdamW betas")
     weight_decay: float = number(1e-2, "AdamW weight decay", lo=0)
-    grad_clip: float = number(1.0, "clip the generator's gradient norm (0 = off)", lo=0)
+    grad_clip: float = number(1.0, "clip the gradient norm of each optimizer step, generator "
+                            "and discriminator (0 = off)", lo=0)
     accumulate: int = positive(1, "batches per optimizer step (manual optimisation)")
     gradient_checkpointing: List[str] = subset(
         [], CHECKPOINT_PARTS, "parts whose activations are recomputed in the backward pass instead "

@@ -15,7 +15,9 @@ the only trainable part, turn three of its feature levels into logits:
 - loss (``multilevel_sigmoid_s``): per level the mean BCE-with-logits, summed over levels; real
   target ``real_label`` (0.8), fake target 0; the generator's non-saturating loss targets
   ``real_label`` too. :meth:`VisionAidedDiscriminator.loss_d` sums the real and the fake term; the
-  stage multiplies the sum by ``sr.gan_weight`` (0.5 each, as the reference's two steps).
+  stage multiplies the sum by ``sr.gan_weight`` (0.5 each, the reference's weights) and takes
+  one clipped step on it (the reference takes two, real then fake: under AdamW not the same
+  update; README, "Differences from the reference implementation").
 
 No gradient leak (the reference's issue #25: its generator step back-propagates the GAN loss into
 the heads and only ``zero_grad`` hides it when gradients are not accumulated): the G step runs

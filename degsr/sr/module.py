@@ -135,9 +135,7 @@ class SRModule(L.LightningModule):
         if step_now:
             if self._drop_g:
                 opt_g.zero_grad(set_to_none=True)
-            norm = torch.nn.utils.clip_grad_norm_(self.net.trainable_parameters(),
-                                                  cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            terms["grad_norm"] = norm
+            terms["grad_norm"] = self._clip(self.net.trainable_parameters())
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             self._drop_g = False
@@ -150,6 +148,7 @@ class SRModule(L.LightningModule):
             if step_now:  # the raw optimizer: Lightning counts every LightningOptimizer.step()
                 if self._drop_d:  # as a global step; max_steps means generator steps
                     opt_d.zero_grad(set_to_none=True)
+                terms["grad_norm_d"] = self._clip(self.disc.head_parameters())
                 opt_d.optimizer.step()
                 opt_d.zero_grad(set_to_none=True)
                 self._drop_d = False
@@ -160,6 +159,12 @@ class SRModule(L.LightningModule):
         self.log("train/negatives", batch["negative"].float().mean(), batch_size=bs)
         if self.global_step % self.images_every == 0 and batch_idx % cfg.accumulate == 0:
             self._log_panel("train/panel", batch["lr_up"], _q(sr.detach()), batch["gt"])
+
+    def _clip(self, params) -> torch.Tensor:
+        """Clip the gradient norm of ``params`` to ``sr.grad_clip`` (0: measure only), as the
+        reference clips both its generator and its discriminator steps; return the norm before."""
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(list(params), clip)
 
     def _optimizers(self):
         opts = self.optimizers()
