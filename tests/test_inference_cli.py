@@ -366,3 +366,21 @@ def test_too_small_to_estimate_points_to_the_dial(trained):
         up(tiny, UpscaleOptions(color_fix="none"))
     out, d = up(tiny, UpscaleOptions(color_fix="none", blur=0.2, noise=0.1))
     assert out.shape == (1, 3, 4, 4) and d.tolist() == [[pytest.approx(0.2), pytest.approx(0.1)]]
+
+
+def test_sr_batch_of_many_sizes_does_not_wait_for_the_end(trained, tmp_path, capsys, monkeypatch):
+    """--batch 2 over images of six different sizes: no two share a size, so no batch fills;
+    at most 2 × batch images are held, the oldest partial batch going through first."""
+    import degsr.inference.upscale as upscale
+    import degsr.io
+
+    for i in range(6):
+        _crop(8 * i, 0, h=8 + i, w=12).save(tmp_path / f"{i}.png")
+    read, calls = [], []
+    real_read, real_call = degsr.io.read_image, upscale.Upscaler.__call__
+    monkeypatch.setattr(degsr.io, "read_image", lambda p, **k: read.append(p) or real_read(p, **k))
+    monkeypatch.setattr(upscale.Upscaler, "__call__", lambda self, lr, opts: calls.append(
+        (len(read), lr.shape[-2])) or real_call(self, lr, opts))
+    assert _sr(trained, *sorted(tmp_path.glob("*.png")), "--out", tmp_path / "out", "--batch", 2) == 0
+    assert calls == [(5, 8), (6, 9), (6, 10), (6, 11), (6, 12), (6, 13)]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 6
