@@ -428,6 +428,29 @@ def test_bad_samples_are_counted_and_the_stream_goes_on(shards, bad_shards):
             list(stream(urls, stall_limit=20))
 
 
+def test_a_damaged_or_empty_shard_is_named_once_with_what_it_gave(bad_shards, monkeypatch):
+    """The stream draws a damaged shard again and again; the log names it once (per worker),
+    with the count of samples read from it before the damage."""
+    from degsr import console
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    cut, whole = bad_shards["truncated"], 0
+    with pytest.raises(Exception):
+        for _ in read_shard(cut):
+            whole += 1
+    assert whole > 0
+    list(stream([cut], batches_per_epoch=4))
+    assert said == [said[0]] and f"shard {cut} is damaged" in said[0], said
+    assert f"after {whole} sample(s)" in said[0]
+    empty = _tar(bad_shards["dir"] / "empty.tar", [])
+    said.clear()
+    with pytest.raises(UserError, match="unusable"):
+        list(stream([empty], stall_limit=20))
+    assert said == [f"data: shard {empty} holds no sample: skipped at every visit (counted as "
+                    "one bad sample)"]
+
+
 def test_bad_fraction_ceiling(bad_shards):
     cfg = data_cfg(train_shards=str(bad_shards["corrupt"]), min_samples_for_bad_check=8,
                    max_bad_fraction=0.2, batches_per_epoch=8)

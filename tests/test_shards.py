@@ -15,7 +15,7 @@ import skimage.data
 from PIL import Image
 
 import degsr.cli
-from degsr.data.shards import expand_shard_pattern, write_shards
+from degsr.data.shards import expand_shard_pattern, prepare_image, write_shards
 from degsr.errors import UserError
 
 SMALL = ["--min-bytes", "0", "--min-side", "16"]  # the skimage photos are small
@@ -300,3 +300,37 @@ def test_failed_run_keeps_previous_set(photos, tmp_path, monkeypatch):
     assert cli(photos["astronaut"], photos["coffee"], photos["chelsea"], photos["rocket"],
                photos["noise"], "--out", out, "--per-shard", 1, *SMALL) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temps, nothing replaced
+
+
+def _killed_on_rocket(path, **options):
+    """prepare_image, except that the worker given rocket dies as the OOM killer ends it."""
+    import os
+    import signal
+
+    if "rocket" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare_image(path, **options)
+
+
+def test_a_worker_killed_mid_run_is_one_line_not_a_hang(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("degsr.data.shards.prepare_image", _killed_on_rocket)
+    out = tmp_path / "out"
+    assert cli(tmp_path / "src", "--out", out, "--workers", 2, *SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers: a worker process died while preparing" in err, err
+    assert not list(out.glob("*.tar")) and not list(out.glob(".*"))  # no shard, no temp file
+
+
+def test_a_skipped_file_with_an_undecodable_name_is_listed_escaped(tmp_path):
+    """A name in a legacy encoding (Latin-1 bytes, as in old zips) that a size filter skips:
+    skipped.tsv lists it with the byte escaped, and the set is written."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(src / "good.png")
+    Image.fromarray(skimage.data.astronaut()[:8, :8]).save(
+        os.fsdecode(os.fsencode(str(src)) + b"/petit_caf\xe9.png"))
+    assert cli(src, "--out", tmp_path / "out", *SMALL) == 0
+    rows = (tmp_path / "out" / "skipped.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 2 and rows[1].startswith(f"{src}/petit_caf\\udce9.png\t"), rows

@@ -35,10 +35,12 @@ import itertools
 import json
 import os
 import re
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import Pool
 from pathlib import Path
 
 from degsr import console
@@ -142,7 +144,7 @@ def prepare_image(path: str, min_bytes: int = 0, min_side: int = 0, max_side: in
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:  # undecodable names
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -188,6 +190,31 @@ def _samples(images, results, summary: ShardSummary):
         yield {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8")}
 
 
+def _worker_signals() -> None:
+    """Pool workers leave Ctrl-C and SIGTERM to the main process (one line there instead of a
+    traceback per worker); a SIGTERM sent to a worker alone (an OOM killer) just ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _prepared(images: list, prep, workers: int, stack: ExitStack):
+    """``prep`` of every image, in order (the output does not depend on ``workers``); a worker
+    that dies (killed for memory) is a UserError naming where it happened, not a hang."""
+    if workers <= 1 or len(images) <= 1:
+        yield from map(prep, images)
+        return
+    pool = ProcessPoolExecutor(min(workers, len(images)), initializer=_worker_signals)
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    done = 0
+    try:
+        for result in pool.map(prep, images):
+            yield result
+            done += 1
+    except BrokenProcessPool:
+        raise UserError(f"--workers: a worker process died while preparing {images[done]} or an "
+                        "image after it (out of memory? try fewer --workers or --max-side)") from None
+
+
 def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_side: int = 384,
                  min_bytes: int = 100_000, max_side: int | None = None,
                  workers: int = 1) -> ShardSummary:
@@ -213,11 +240,8 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     temps: list[Path] = []
     try:
         with ExitStack() as stack:
-            if workers > 1 and len(images) > 1:  # imap is ordered: output does not depend on W
-                results = stack.enter_context(Pool(min(workers, len(images)))).imap(prep, images)
-            else:
-                results = map(prep, images)
-            results = console.progress(results, f"shards {name}", total=len(images), unit="img")
+            results = console.progress(_prepared(images, prep, workers, stack), f"shards {name}",
+                                       total=len(images), unit="img")
             samples = _samples(images, results, summary)
             for first in samples:  # one shard per pass; islice takes the rest from `samples`
                 start = summary.total - 1

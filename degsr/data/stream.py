@@ -50,6 +50,7 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
+from degsr import console
 from degsr.errors import UserError
 from degsr.io import any_pixel_count, rgb_array
 from degsr.seeding import derive_seed
@@ -208,6 +209,13 @@ class TrainStream(IterableDataset):
     def _crops(self, rng: random.Random, g: torch.Generator, counts: dict):
         """Endless ``(key, crop)`` pairs from shards picked at random; counts what it skips."""
         unusable = {"n_bad": 0, "n_small": 0}  # since the last usable sample
+        damaged: set[str] = set()  # shards named in the log already (each is drawn again and again)
+
+        def warn(url: str, what: str) -> None:
+            if url not in damaged:
+                damaged.add(url)
+                console.log.warning(f"data: shard {url} {what} at every visit (counted as one "
+                                    "bad sample)")
 
         def skip(kind: str):
             counts[kind] += 1
@@ -223,18 +231,21 @@ class TrainStream(IterableDataset):
 
         while True:
             url = self.urls[rng.randrange(len(self.urls))]
-            samples, empty = read_shard(url), True
+            samples, read = read_shard(url), 0
             while True:
                 try:
                     key, parts = next(samples)
                 except StopIteration:
-                    if empty:  # a valid but empty tar counts too, or this could spin forever
+                    if not read:  # a valid but empty tar counts too, or this could spin forever
+                        warn(url, "holds no sample: skipped")
                         skip("n_bad")
                     break
-                except Exception:  # noqa: BLE001 - damaged/unreadable shard: lose one sample
+                except Exception as e:  # noqa: BLE001 - damaged/unreadable shard: lose one sample
+                    warn(url, f"is damaged after {read} sample(s) ({type(e).__name__}: {e}): "
+                         "the rest of it is skipped")
                     skip("n_bad")
                     break
-                empty = False
+                read += 1
                 try:
                     img = decode_image(parts)
                 except ValueError:
