@@ -696,3 +696,37 @@ def test_a_worker_error_is_one_line_again():
     with pytest.raises(UserError) as info:
         next(iter(loader))
     assert str(info.value) == "data: shard x.tar is unusable (in DataLoader worker process 0)"
+
+
+def test_validation_crops_hold_one_source_image_at_a_time():
+    """val_crops lets each source image go before the next is decoded (512 photos of 12 MP held
+    at once were 17 GiB a rank); with fewer images than crops it decodes them again. The crops
+    are those of the rule written out: crop i of image i % m at positions drawn in order."""
+    import weakref
+
+    from degsr.data.stream import random_crop, reflect_pad
+    from degsr.data.validation import VAL_SEED, val_crops
+    from degsr.seeding import make_generator
+
+    class Image(np.ndarray):  # an ndarray that can be watched with a weak reference
+        pass
+
+    def make(k):
+        return np.random.default_rng(k).integers(0, 256, (300 - 9 * k, 280, 3), np.uint8)
+
+    alive, reloads = [], []
+
+    def images():
+        for k in range(5):
+            img = make(k).view(Image)
+            alive.append(weakref.ref(img))
+            assert sum(r() is not None for r in alive) == 1, k
+            yield img, lambda k=k: reloads.append(k) or make(k)
+            del img
+
+    got = val_crops(images(), 7, 256)
+    assert reloads == [0, 1]
+    g = make_generator(VAL_SEED)
+    want = [random_crop(reflect_pad(make(i % 5), 256), 256, g, flip=False) for i in range(7)]
+    assert torch.equal(got, torch.from_numpy(np.stack(want)).permute(0, 3, 1, 2))
+    assert val_crops(iter([]), 3, 256) is None

@@ -10,9 +10,11 @@ neither on ``val_batch_size`` nor on ``run.seed``: runs stay comparable.
 
 from __future__ import annotations
 
+import functools
 import re
 import tarfile
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,35 +34,57 @@ VAL_SEED = 2024_0601
 DEGRADE_CHUNK = 8
 
 
-def _images_from_shards(pattern: str, limit: int) -> list[np.ndarray]:
-    images = []
+def _images_from_shards(pattern: str, limit: int) -> Iterator[tuple[np.ndarray, Callable]]:
+    """The first ``limit`` decodable images of the shards, one at a time, each with a function
+    that decodes it again (by reading its shard anew: nothing is kept)."""
+    found = 0
     for url in expand_shard_pattern(pattern):
         try:
             for key, parts in read_shard(url):
                 try:
-                    images.append(decode_image(parts))
+                    img = decode_image(parts)
                 except ValueError as e:
                     console.log.warning("val: skipping %s in %s: %s", key, url, e)
-                if len(images) >= limit:
-                    return images
+                    continue
+                yield img, functools.partial(_decode_again, url, key)
+                found += 1
+                if found >= limit:
+                    return
         except (OSError, EOFError, ValueError, tarfile.TarError) as e:
             console.log.warning("val: shard %s is damaged, rest of it skipped: %s", url, e)
-    return images
 
 
-def _images_from_folder(folder: str, limit: int) -> list[np.ndarray]:
+def _decode_again(url: str, key: str) -> np.ndarray:
+    return decode_image(next(parts for k, parts in read_shard(url) if k == key))
+
+
+def _images_from_folder(folder: str, limit: int) -> Iterator[tuple[np.ndarray, Callable]]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"data.val_folder: {folder} is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    return [read_image(p).permute(1, 2, 0).numpy() for p in files]
+    for p in files:
+        reload = functools.partial(lambda p: read_image(p).permute(1, 2, 0).numpy(), p)
+        yield reload(), reload
 
 
-def val_crops(images: list[np.ndarray], n: int, size: int, seed: int = VAL_SEED) -> torch.Tensor:
-    """``n`` crops (n, 3, size, size) uint8, crop i from image i % len(images), fixed positions."""
+def val_crops(images: Iterable[tuple[np.ndarray, Callable]], n: int, size: int,
+              seed: int = VAL_SEED) -> torch.Tensor:
+    """``n`` crops (n, 3, size, size) uint8, crop i from image i % len(images), fixed positions.
+    ``images``: ``(image, reload)`` pairs, used one at a time and let go (512 validation photos
+    of 12 MP held at once were 17 GiB a rank); when there are fewer than ``n``, the later crops
+    decode theirs again with ``reload()``. None when there is no image."""
     g = make_generator(seed)
-    out = [random_crop(reflect_pad(images[i % len(images)], size), size, g, flip=False)
-           for i in range(n)]
+    out, reloads = [], []
+    for img, reload in images:
+        out.append(random_crop(reflect_pad(img, size), size, g, flip=False))
+        reloads.append(reload)
+        del img
+    if not out:
+        return None
+    for i in range(len(out), n):  # fewer images than crops: round again
+        out.append(random_crop(reflect_pad(reloads[i % len(reloads)](), size), size, g,
+                               flip=False))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -92,11 +116,11 @@ class SyntheticValSet(Dataset):
             images, source = _images_from_shards(data.val_shards, data.val_crops), "data.val_shards"
         else:
             images, source = _images_from_folder(data.val_folder, data.val_crops), "data.val_folder"
-        if not images:
+        crops = val_crops(images, data.val_crops, data.val_crop_size or data.crop_size)
+        if crops is None:
             where = data.val_shards or data.val_folder
             raise UserError(f"{source}: no readable images in {where}")
-        size = data.val_crop_size or data.crop_size
-        return cls(val_crops(images, data.val_crops, size), degradation)
+        return cls(crops, degradation)
 
     def __len__(self) -> int:
         return len(self.hr)
