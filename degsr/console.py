@@ -33,7 +33,11 @@ def setup(verbose: bool = False) -> None:
 
         for pattern in (r".*will save all targets and predictions in the buffer.*",
                         r".*LeafSpec.*is deprecated.*", r".*does not have many workers.*",
-                        r".*The number of training batches.*is smaller than the logging interval.*"):
+                        r".*The number of training batches.*is smaller than the logging interval.*",
+                        # stage 2 steps by hand and checkpoints after the step on purpose; its
+                        # frozen parts (VAE decoder, DINO, VGG) are in eval mode on purpose
+                        r"Using ModelCheckpoint with manual optimization.*",
+                        r"Found \d+ module\(s\) in eval mode at the start of training.*"):
             warnings.filterwarnings("ignore", message=pattern)
         quiet_lightning()
 

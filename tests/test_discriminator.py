@@ -61,8 +61,15 @@ def test_tiny_backbone_roundtrip_and_levels(tiny_folder):
 
 
 def test_missing_folder_and_wrong_type(tmp_path):
+    from pathlib import Path
+
+    from degsr.config import load_config
+
     with pytest.raises(UserError, match="disc.backbone.*not found.*nowhere"):
         load_backbone(tmp_path / "nowhere")
+    tiny = Path(__file__).resolve().parents[1] / "configs/sr_tiny.yaml"
+    with pytest.raises(UserError, match="disc.backbone: path does not exist"):  # at config time
+        load_config([tiny], [f"disc.backbone={tmp_path / 'nowhere'}"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no config.json"):
@@ -73,6 +80,32 @@ def test_missing_folder_and_wrong_type(tmp_path):
     with pytest.raises(UserError, match="disc.backbone.*dinov2.*'dinov2' model") as e:
         build_discriminator(DiscConfig(backbone=str(other)))
     assert "\n" not in str(e.value)
+
+
+def test_damaged_or_incomplete_backbone_weights_are_one_line(tiny_folder, tmp_path):
+    """As the base model's folder: a git-lfs pointer, a truncated file, or weights that lack
+    tensors (transformers would fill them with random values and go on) name disc.backbone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_folder / "model.safetensors"
+    full = weights.read_bytes()
+    tensors = load_file(weights)
+    cases = {"pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n",
+             "cut": full[:len(full) // 2], "lacking": None}
+    for name, data in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(tiny_folder, folder)
+        if data is None:
+            save_file({k: v for k, v in tensors.items() if ".layer.1." not in k},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            (folder / "model.safetensors").write_bytes(data)
+        with pytest.raises(UserError, match=r"^disc\.backbone: ") as e:
+            load_backbone(folder)
+        assert "\n" not in str(e.value) and str(folder) in str(e.value), (name, str(e.value))
+    assert load_backbone(tiny_folder).config.model_type == "vit"
 
 
 def test_bad_levels_and_size(tiny_folder):

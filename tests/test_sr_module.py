@@ -140,6 +140,22 @@ def test_adapter_errors_name_the_file(tmp_path):
         load_adapter(tmp_path)
 
 
+def test_an_adapter_on_another_base_names_the_base_it_was_trained_on(tmp_path):
+    """A base whose layers have other shapes: the error names the adapter's own base folder."""
+    from degsr.errors import UserError
+    from degsr.sr.config import LoraConfig, ModelConfig
+    from degsr.sr.model import SRModel
+    from degsr.sr.tiny_folder import save_tiny_pretrained
+
+    ours = save_tiny_pretrained(tmp_path / "ours")
+    other = save_tiny_pretrained(tmp_path / "other", unet={"block_out_channels": [32, 32, 64, 96]})
+    net = SRModel(ModelConfig(pretrained=str(ours)), LoraConfig())
+    save_adapter(net, tmp_path / "adapter", extra={"scale": 4, "base": "ours"})
+    with pytest.raises(UserError, match=r"match the base model .*; it was trained on the base "
+                                        rf"folder 'ours', this is {other}$"):
+        load_adapter(tmp_path / "adapter", str(other))
+
+
 def test_adapter_json_is_checked_and_a_loaded_net_saves_the_same_adapter(tmp_path, monkeypatch):
     """A malformed adapter.json is one line naming it (they were KeyError / TypeError); an
     adapter trained on a base folder refuses to load without one (it ran on random weights);

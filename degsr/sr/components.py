@@ -145,7 +145,8 @@ def _quiet_libraries():
                 lib.enable_progress_bar()
 
 
-def _load(what: str, root: Path, fn, weights: bool = False, **kw):
+def load_local(what: str, root: Path, fn, weights: bool = False, key: str = "model.pretrained",
+               **kw):
     """``fn`` on ``root/what`` (local files only), any failure a one-line UserError naming the
     folder: a truncated or git-lfs-pointer weights file, a corrupt tokenizer, a bad config.
     ``weights``: a model whose weights file lacks tensors is an error too (diffusers and
@@ -154,20 +155,21 @@ def _load(what: str, root: Path, fn, weights: bool = False, **kw):
     folder = root / what
     if weights:
         kw["output_loading_info"] = True
-        if check_weights(folder):
+        if check_weights(folder, key):
             kw["variant"] = "fp16"
     try:
         with _quiet_libraries():  # their load reports and warnings: we say what matters once
             out = fn(str(root), subfolder=what, local_files_only=True, **kw)
     except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and hub errors have own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.pretrained: cannot load {what}/ from {root}: {first}") from None
+        where = f"{what}/ from {root}" if what else f"the model in {root}"
+        raise UserError(f"{key}: cannot load {where}: {first}") from None
     if not weights:
         return out
     model, info = out
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
     if missing:
-        raise UserError(f"model.pretrained: the weights in {folder} lack {len(missing)} tensor(s) "
+        raise UserError(f"{key}: the weights in {folder} lack {len(missing)} tensor(s) "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an "
                         "incomplete download, or weights of another model")
     return model
@@ -187,17 +189,17 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
 
     root = Path(model.pretrained).expanduser()
     check_pretrained_folder(root, model.timestep)
-    tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
+    tokenizer = load_local("tokenizer", root, CLIPTokenizer.from_pretrained)
     # float32 weights: SD 2.x configs say float16, which transformers >= 5 would load them as
-    text_encoder = _load("text_encoder", root, CLIPTextModel.from_pretrained, True,
+    text_encoder = load_local("text_encoder", root, CLIPTextModel.from_pretrained, True,
                          **{_dtype_key(): torch.float32}).float().eval()
     embeds = encode_prompts(tokenizer, text_encoder, [model.pos_prompt, model.neg_prompt])
     del text_encoder, tokenizer                       # only the two embeddings are ever needed
     # DDPM from the folder's config whatever its class (sd-turbo ships Euler's): only the
     # training schedule (alphas_cumprod) is used.
-    scheduler = _load("scheduler", root, DDPMScheduler.from_pretrained)
-    unet = _load("unet", root, UNet2DConditionModel.from_pretrained, True, torch_dtype=dtype)
-    vae = _load("vae", root, AutoencoderKL.from_pretrained, True, torch_dtype=dtype)
+    scheduler = load_local("scheduler", root, DDPMScheduler.from_pretrained)
+    unet = load_local("unet", root, UNet2DConditionModel.from_pretrained, True, torch_dtype=dtype)
+    vae = load_local("vae", root, AutoencoderKL.from_pretrained, True, torch_dtype=dtype)
     return unet, vae, scheduler, embeds
 
 

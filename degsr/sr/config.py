@@ -101,9 +101,10 @@ class DiscConfig(Checked):
     ``color,translation,cutout``. The GAN loss weight lives in the stage config.
     """
 
-    backbone: Optional[str] = plain(None, "local transformers folder of a ViT (e.g. "
-                                    "facebook/dino-vitb16 saved with save_pretrained); None = "
-                                    "random weights of `arch` (tests / benchmarks only)")
+    backbone: Optional[str] = existing_path(None, "local transformers folder of a ViT (e.g. "
+                                            "facebook/dino-vitb16 saved with save_pretrained); "
+                                            "None = random weights of `arch` (tests / benchmarks "
+                                            "only)")
     arch: str = choice("tiny", ["tiny", "dino-vitb16"], "backbone built when `backbone` is None: "
                        "tiny (random 32-wide ViT) or dino-vitb16 (the ViT-B/16 layout, random)")
     levels: List[int] = plain([5, 9, 12], "1-based transformer blocks whose (final-LayerNorm-ed) "

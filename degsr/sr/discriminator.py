@@ -84,8 +84,8 @@ def save_tiny_backbone(folder, image_size: int = 64, seed: int = 0, **overrides)
 def load_backbone(folder) -> nn.Module:
     """A transformers ViT (``model_type: vit``, e.g. facebook/dino-vitb16) from a local folder.
 
-    UserError (one line, naming the folder) when it is missing, holds no config, or holds another
-    model type.
+    UserError (one line, naming the folder) when it is missing, holds no config, holds another
+    model type, or weights that are damaged or lack tensors.
     """
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -102,11 +102,11 @@ def load_backbone(folder) -> nn.Module:
         raise UserError(f"disc.backbone: {folder} holds a {model_type!r} model; expected a ViT "
                         "(model_type 'vit', e.g. facebook/dino-vitb16)")
     from transformers import ViTModel
-    try:
-        return ViTModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
-    except (OSError, ValueError) as exc:
-        msg = " ".join(str(exc).split())
-        raise UserError(f"disc.backbone: cannot load the ViT in {folder}: {msg}") from None
+
+    from degsr.sr.components import load_local
+    # as the base model's folder: damaged weights files, missing tensors: one line; quiet
+    return load_local("", path, ViTModel.from_pretrained, True, key="disc.backbone",
+                      add_pooling_layer=False)
 
 
 def build_backbone(cfg: DiscConfig) -> nn.Module:

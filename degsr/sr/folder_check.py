@@ -105,7 +105,7 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
 LFS_POINTER = b"version https://git-lfs"
 
 
-def check_weights_file(path: Path) -> None:
+def check_weights_file(path: Path, key: str = "model.pretrained") -> None:
     """A weights file that is a git-lfs pointer (a clone without git-lfs), or a safetensors file
     whose header does not parse or whose tensors run past its end (an interrupted download):
     one line naming the file."""
@@ -114,7 +114,7 @@ def check_weights_file(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(8)
             if (head + f.read(len(LFS_POINTER) - 8)).startswith(LFS_POINTER):
-                raise UserError(f"model.pretrained: {path} is a git-lfs pointer, not the weights "
+                raise UserError(f"{key}: {path} is a git-lfs pointer, not the weights "
                                 f"(cloned without git-lfs: run `git lfs pull` in the model folder)")
             if path.suffix != ".safetensors":
                 return
@@ -122,30 +122,30 @@ def check_weights_file(path: Path) -> None:
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
     except OSError as e:
-        raise UserError(f"model.pretrained: cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"{key}: cannot read {path}: {e.strerror or e}") from None
     except ValueError:
         header = None
     if not isinstance(header, dict):
-        raise UserError(f"model.pretrained: {path} is not a readable safetensors file (its header "
+        raise UserError(f"{key}: {path} is not a readable safetensors file (its header "
                         f"does not parse): a damaged or incomplete download")
     end = 8 + n + max((int(t["data_offsets"][1]) for k, t in header.items()
                        if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t),
                       default=0)
     if size < end:
-        raise UserError(f"model.pretrained: {path} is truncated ({size} of {end} bytes): an "
+        raise UserError(f"{key}: {path} is truncated ({size} of {end} bytes): an "
                         "incomplete download")
 
 
-def check_weights(folder: Path) -> bool:
+def check_weights(folder: Path, key: str = "model.pretrained") -> bool:
     """Check the weights files a library will read from ``folder`` (:func:`check_weights_file`);
     return whether that is the fp16 variant (``*.fp16.*`` files only, as a hub download with
     ``variant="fp16"`` leaves). Safetensors are read when there are any: a ``.bin`` beside them
     may be a git-lfs pointer left by ``git lfs pull --include "*.safetensors"``."""
     files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
     if not files:
-        raise UserError(f"model.pretrained: {folder} has no weights file (*.safetensors or *.bin)")
+        raise UserError(f"{key}: {folder} has no weights file (*.safetensors or *.bin)")
     fp16 = all(".fp16." in p.name for p in files)
     variant = [p for p in files if (".fp16." in p.name) == fp16]
     for path in [p for p in variant if p.suffix == ".safetensors"] or variant:
-        check_weights_file(path)
+        check_weights_file(path, key)
     return fp16

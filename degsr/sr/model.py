@@ -172,13 +172,15 @@ def load_adapter(path, pretrained: str | None = None, device="cpu", dtype=torch.
         raise UserError(f"{folder / 'adapter.safetensors'}: unreadable ({type(e).__name__}: {e})")
     expected = set(net.trainable_state())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
+    base = (f"; it was trained on the base folder '{meta['base']}', this is {pretrained}"
+            if meta.get("base") and pretrained else "")
     if missing or unexpected:
         raise UserError(f"{folder / 'adapter.safetensors'}: does not match the base model "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}){base}")
     try:
         net.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise UserError(f"{folder / 'adapter.safetensors'}: shapes do not match the base model "
-                        f"({str(e).splitlines()[-1].strip()})")
+                        f"({str(e).splitlines()[-1].strip()}){base}")
     net.eval().requires_grad_(False)
     return net, meta
