@@ -730,3 +730,163 @@ def test_validation_crops_hold_one_source_image_at_a_time():
     want = [random_crop(reflect_pad(make(i % 5), 256), 256, g, flip=False) for i in range(7)]
     assert torch.equal(got, torch.from_numpy(np.stack(want)).permute(0, 3, 1, 2))
     assert val_crops(iter([]), 3, 256) is None
+
+
+def test_random_crop_positions_are_uniform_and_half_are_flipped():
+    """Over many draws every one of the (h - s + 1)(w - s + 1) positions comes up about equally
+    often (binomial bounds), top and left independently, and with ``flip`` about half the crops
+    are mirrored (never without it). Each pixel of the image encodes its own (row, column), so a
+    crop tells where it came from and whether it was flipped."""
+    from degsr.data.stream import random_crop
+
+    h, w, s, n = 10, 12, 8, 3000
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0], img[..., 1] = np.arange(h)[:, None], np.arange(w)[None, :]
+    for flip in (True, False):
+        g = torch.Generator().manual_seed(11)
+        counts, flips = np.zeros((h - s + 1, w - s + 1)), 0
+        for _ in range(n):
+            c = random_crop(img, s, g, flip=flip)
+            top, left = int(c[0, 0, 0]), int(c[0, :, 1].min())
+            mirrored = c[0, 0, 1] > c[0, -1, 1]
+            want = img[top:top + s, left:left + s]
+            assert np.array_equal(c, want[:, ::-1] if mirrored else want)
+            counts[top, left] += 1
+            flips += int(mirrored)
+        p = 1 / counts.size
+        assert np.abs(counts - n * p).max() < 5 * np.sqrt(n * p * (1 - p)), counts
+        if flip:
+            assert abs(flips / n - 0.5) < 5 * np.sqrt(0.25 / n)
+        else:
+            assert flips == 0
+
+
+@pytest.mark.parametrize("h, w, size", [(2, 3, 5), (5, 9, 8), (7, 4, 7), (1, 6, 4)])
+def test_reflect_pad_centres_the_image(h, w, size):
+    """reflect_pad against an index loop: output pixel (i, j) is the input at the mirrored
+    (i - ph // 2, j - pw // 2), ph = size - h split with the smaller half on top/left; reflect
+    mirrors without repeating the edge (symmetric, repeating it, for a 1-pixel side)."""
+    img = np.random.default_rng(h * 10 + w).integers(0, 256, (h, w, 3), np.uint8)
+    ph, pw = max(0, size - h), max(0, size - w)
+
+    def mirror(k: int, n: int) -> int:
+        if n == 1:
+            return 0
+        period = 2 * (n - 1)
+        k %= period
+        return k if k < n else period - k
+
+    out = reflect_pad(img, size)
+    assert out.shape == (h + ph, w + pw, 3)
+    for i in range(h + ph):
+        for j in range(w + pw):
+            assert np.array_equal(out[i, j], img[mirror(i - ph // 2, h), mirror(j - pw // 2, w)]), (i, j)
+
+
+def test_an_image_with_one_side_under_the_crop_is_small(tmp_path):
+    """The crop needs both sides: an image 100 x 40 (one side under the 64 crop) is skipped with
+    small_images=skip (counted in n_small) and padded with pad, like one smaller on both."""
+    narrow = np.random.default_rng(4).integers(0, 256, (100, 40, 3), np.uint8)
+    good = np.random.default_rng(5).integers(0, 256, (80, 90, 3), np.uint8)
+    tar = _tar(tmp_path / "mixed.tar", [("00000000_narrow", {"png": _png(narrow)}),
+                                        ("00000001_good", {"png": _png(good)})])
+    batches = list(stream([tar], small_images="skip", batches_per_epoch=3))
+    assert {k for b in batches for k in b["keys"]} == {"00000001_good"}
+    assert sum(int(b["n_small"]) for b in batches) >= 3
+    padded = list(stream([tar], small_images="pad", batches_per_epoch=3))
+    assert "00000000_narrow" in {k for b in padded for k in b["keys"]}
+    assert all(b["hr"].shape == (2, 3, CROP, CROP) for b in padded)
+
+
+def test_shuffle_buffer_yields_a_uniform_pick_of_what_it_holds():
+    """With a buffer of B items, the first item out is any of the first B read with probability
+    1/B (over seeds; binomial bounds), and every item comes out at most once."""
+    B, n_items, seeds = 4, 10, 2000
+    s = stream(["unused.tar"], shuffle_buffer=B)
+    first = np.zeros(n_items)
+    for seed in range(seeds):
+        out = list(s._shuffled(iter(range(n_items)), __import__("random").Random(seed)))
+        assert len(out) == n_items - B and len(set(out)) == len(out)
+        first[out[0]] += 1
+    assert first[B:].sum() == 0
+    p = 1 / B
+    assert np.abs(first[:B] - seeds * p).max() < 5 * np.sqrt(seeds * p * (1 - p)), first
+
+
+def test_training_degradations_differ_per_rank_and_follow_the_documented_seed():
+    """Batch t of rank r is degraded with make_generator(seed, 1000 + r, t): the same HR batch
+    gives other LRs on another rank, and exactly those of a Degrader called with that generator."""
+    from degsr.degradation.pipeline import Degrader
+    from degsr.seeding import make_generator
+
+    hr = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, CROP, CROP), np.uint8))
+    cfg = DegradationConfig(blur_label="params", noise_label="params")  # the LR only: no probes
+    lrs = {}
+    for rank in (0, 1):
+        dm = SRDataModule(data_cfg(), cfg, seed=3)
+        dm.trainer = fake_trainer(rank=rank, world_size=1)
+        raw = {"hr": hr, "keys": ["a", "b"], "n_bad": torch.tensor(0), "n_small": torch.tensor(0),
+               "n_read": torch.tensor(2)}
+        out = dm.on_after_batch_transfer(dm.on_before_batch_transfer(raw, 0), 0)  # batch t = 0
+        want = Degrader(cfg)(hr.float() / 255, make_generator(3, 1000 + rank, 0))
+        assert torch.equal(out["lr"], want["lr"])
+        lrs[rank] = out["lr"]
+    assert not torch.equal(lrs[0], lrs[1])
+
+
+def test_bad_fraction_at_the_ceiling_is_allowed():
+    """'above max_bad_fraction' stops training: exactly at it does not, one more bad sample
+    does; nothing is checked before min_samples_for_bad_check samples were read."""
+    dm = SRDataModule(data_cfg(min_samples_for_bad_check=100, max_bad_fraction=0.25),
+                      DegradationConfig())
+    dm.check_quality(100, 25)
+    dm.check_quality(99, 99)
+    with pytest.raises(UserError, match="max_bad_fraction=0.25"):
+        dm.check_quality(100, 26)
+    with pytest.raises(UserError, match="max_bad_fraction=0.25"):
+        dm.check_quality(100, 100)
+
+
+def test_validation_crops_cycle_over_the_images_unflipped():
+    """The fixed synthetic set: crop i is an unmirrored window of image i % len(images) (pixels
+    encode their image, row and column, so a mirrored crop reads right to left)."""
+    from degsr.data.validation import val_crops
+
+    imgs = []
+    for k, (h, w) in enumerate(((70, 90), (80, 66))):
+        img = np.full((h, w, 3), k, np.uint8)
+        img[..., 0], img[..., 1] = np.arange(h)[:, None], np.arange(w)[None, :]
+        imgs.append(img)
+    crops = val_crops([(im, lambda im=im: im) for im in imgs], 16, 64).permute(0, 2, 3, 1).numpy()
+    for i, c in enumerate(crops):
+        top, left = int(c[0, 0, 0]), int(c[0, 0, 1])
+        assert np.array_equal(c, imgs[i % 2][top:top + 64, left:left + 64]), i
+
+
+def test_validation_folder_images_are_taken_in_sorted_order(tmp_path):
+    """val_folder: the first val_crops images in sorted path order (not directory order)."""
+    from degsr.data.validation import _images_from_folder
+
+    for name, value in (("b.png", 20), ("a.png", 10), ("sub/c.png", 30), ("0.png", 5)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _save(np.full((8, 8, 3), value, np.uint8), tmp_path / name)
+    got = [int(im[0, 0, 0]) for im, _ in _images_from_folder(str(tmp_path), 3)]
+    assert got == [5, 10, 20]  # 0.png, a.png, b.png; sub/c.png is fourth
+
+
+def test_synthetic_val_chunks_each_take_their_own_generator():
+    """Crops are degraded in chunks of DEGRADE_CHUNK, chunk c with make_generator(VAL_SEED, c)
+    (a plain Degrader call per chunk here): later chunks do not repeat the first one's draws."""
+    from degsr.data.validation import DEGRADE_CHUNK, VAL_SEED
+    from degsr.degradation.pipeline import Degrader
+    from degsr.seeding import make_generator
+
+    n = DEGRADE_CHUNK + 2
+    hr = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (n, 3, 32, 32), np.uint8))
+    cfg = DegradationConfig(blur_label="params", noise_label="params")  # the LR only: no probes
+    lr = _val_items(SyntheticValSet(hr, cfg))["lr"]
+    deg = Degrader(cfg)
+    for c, start in enumerate(range(0, n, DEGRADE_CHUNK)):
+        chunk = hr[start:start + DEGRADE_CHUNK].float() / 255
+        want = deg(chunk, make_generator(VAL_SEED, c))["lr"]
+        assert torch.equal(lr[start:start + DEGRADE_CHUNK], want), c

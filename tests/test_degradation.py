@@ -430,3 +430,283 @@ def test_measured_blur_label_reads_the_draw_not_the_crop():
     measured = deg(hr, gen(9))
     assert torch.equal(modelled["lr"], measured["lr"])
     assert torch.equal(modelled["scores"][:, 1], measured["scores"][:, 1])
+
+
+def test_resize_factors_follow_the_up_down_keep_rule():
+    """Real-ESRGAN's resize: with resize_probs (up, down, keep) a factor from U[1, hi], U[lo, 1]
+    or exactly 1, per sample: fractions within binomial bounds of the probabilities, and each
+    kind's factors spread uniformly over its own interval (mean and range)."""
+    n, probs, span = 6000, [0.2, 0.7, 0.1], (0.3, 1.5)
+    scale, kind = ops.scale_factors(gen(4), n, probs, span)
+    scale = scale.double()
+    for k, (p, lo, hi) in enumerate(zip(probs, (1.0, span[0], 1.0), (span[1], 1.0, 1.0))):
+        sel = scale[kind == k]
+        assert abs(len(sel) / n - p) < 5 * math.sqrt(p * (1 - p) / n), (k, len(sel) / n)
+        assert sel.min() >= lo and sel.max() <= hi
+        if hi > lo:  # U[lo, hi]: mean (lo + hi) / 2, std (hi - lo) / sqrt(12)
+            assert abs(sel.mean() - (lo + hi) / 2) < 5 * (hi - lo) / math.sqrt(12 * len(sel))
+            assert sel.min() < lo + 0.02 * (hi - lo) and sel.max() > hi - 0.02 * (hi - lo)
+    assert abs((scale > 1).double().mean() - probs[0]) < 5 * math.sqrt(0.16 / n)
+    assert abs((scale < 1).double().mean() - probs[1]) < 5 * math.sqrt(0.21 / n)
+
+
+def test_sinc_counts_as_the_gaussian_halving_at_its_cutoff():
+    """A sinc of cut-off ω counts as the Gaussian whose frequency response exp(-σ²ω²/2) is 1/2
+    at ω (σ found by bisection here, no closed form), in blur_std_lr for a first-round sinc
+    and for the final sinc (which acts on the LR: σ x scale in HR pixels)."""
+    from scipy.optimize import brentq
+
+    def halving_sigma(w):
+        return brentq(lambda s: math.exp(-(s * w) ** 2 / 2) - 0.5, 1e-6, 100.0, xtol=1e-14)
+
+    w1, wf = 1.2, 2.0
+    p = _hand_params(blur1_omega_c=w1, final_sinc=True, final_omega_c=wf)
+    # var_HR = σ1² + (0.5/0.5)² + (σf·4)² + the box of resolution 1/4
+    expected = math.sqrt(halving_sigma(w1) ** 2 + 1 + (halving_sigma(wf) * 4) ** 2 + 16 / 12) / 4
+    assert blur_std_lr(p, 4).item() == pytest.approx(expected, rel=1e-6)
+
+
+ROUND_CFGS = {
+    "first": dict(blur_prob=0.9, gaussian_noise_prob=0.3, gray_noise_prob=0.2, noise_sigma=[1, 5],
+                  poisson_scale=[0.1, 0.5], jpeg_quality=[30, 50], resize_range=[0.3, 1.5],
+                  resize_probs=[0.2, 0.7, 0.1], blur_sigma=[0.2, 1.0], sinc_prob=0.0,
+                  resize_modes=["area", "bilinear", "bicubic"]),
+    "second": dict(blur_prob=0.4, gaussian_noise_prob=0.7, gray_noise_prob=0.6, noise_sigma=[10, 20],
+                   poisson_scale=[1, 3], jpeg_quality=[70, 95], resize_range=[0.6, 1.2],
+                   resize_probs=[0.5, 0.2, 0.3], blur_sigma=[2.0, 3.0], sinc_prob=0.0,
+                   resize_modes=["area", "bicubic"]),
+}
+
+
+def test_every_parameter_is_drawn_per_sample_from_its_own_round():
+    """One call of ``sample``: each round's flags have their own round's probabilities and its
+    continuous parameters fill their own round's ranges uniformly (two rounds with disjoint
+    ranges), sample by sample: binomial bounds on the fractions, mean and std of U[lo, hi]."""
+    from degsr.degradation.resize import RESIZE_MODES
+
+    def fmt(v):
+        return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+    keys = [f"degradation.{r}.{k}={fmt(v)}" for r, c in ROUND_CFGS.items() for k, v in c.items()]
+    keys += ["degradation.final_sinc_prob=0.3", "degradation.no_degradation_prob=0.2",
+             "degradation.final_resize_modes=[bilinear,bicubic]"]
+    n = 600
+    p = Degrader(preset("s3diff", *keys)).sample(n, gen(12))["params"]
+
+    def fraction(name, prob):
+        got = p[name].double().mean().item()
+        assert abs(got - prob) < 5 * math.sqrt(prob * (1 - prob) / n), (name, got, prob)
+
+    def uniform(values, lo, hi, name):
+        v = values.double()
+        assert v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4, name
+        sd = (hi - lo) / math.sqrt(12)
+        assert abs(v.mean().item() - (lo + hi) / 2) < 5 * sd / math.sqrt(len(v)), name
+        assert abs(v.std().item() / sd - 1) < 0.1, name
+
+    for i, (r, c) in enumerate(ROUND_CFGS.items(), start=1):
+        fraction(f"blur{i}_applied", c["blur_prob"])
+        fraction(f"noise{i}_gaussian", c["gaussian_noise_prob"])
+        fraction(f"noise{i}_gray", c["gray_noise_prob"])
+        uniform(p[f"noise{i}_sigma"], *c["noise_sigma"], f"noise{i}_sigma")
+        uniform(p[f"noise{i}_poisson_scale"], *c["poisson_scale"], f"noise{i}_poisson_scale")
+        uniform(p[f"jpeg{i}_quality"], *c["jpeg_quality"], f"jpeg{i}_quality")
+        uniform(p[f"blur{i}_sigma_x"], *c["blur_sigma"], f"blur{i}_sigma_x")
+        s = p[f"resize{i}_scale"].double()
+        assert s.min() >= c["resize_range"][0] - 1e-6 and s.max() <= c["resize_range"][1] + 1e-6
+        up, down, keep = c["resize_probs"]
+        for mask, prob in ((s > 1, up), (s < 1, down), (s == 1, keep)):
+            got = mask.double().mean().item()
+            assert abs(got - prob) < 5 * math.sqrt(prob * (1 - prob) / n), (r, got, prob)
+        modes = [RESIZE_MODES.index(m) for m in c["resize_modes"]]
+        for m in range(len(RESIZE_MODES)):
+            want = 1 / len(modes) if m in modes else 0.0
+            got = (p[f"resize{i}_mode"] == m).double().mean().item()
+            assert abs(got - want) < 5 * math.sqrt(want * (1 - want) / n) + 1e-12, (r, m, got)
+    fraction("final_jpeg_first", 0.5)
+    fraction("final_sinc", 0.3)
+    fraction("clean", 0.2)
+    assert set(p["final_mode"].tolist()) == {RESIZE_MODES.index("bilinear"), RESIZE_MODES.index("bicubic")}
+    bicubic = (p["final_mode"] == RESIZE_MODES.index("bicubic")).double().mean().item()
+    assert abs(bicubic - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+def _resizes_and_jpegs_only(n: int, s2: float, q1: float, q2: float, jpeg_first) -> tuple:
+    """(degrader, draw) reduced to resizes and JPEGs: no blur, Gaussian noise of 0, no sinc,
+    resize 1 at factor 1, resize 2 to ``s2`` x the LR size and the final one to the LR size,
+    all by area; JPEG qualities ``q1``, ``q2``, ``final_jpeg_first`` as given."""
+    from degsr.degradation.resize import RESIZE_MODES
+
+    deg = Degrader(preset("s3diff", "degradation.blur_label=params", "degradation.noise_label=params"))
+    draw = deg.sample(n, gen(8))
+    p, on, off = draw["params"], torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    area = torch.full((n,), RESIZE_MODES.index("area"))
+    p.update(blur1_applied=off, blur2_applied=off, resize1_scale=torch.ones(n), resize1_mode=area,
+             resize2_scale=torch.full((n,), s2), resize2_mode=area, final_mode=area,
+             noise1_gaussian=on, noise2_gaussian=on, noise1_sigma=torch.zeros(n),
+             noise2_sigma=torch.zeros(n), jpeg1_quality=torch.full((n,), q1),
+             jpeg2_quality=torch.full((n,), q2), final_sinc=off, clean=off,
+             final_jpeg_first=torch.as_tensor(jpeg_first))
+    return deg, _no_final_filter(draw)
+
+
+def _closer_to_own(lr, own, other):
+    """Each LR is its own reference up to one quantisation step (a q100 JPEG is ~lossless) and
+    much further from the other."""
+    for b in range(lr.shape[0]):
+        err = (lr[b] - own[b]).abs()
+        assert err.max() <= 1.01 / 255 and err.mean() < 0.1 / 255, b
+        assert (lr[b] - other[b]).abs().mean() > 1 / 255, b
+
+
+def test_final_jpeg_order_is_per_sample():
+    """Resize 2 to twice the LR size, final JPEG at 20: a sample with final_jpeg_first is coded
+    at 2x the LR size and then averaged 2 x 2, the others averaged and then coded (references:
+    F.avg_pool2d and the codec, composed in each order)."""
+    from degsr.degradation.jpeg import jpeg
+
+    order = [True, False, True, False]
+    deg, draw = _resizes_and_jpegs_only(4, 2.0, 100.0, 20.0, order)
+    hr = photos(4, 64, seed=3)
+    lr = deg.apply(hr, draw, gen(9))["lr"]
+    q20, mid = torch.full((4,), 20.0), F.avg_pool2d(hr, 2)  # resize 2: 64 -> 32
+    first = (F.avg_pool2d(jpeg(mid, q20), 2) * 255).round() / 255
+    last = (jpeg(F.avg_pool2d(mid, 2), q20) * 255).round() / 255
+    pick = torch.tensor(order).view(-1, 1, 1, 1)
+    _closer_to_own(lr, torch.where(pick, first, last), torch.where(pick, last, first))
+
+
+def test_first_round_jpeg_codes_at_the_resized_size():
+    """Round 1 codes its JPEG after resize 1 (here at HR size): at quality 20 and with the rest
+    nearly lossless: resize 2 back to HR size, JPEG 2 at 100 there), the LR is the 4 x 4
+    average of the twice coded HR, far from that of the HR coded at 100 only."""
+    from degsr.degradation.jpeg import jpeg
+
+    deg, draw = _resizes_and_jpegs_only(3, 4.0, 20.0, 100.0, [True, True, True])
+    hr = photos(3, 64, seed=4)
+    lr = deg.apply(hr, draw, gen(9))["lr"]
+    q20, q100 = torch.full((3,), 20.0), torch.full((3,), 100.0)
+    coded = (F.avg_pool2d(jpeg(jpeg(hr, q20), q100), 4) * 255).round() / 255
+    _closer_to_own(lr, coded, (F.avg_pool2d(jpeg(hr, q100), 4) * 255).round() / 255)
+
+
+def test_no_degradation_lr_is_taken_from_hr_not_the_sharpened_target():
+    """With USM on (realesrgan), a clean sample's LR is the clean downsample of the HR crop as
+    given, not of the sharpened training target."""
+    hr = photos(3, 64)
+    out = Degrader(preset("realesrgan", "degradation.no_degradation_prob=1"))(hr, gen(0))
+    assert not torch.equal(out["gt"], hr)
+    ref = F.interpolate(hr.double(), size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    ref = (ref * 255).round().clamp(0, 255) / 255
+    torch.testing.assert_close(out["lr"].double(), ref, rtol=0, atol=1.01 / 255)
+    assert (out["lr"].double() - ref).abs().mean() < 0.05 / 255
+
+
+def test_batch_generator_is_distinct_per_rank_and_batch():
+    """batch_generator(module, purpose) seeds from (seed, purpose + rank, batch index): every
+    rank draws its own stream at a batch, each batch its own, and the same (rank, batch) again
+    the same stream (compared with numbers drawn from generators seeded by derive_seed)."""
+    from types import SimpleNamespace
+
+    from degsr.seeding import batch_generator, derive_seed
+
+    def module(rank, index):
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=index))
+        return SimpleNamespace(seed=5, global_rank=rank, _trainer=SimpleNamespace(fit_loop=loop))
+
+    draws = {}
+    for rank in (0, 1, 2):
+        for index in (0, 1, 7):
+            got = torch.rand(16, generator=batch_generator(module(rank, index), 3000))
+            want = torch.rand(16, generator=torch.Generator().manual_seed(derive_seed(5, 3000 + rank, index)))
+            assert torch.equal(got, want), (rank, index)
+            draws[rank, index] = got
+    keys = list(draws)
+    assert all(not torch.equal(draws[a], draws[b]) for i, a in enumerate(keys) for b in keys[i + 1:])
+    # outside fit (no trainer): batch index 0
+    outside = SimpleNamespace(seed=5, global_rank=1, _trainer=None)
+    assert torch.equal(torch.rand(16, generator=batch_generator(outside, 3000)), draws[1, 0])
+
+
+def test_blur_box_term_never_below_the_final_downsample():
+    """The box blur of the coarsest resolution is at least that of the final 1/scale: an image
+    resized up in round 2 (s1 = 1, s2 = 2: coarsest 1/2) still counts the box of 1/4."""
+    p = _hand_params(resize1_scale=1.0, resize2_scale=2.0)
+    # var_HR = 1² + (0.5/1)² + box(1/4) = 1 + 0.25 + 16/12
+    assert blur_std_lr(p, 4).item() == pytest.approx(math.sqrt(1 + 0.25 + 16 / 12) / 4, rel=1e-6)
+
+
+# the s3diff preset's bounds, by hand (scores module docstring): a Poisson draw counts as its
+# std at mid-grey, scale·sqrt(0.5/256)·255 in 1/255 units
+POISSON_AT_1 = math.sqrt(0.5 / 256) * 255
+S3DIFF_NOISE_WORST = math.hypot(max(15.0, 2.0 * POISSON_AT_1) / max(1.0, 0.3 * 4),
+                                max(12.0, 1.0 * POISSON_AT_1))
+S3DIFF_JPEG_SPAN = 100.0 - min(60.0, 60.0)
+
+
+def test_noise_score_closed_form():
+    """The modelled noise score of hand-made draws against the docstring's model written out:
+    round 1 averaged down by max(1, s1·scale), round 2 by max(1, s2), noise stds in quadrature
+    over the preset's worst; the stronger JPEG, the final one attenuated only when coded before
+    the final resize; noise = (a + b) / 2."""
+    cfg = preset("s3diff")
+    # A: Poisson 1.0 in round 1 at s1 = 0.2 (k1 = max(1, 0.8) = 1), Gaussian 6 in round 2 at
+    # s2 = 2 (k2 = 2); JPEG 95 then 60 coded before the final resize (attenuated by k2 = 2)
+    a = _hand_params(noise1_gaussian=False, noise1_poisson_scale=1.0, resize1_scale=0.2,
+                     noise2_sigma=6.0, resize2_scale=2.0, jpeg1_quality=95.0, jpeg2_quality=60.0,
+                     final_jpeg_first=True)
+    noise = math.sqrt(POISSON_AT_1 ** 2 + (6.0 / 2) ** 2) / S3DIFF_NOISE_WORST
+    jpeg = max(5 / S3DIFF_JPEG_SPAN, 40 / S3DIFF_JPEG_SPAN / 2)
+    assert degradation_scores(a, cfg)[0, 1].item() == pytest.approx((noise + jpeg) / 2, rel=1e-5)
+    # B: s1 = 0.75 (k1 = 3): Gaussian 9 and JPEG 60 of round 1 a third as visible; JPEG 2 at
+    # 100 (none), after the final resize (never attenuated), s2 = 1
+    b = _hand_params(noise1_sigma=9.0, resize1_scale=0.75, noise2_sigma=1.5, jpeg1_quality=60.0,
+                     jpeg2_quality=100.0, final_jpeg_first=False)
+    noise = math.sqrt((9.0 / 3) ** 2 + 1.5 ** 2) / S3DIFF_NOISE_WORST
+    jpeg = 40 / S3DIFF_JPEG_SPAN / 3
+    assert degradation_scores(b, cfg)[0, 1].item() == pytest.approx((noise + jpeg) / 2, rel=1e-5)
+    # C: the final JPEG after the final resize counts in full even when round 2 went up
+    c = _hand_params(resize2_scale=2.0, jpeg1_quality=95.0, jpeg2_quality=70.0, final_jpeg_first=False)
+    noise = math.sqrt((3.0 / 2) ** 2 + (4.0 / 2) ** 2) / S3DIFF_NOISE_WORST
+    assert degradation_scores(c, cfg)[0, 1].item() == pytest.approx((noise + 30 / 40) / 2, rel=1e-5)
+
+
+def test_blur_score_closed_form():
+    """The modelled blur score against the docstring written out for the s3diff preset: the
+    worst case takes each round's widest kernel (a π/5 sinc: sqrt(2 ln 2)/(π/5) > 1.5), the
+    second one over the smallest resize 1 (0.3), the widest final sinc (π/3) and the box of
+    the coarsest resolution min(0.3, 0.6/4, 1/4); clean is the box of 1/4 alone."""
+    cfg = preset("s3diff")
+    sinc5, sinc3 = math.sqrt(2 * math.log(2)) / (math.pi / 5), math.sqrt(2 * math.log(2)) / (math.pi / 3)
+    worst = math.sqrt(sinc5 ** 2 + (sinc5 / 0.3) ** 2 + (sinc3 * 4) ** 2 + (1 / 0.15) ** 2 / 12) / 4
+    clean = math.sqrt(16 / 12) / 4
+    sigma = math.sqrt(1 + 1 + 16 / 12) / 4  # _hand_params: see test_blur_std_closed_form
+    got = degradation_scores(_hand_params(), cfg)[0, 0].item()
+    assert got == pytest.approx((sigma - clean) / (worst - clean), rel=1e-5)
+
+
+
+def test_noise_score_saturates_for_edited_draws_beyond_the_preset():
+    """A draw edited past the preset's ranges (stage-1 pairs edit draws) scores at most 1: the
+    visible-noise term saturates at 1, the score is (1 + JPEG term) / 2."""
+    cfg = preset("s3diff")
+    p = _hand_params(noise2_sigma=1000.0, jpeg1_quality=95.0, jpeg2_quality=80.0)
+    got = degradation_scores(p, cfg)[0, 1].item()
+    assert got == pytest.approx((1 + 20 / S3DIFF_JPEG_SPAN) / 2, rel=1e-6) and got <= 1
+
+
+def test_load_photo_takes_the_left_view_and_greys_to_three_equal_channels():
+    """The offline photos as skimage ships them: a stereo pair's left view; a gray picture
+    repeated over R, G and B; RGB unchanged (uint8, contiguous)."""
+    import numpy as np
+    import skimage.data
+
+    from degsr.data.photos import load_photo
+
+    left = load_photo("stereo_motorcycle")
+    assert np.array_equal(left, skimage.data.stereo_motorcycle()[0])
+    gray = load_photo("camera")
+    assert gray.shape == (512, 512, 3) and gray.dtype == np.uint8
+    for c in range(3):
+        assert np.array_equal(gray[..., c], skimage.data.camera())
+    assert np.array_equal(load_photo("astronaut"), skimage.data.astronaut())

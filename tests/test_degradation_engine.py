@@ -221,3 +221,44 @@ def test_poisson_noise_of_active_samples_is_unchanged():
     assert torch.equal(part[:2], full[:2])
     q = (x * 255).round() / 255
     torch.testing.assert_close(part[2], -q[2] * 2.0)  # counts 0: the noise is -v * scale
+
+
+def _interp_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of F.interpolate along one axis (PyTorch's own kernels)."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(eye, size=(1, n_out), mode=mode, **kw)[:, 0, 0].T
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_plan_matrices_equal_interpolate_for_steep_downscales(mode):
+    """The call's resize plan (the matrices with the tap bound the pipeline passes) against
+    F.interpolate per sample, for factors down to 0.29: an area bin of 64 -> 18 spans up to 5
+    source rows, more than the 4 bicubic taps."""
+    from tests.test_degradation import preset
+
+    degrader = Degrader(preset("s3diff"))
+    p = dict(degrader.sample(4, gen(2))["params"])
+    mode_id = torch.full((4,), RESIZE_MODES.index(mode))
+    # no factor x side lands on an integer: float32 and float64 floor alike
+    p.update(resize1_scale=torch.tensor([0.29, 0.31, 0.46, 1.0]), resize1_mode=mode_id,
+             resize2_scale=torch.tensor([0.3, 0.5, 1.23, 0.31]), resize2_mode=mode_id,
+             final_mode=mode_id)
+    hw, lr = (64, 60), (16, 15)
+    plan = degrader._plan(p, hw, lr, torch.float64)
+    size1 = [[int(n * float(s)) for n in hw] for s in p["resize1_scale"]]
+    size2 = [[int(n * float(s)) for n in lr] for s in p["resize2_scale"]]
+    for g in plan["groups"]:
+        for row, b in enumerate(g["idx"].tolist()):
+            for axis in (0, 1):
+                m1 = g["r1"][axis][row]
+                want1 = _interp_matrix(hw[axis], size1[b][axis], mode)
+                torch.testing.assert_close(m1[:size1[b][axis]], want1, rtol=0, atol=1e-12)
+                m2 = g["r2"][axis][row]
+                want2 = _interp_matrix(size1[b][axis], size2[b][axis], mode)
+                torch.testing.assert_close(m2[:size2[b][axis], :size1[b][axis]], want2, rtol=0, atol=1e-12)
+    for b in range(4):
+        for axis in (0, 1):
+            mf = plan["final"][axis][b]
+            want = _interp_matrix(size2[b][axis], lr[axis], mode)
+            torch.testing.assert_close(mf[:, :size2[b][axis]], want, rtol=0, atol=1e-12)

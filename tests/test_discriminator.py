@@ -269,3 +269,32 @@ def test_dino_vitb16_size_on_meta():
     n = sum(p.numel() for p in d.backbone.parameters())
     assert abs(n - 86e6) / 86e6 < 0.02
     assert d.grid == 14 and [len(h) for h in d.heads] == [5, 5, 3]
+
+
+@torch.no_grad()
+def test_features_are_layernormed_patch_grids_and_cls_with_the_documented_normalisation(
+        tiny_folder):
+    """features() by hand for both disc.norm settings: [-1, 1] -> [0, 1] -> area resize ->
+    (x - mean) / std with the constants written out (ImageNet's; the reference's CLIP mean with
+    ImageNet's std) -> ViT; every level passed through the final LayerNorm; the grid levels are
+    the patch tokens 1..g² laid out row-major (token 1 + i g + j at (i, j)), the last the CLS."""
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    means = {"imagenet": (0.485, 0.456, 0.406), "reference": (0.48145466, 0.4578275, 0.40821073)}
+    x = images(2)
+    for norm, mean in means.items():
+        d = make(tiny_folder, diffaug="", norm=norm).eval()
+        feats = d.features(x)
+        pix = torch.nn.functional.interpolate(x * 0.5 + 0.5, size=(SIZE, SIZE), mode="area")
+        pix = (pix - torch.tensor(mean).view(1, 3, 1, 1)) / imagenet_std
+        hs = d.backbone(pixel_values=pix, output_hidden_states=True).hidden_states
+        ln, g = d.backbone.layernorm, SIZE // 16
+        for f, level in zip(feats[:-1], d.levels[:-1]):
+            h = ln(hs[level])
+            assert f.shape == (2, h.shape[-1], g, g)
+            for i in range(g):
+                for j in range(g):
+                    torch.testing.assert_close(f[:, :, i, j], h[:, 1 + i * g + j], rtol=1e-5,
+                                               atol=1e-5)
+        torch.testing.assert_close(feats[-1], ln(hs[d.levels[-1]])[:, 0], rtol=1e-5, atol=1e-5)
+    # the two normalisations are far enough apart for the check to tell them apart
+    assert abs(means["imagenet"][0] - means["reference"][0]) / 0.229 > 0.01

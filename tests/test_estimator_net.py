@@ -306,3 +306,39 @@ def test_stage1_heldout_script_scores_degrade_pairs_with_estimate(photo_setup):
         rt, rp = ranks(t), ranks(np.array(p))
         rho = np.corrcoef(rt, rp)[0, 1]
         assert out["pooled"][score] == pytest.approx(rho, abs=1e-3)
+
+
+def test_forward_matches_the_tiny_layout_written_out_in_float64():
+    """tiny_net (widths [8, 8, 16, 16], 1 block a stage, downscales [1, 1, 2, 1]) by hand from
+    the state dict, per branch b (0 = blur, 1 = noise): conv_first; body.b.0, body.b.1 residual
+    blocks h + conv2(ReLU(conv1 h)); body.b.2 conv 8->16 stride 1; body.b.3 residual block;
+    body.b.4 conv 16->16 stride 2; body.b.5 residual block; mean over H, W; Linear-ReLU-Linear-
+    sigmoid."""
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 3, 21, 26, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(x).double()
+
+    def conv(h, key, stride=1):
+        return F.conv2d(h, sd[f"{key}.weight"], sd[f"{key}.bias"], stride=stride, padding=1)
+
+    def res(h, key):
+        return h + conv(torch.clamp(conv(h, f"{key}.conv1"), min=0), f"{key}.conv2")
+
+    for b, name in enumerate(SCORES):
+        h = conv(x.double(), f"conv_first.{b}")
+        h = res(res(h, f"body.{b}.0"), f"body.{b}.1")
+        h = res(conv(h, f"body.{b}.2"), f"body.{b}.3")
+        h = res(conv(h, f"body.{b}.4", stride=2), f"body.{b}.5")
+        assert h.shape == (2, 16, 11, 13)
+        f = h.mean(dim=(2, 3))
+        hidden = torch.clamp(f @ sd[f"fc_degree.{b}.0.weight"].T + sd[f"fc_degree.{b}.0.bias"],
+                             min=0)
+        want = torch.sigmoid(hidden @ sd[f"fc_degree.{b}.2.weight"].T
+                             + sd[f"fc_degree.{b}.2.bias"])[:, 0]
+        torch.testing.assert_close(got[:, b], want, rtol=0, atol=1e-6)
+    assert SCORES == ("blur", "noise")
+    assert (got[:, 0] - got[:, 1]).abs().min() > 1e-3  # a swap of the branches would show

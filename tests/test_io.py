@@ -108,3 +108,34 @@ def test_alpha_of_la_and_palette_images(photo, tmp_path):
     assert read_image(tmp_path / "p.png", alpha=False).shape == (3, 40, 60)
     Image.fromarray(photo).save(tmp_path / "rgb.png")
     assert read_image(tmp_path / "rgb.png", alpha=True)[1] is None
+
+
+def test_to_uint8_rounds_and_clips():
+    """Float [0, 1] -> uint8: nearest level (k + 0.3 -> k, k + 0.7 -> k + 1), values outside
+    [0, 1] clipped (not wrapped modulo 256); uint8 passes through. Reference: numpy float64."""
+    import torch
+
+    from degsr.io import to_uint8
+
+    k = np.arange(0, 255, 7, dtype=np.float64)
+    levels = np.concatenate([(k + 0.3) / 255, (k + 0.7) / 255, [-0.4, -0.001, 1.001, 1.6]])
+    img = torch.tensor(levels, dtype=torch.float32).view(1, 1, -1).expand(3, 2, -1)
+    want = np.clip(np.floor(levels * 255 + 0.5), 0, 255).astype(np.uint8)
+    got = to_uint8(img)
+    assert got.shape == (2, len(levels), 3) and got.dtype == np.uint8
+    assert np.array_equal(got[0, :, 1], want)
+    u8 = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
+    assert np.array_equal(to_uint8(u8), u8.permute(1, 2, 0).numpy())
+
+
+def test_expand_inputs_lists_a_folder_sorted(tmp_path):
+    """A folder's images in sorted path order (subfolders too), whatever the directory order."""
+    from degsr.io import expand_inputs
+
+    names = ["b.png", "a.jpg", "sub/c.png", "B.webp", "0.tif"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths, problems = expand_inputs([str(tmp_path)])
+    assert problems == [] and paths == sorted(tmp_path / n for n in names)

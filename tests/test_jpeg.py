@@ -123,3 +123,22 @@ def test_close_to_libjpeg(photos, q):
         d_rgb = _psnr(ours, ref) - _psnr(pil, ref)
         assert abs(d_luma) < 0.2, (name, d_luma)
         assert (-0.5 if q < 90 else -1.2) < d_rgb < 0.1, (name, d_rgb)
+
+
+def test_out_of_range_input_is_clamped_before_coding():
+    """The codec encodes the image clamped to [0, 1] (an overshooting final resize/sinc must not
+    reach the DCT): a gray block with values below 0 and above 255 against scipy's DCT of the
+    clipped block."""
+    rng = np.random.default_rng(3)
+    block = rng.integers(-60, 320, size=(8, 8)).astype(np.float64)
+    block[0, :3], block[7, 5:] = -80.0, 330.0
+    img = np.tile(block, (2, 2))
+    x = torch.from_numpy(img / 255.0).expand(1, 3, 16, 16).contiguous()
+    q = 40.0
+    out = jpeg(x, torch.tensor([q], dtype=torch.float64))
+    step = LUMA_TABLE.numpy() * (5000.0 / q / 100.0)
+    coef = dctn(np.clip(block, 0, 255) - 128.0, norm="ortho")
+    rec = idctn(np.round(coef / step) * step, norm="ortho") + 128.0
+    expect = np.tile(np.clip(rec, 0, 255) / 255.0, (2, 2))
+    for c in range(3):
+        np.testing.assert_allclose(out[0, c].numpy(), expect, atol=1e-9)

@@ -273,3 +273,76 @@ def test_final_sinc_identity_and_sinc():
         np.testing.assert_allclose(k[b].numpy(), ref, atol=1e-6)
     _, p = K.sample_sinc_kernels(4000, gen(5), kernel_sizes=[7, 21], prob=0.8)
     assert abs(p["final_sinc"].double().mean() - 0.8) < 3 * math.sqrt(0.8 * 0.2 / 4000)
+
+
+def test_kernel_types_are_drawn_from_the_given_subset_in_its_order():
+    """``kernel_probs[i]`` is the probability of ``kernel_types[i]`` whatever the list's order
+    or subset (not of the i-th entry of KERNEL_TYPES); each kernel is its family's formula."""
+    cfg = dict(SAMPLE_CFG, kernel_types=["plateau_aniso", "generalized_iso"], kernel_probs=[0.7, 0.3],
+               sinc_prob=0.0)
+    n = 800
+    k, p = K.sample_blur_kernels(n, gen(4), dtype=F64, **cfg)
+    t = p["kernel_type"]
+    assert set(t.unique().tolist()) == {TYPES.index("plateau_aniso"), TYPES.index("generalized_iso")}
+    frac = (t == TYPES.index("plateau_aniso")).double().mean().item()
+    assert abs(frac - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n)
+    for b in range(0, n, 80):
+        ref = np_reference_kernel(int(p["kernel_size"][b]), TYPES[t[b]],
+                                  *(float(p[m][b]) for m in ("sigma_x", "sigma_y", "theta", "beta", "omega_c")))
+        np.testing.assert_allclose(k[b].numpy(), ref, atol=1e-6)
+
+
+def test_anisotropic_sigmas_are_drawn_independently():
+    """Every anisotropic family (aniso, generalized_aniso, plateau_aniso) draws sigma_y from
+    the sigma range independently of sigma_x, with a rotation: its kernel's second moments
+    have two distinct principal values (float64 numpy eigenvalues of the kernel's moments)."""
+    n = 1200
+    cfg = dict(SAMPLE_CFG, kernel_types=["aniso", "generalized_aniso", "plateau_aniso"],
+               kernel_probs=[1 / 3, 1 / 3, 1 / 3], sinc_prob=0.0, kernel_sizes=[21])
+    k, p = K.sample_blur_kernels(n, gen(6), dtype=F64, **cfg)
+    sx, sy, t = p["sigma_x"].numpy(), p["sigma_y"].numpy(), p["kernel_type"].numpy()
+    for ktype in ("aniso", "generalized_aniso", "plateau_aniso"):
+        sel = t == TYPES.index(ktype)
+        assert sel.sum() > n / 4, ktype
+        x, y = sx[sel], sy[sel]
+        assert abs(np.corrcoef(x, y)[0, 1]) < 4 / math.sqrt(sel.sum()), ktype  # independent
+        # U[0.2, 3]: mean 1.6, std 2.8/sqrt(12)
+        assert abs(y.mean() - 1.6) < 4 * (2.8 / math.sqrt(12)) / math.sqrt(sel.sum()), ktype
+        assert (np.abs(p["theta"].numpy()[sel]) > 0).all()
+    # the Gaussian ones: the kernel's own moment matrix is anisotropic where sx, sy differ much
+    xx, yy = np_grid(21)
+    for b in np.flatnonzero((t == TYPES.index("aniso")) & (np.minimum(sx, sy) > 0.8)
+                            & (np.maximum(sx, sy) < 2.5) & (np.abs(sx - sy) > 0.6))[:20]:
+        kb = k[b].numpy()
+        m = np.array([[(kb * xx * xx).sum(), (kb * xx * yy).sum()],
+                      [(kb * xx * yy).sum(), (kb * yy * yy).sum()]])
+        ev = np.sort(np.linalg.eigvalsh(m))
+        np.testing.assert_allclose(ev, np.sort([sx[b] ** 2, sy[b] ** 2]), rtol=0.02, atol=0.02)
+
+
+def test_sinc_cutoff_range_switches_at_size_13():
+    """BasicSR: a sinc of size < 13 takes ω_c ~ U[π/3, π], from 13 on U[π/5, π] (so a 13-tap
+    sinc can be wider): fractions below π/3 against the uniform law's 0 and 1/6."""
+    n = 300
+    cfg = dict(SAMPLE_CFG, sinc_prob=1.0)
+    for size, below in ((11, 0.0), (13, 1 / 6), (15, 1 / 6)):
+        _, p = K.sample_blur_kernels(n, gen(size), **dict(cfg, kernel_sizes=[size]))
+        om = p["omega_c"].double()
+        frac = (om < math.pi / 3).double().mean().item()
+        assert abs(frac - below) < 4 * math.sqrt(1 / 6 * 5 / 6 / n) + 1e-9, (size, frac)
+        assert om.min() >= math.pi / 5 - 1e-6 and om.max() <= math.pi + 1e-6
+
+
+@pytest.mark.parametrize("h, w", [(3, 10), (10, 3), (4, 4)])
+def test_filter_per_sample_on_images_no_wider_than_the_radius(h, w):
+    """A side of at most k // 2 pixels (here 3 or 4 for k = 7 or 9) cannot be reflect-padded:
+    such images are padded by replication, as a loop of F.pad(replicate) + conv2d does."""
+    torch.manual_seed(2)
+    k = 2 * min(h, w) + 1  # min(h, w) == k // 2: the last size that must replicate
+    imgs, kers = torch.rand(2, 3, h, w, dtype=F64), torch.rand(2, k, k, dtype=F64)
+    got = filtering.filter_per_sample(imgs, kers)
+    r = k // 2
+    for b in range(2):
+        x = F.pad(imgs[b:b + 1], [r] * 4, mode="replicate")
+        ref = F.conv2d(x, kers[b].expand(3, 1, k, k), groups=3)
+        torch.testing.assert_close(got[b:b + 1], ref, rtol=0, atol=1e-12)

@@ -428,3 +428,75 @@ def test_plain_lora_ablation_needs_no_modulation():
         ref = unet(z, t, ctx).sample
         with merged(unet):
             torch.testing.assert_close(unet(z, t, ctx).sample, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- review additions
+
+def test_modulation_C_matches_the_mlps_written_out_in_float64():
+    """C[n, k] from the weights by hand: e = [sin, cos](2 pi d_blur W), [sin, cos](2 pi d_noise W);
+    h = ReLU(W1 e + b1); blk = ReLU(Wb emb_k + bb); C = (Wf [h, blk] + bf) read row-major as
+    r x r (the reference's ``de_mod`` layout: the layer computes a @ C on row vectors)."""
+    mod = DegradationModulation(TINY_CFG, seed=4)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # every Linear of a useful size, so that each ReLU clips something
+        for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.2)
+    d = torch.tensor([[0.2, 0.7], [0.9, 0.05]])
+    Cv, Cu = mod(d)
+    W = mod.fourier.W.double()
+    dd = lambda t: t.detach().double()  # noqa: E731
+    for net, C, r, blocks in ((mod.vae, Cv, TINY_CFG.vae_rank, VAE_BLOCKS),
+                              (mod.unet, Cu, TINY_CFG.unet_rank, UNET_BLOCKS)):
+        assert C.shape == (2, blocks, r, r)
+        for n in range(2):
+            pb, pn = 2 * math.pi * float(d[n, 0]) * W, 2 * math.pi * float(d[n, 1]) * W
+            e = torch.cat([pb.sin(), pb.cos(), pn.sin(), pn.cos()])
+            h = torch.clamp(dd(net.deg_mlp[0].weight) @ e + dd(net.deg_mlp[0].bias), min=0)
+            for k in range(blocks):
+                emb = dd(net.block_embeddings.weight[k])
+                blk = torch.clamp(dd(net.block_mlp[0].weight) @ emb + dd(net.block_mlp[0].bias),
+                                  min=0)
+                c = dd(net.fuse.weight) @ torch.cat([h, blk]) + dd(net.fuse.bias)
+                want = torch.tensor([[float(c[i * r + j]) for j in range(r)] for i in range(r)],
+                                    dtype=torch.float64)
+                torch.testing.assert_close(C[n, k].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_layer_reads_the_C_of_its_own_block_id():
+    """set_modulation with a (B, blocks, r, r) tensor: a layer of block k computes
+    W0 x + s B (C[:, k]^T (A x)) (float64, per sample), for k at both ends of the range."""
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(6, 3))
+    ids = {"0": 0, "1": 3, "2": 5}
+    inject_modulated_lora(net, ["0", "1", "2"], rank=3, alpha=6.0, block_id_fn=ids.__getitem__)
+    _randomize_B(net, 8, std=0.5)
+    C = torch.randn(2, 6, 3, 3)
+    x = torch.randn(2, 6)
+    with torch.no_grad(), use_modulation(net, C):
+        outs = [net[i](x) for i in range(3)]
+    for i in range(3):
+        layer, k = net[i], ids[str(i)]
+        W0, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+        A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+        for n in range(2):
+            v = x[n].double()
+            want = W0 @ v + b + 2.0 * (B @ (C[n, k].double().T @ (A @ v)))
+            torch.testing.assert_close(outs[i][n].double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match="block id 5"):  # a mapping lacking a block says which
+        set_modulation(net, {0: C[:, 0], 3: C[:, 3]})
+
+
+def test_target_matching_follows_peft_for_other_target_lists():
+    """The '.suffix' rule on target lists that are not the defaults (a bare 'endswith' would
+    also adapt to_q for 'q', time_emb_proj for 'proj', conv2 for '2'), against peft's own check."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    unet, _ = _tiny_models()
+    names = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for targets in (["q", "k"], ["proj", "conv"], ["2", "out.0"]):
+        pc = PeftLoraConfig(r=4, target_modules=list(targets))
+        want = [n for n in names if check_target_module_exists(pc, n)]
+        assert lora_targets(unet, targets) == want, targets
+    assert lora_targets(unet, ["q"]) == []  # no module is named 'q' or ends in '.q'

@@ -334,3 +334,51 @@ def test_a_skipped_file_with_an_undecodable_name_is_listed_escaped(tmp_path):
     assert cli(src, "--out", tmp_path / "out", *SMALL) == 0
     rows = (tmp_path / "out" / "skipped.tsv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 2 and rows[1].startswith(f"{src}/petit_caf\\udce9.png\t"), rows
+
+
+def _padded_png(path: Path, size: tuple[int, int], n_bytes: int) -> Path:
+    """A flat PNG of ``size`` (w, h) made exactly ``n_bytes`` long by bytes after its IEND
+    chunk (decoders stop at IEND: the picture is unchanged)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert len(data) < n_bytes
+    path.write_bytes(data + bytes(n_bytes - len(data)))
+    return path
+
+
+def test_default_filters_are_384_px_and_100_kb(tmp_path, capsys):
+    """Without --min-side / --min-bytes (CLI and write_shards alike), an image is kept when its
+    file has at least 100 000 bytes and its shorter side at least 384 pixels: the limits
+    themselves pass, one byte or one pixel less is skipped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    keep = _padded_png(src / "keep.png", (384, 500), 100_000)
+    few_bytes = _padded_png(src / "bytes.png", (500, 400), 99_999)
+    narrow = _padded_png(src / "narrow.png", (383, 500), 150_000)
+    short = _padded_png(src / "short.png", (600, 383), 150_000)
+    for run in ("cli", "api"):
+        out = tmp_path / f"shards-{run}"
+        if run == "cli":
+            assert cli(src, "--out", out) == 0
+        else:
+            write_shards([src], out)
+        assert set(by_source(check_index(out))) == {str(keep)}
+        rows = (out / "skipped.tsv").read_text().splitlines()[1:]
+        reasons = dict(r.split("\t") for r in rows)
+        assert set(reasons) == {str(few_bytes), str(narrow), str(short)}
+        assert "99999 bytes < --min-bytes 100000" in reasons[str(few_bytes)]
+        assert "--min-side 384" in reasons[str(narrow)] and "--min-side 384" in reasons[str(short)]
+
+
+def test_min_side_applies_to_the_downscaled_image(tmp_path):
+    """--max-side shrinks first; an image whose shorter side then falls under --min-side is
+    skipped (a panorama 1000 x 350 at --max-side 400 becomes 400 x 140)."""
+    from degsr.data.shards import prepare_image
+
+    pano = tmp_path / "pano.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (350, 1000, 3), np.uint8)).save(pano)
+    reason, sample = prepare_image(str(pano), min_side=300, max_side=400)
+    assert sample is None and "too small after --max-side 400: 400x140" in reason
+    reason, sample = prepare_image(str(pano), min_side=140, max_side=400)
+    assert reason is None and sample[2:4] == (400, 140)

@@ -324,3 +324,151 @@ def test_both_optimizer_steps_are_clipped_to_grad_clip(monkeypatch):
     assert set(seen) == {"g", "d"}
     assert logged["train/grad_norm"] > 10 * clip and logged["train/grad_norm_d"] > 10 * clip
     assert seen["g"] == pytest.approx(clip, rel=1e-4) and seen["d"] == pytest.approx(clip, rel=1e-4)
+
+
+@torch.no_grad()
+def test_cfg_forward_of_a_batch_is_each_sample_alone_and_uses_the_posterior_mean():
+    """SRModel with CFG and the posterior mean (validation's call): a batch of two degradation
+    vectors gives what each sample gives alone (the negative half of the batched UNet call must
+    carry each sample's own C), and equals the one-step formula written out on the networks:
+    z = mean * sf, eps = eps_neg + g (eps_pos - eps_neg), x0, decode, clamp."""
+    import math
+
+    from degsr.sr.config import LoraConfig, ModelConfig
+    from degsr.sr.model import SRModel
+
+    torch.manual_seed(0)
+    net = SRModel(ModelConfig(arch="tiny"), LoraConfig(vae_rank=4, unet_rank=8)).eval()
+    g = torch.Generator().manual_seed(3)
+    for n, p in net.named_parameters():  # a trained-looking adapter: C depends a lot on d
+        if "lora_B" in n:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        elif n.startswith("modulation.") and "embeddings" not in n:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    d = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    scale = 3.0
+    batched = net(x, d, guidance_scale=scale, posterior_mean=True)
+    comp = net.comp  # the modulation of the batched call is still set: the formula by hand
+    sf, ab = comp.scaling_factor, comp.alpha_bar_t
+    z = comp.vae.encode(x).latent_dist.mean * sf
+    emb = torch.cat([comp.pos_embeds.expand(2, -1, -1), comp.neg_embeds.expand(2, -1, -1)])
+    eps_pos, eps_neg = comp.unet(torch.cat([z, z]), torch.full((4,), 999), emb).sample.chunk(2)
+    eps = eps_neg + scale * (eps_pos - eps_neg)
+    x0 = (z.double() - math.sqrt(1 - ab) * eps.double()) / math.sqrt(ab)
+    want = comp.vae.decode((x0 / sf).float()).sample.clamp(-1, 1)
+    torch.testing.assert_close(batched, want, rtol=0, atol=1e-5)
+    for i in range(2):
+        alone = net(x[i:i + 1], d[i:i + 1], guidance_scale=scale, posterior_mean=True)
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=0, atol=1e-4)
+    # the two vectors really modulate differently (else the per-sample check is vacuous)
+    swapped = net(x, d.flip(0), guidance_scale=scale, posterior_mean=True)
+    assert (swapped - batched).abs().max() > 1e-3
+
+
+def test_online_negatives_are_reconstructed_toward_their_own_lr(monkeypatch):
+    """The MSE term, by hand: sample 0 (negative prompt) against its own upsampled LR, sample 1
+    against its ground truth, both mapped to [-1, 1]; float64 mean over all pixels."""
+    m, cfg = module("sr.neg_prob=0", "sr.gan_weight=0")
+    b = batch(cfg)
+    force_negatives(monkeypatch, [True, False])
+    _, terms, out = m.generator_loss(b, torch.Generator().manual_seed(0))
+    sr = out["sr"].detach().double()
+    want = torch.stack([b["lr_up"][0], b["gt"][1]]).double() * 2 - 1
+    assert not torch.equal(b["lr_up"][0], b["gt"][0])
+    torch.testing.assert_close(terms["mse"].double(), ((sr - want) ** 2).mean(), rtol=1e-6,
+                               atol=0)
+
+
+def test_training_step_gives_the_discriminator_gt_as_real_and_weights_it(monkeypatch):
+    """training_step's D step: real = the batch's ground truth in [-1, 1], fake = the generator's
+    output of the same step (detached), and the loss back-propagated is gan_weight x loss_d
+    (/ accumulate)."""
+    m, cfg = module("sr.neg_prob=0")
+    b = batch(cfg)
+    outputs, seen, backward = [], {}, []
+    forward, loss_d = m.net.forward, m.disc.loss_d
+
+    def spy_forward(*a, **kw):
+        outputs.append(forward(*a, **kw))
+        return outputs[-1]
+
+    def spy_loss_d(real, fake, generator=None):
+        seen.update(real=real, fake=fake, value=loss_d(real, fake, generator))
+        return seen["value"]
+
+    class Opt:
+        def __init__(self):
+            self.optimizer = self
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+        def step(self):
+            pass
+
+    monkeypatch.setattr(m.net, "forward", spy_forward)
+    monkeypatch.setattr(m.disc, "loss_d", spy_loss_d)
+    monkeypatch.setattr(m, "manual_backward", lambda loss: backward.append(loss.detach()))
+    monkeypatch.setattr(m, "_optimizers", lambda: (Opt(), Opt()))
+    m.training_step(b, 0)
+    (out,) = outputs
+    torch.testing.assert_close(seen["real"], b["gt"] * 2 - 1, rtol=0, atol=0)
+    assert torch.equal(seen["fake"], out.detach()) and not seen["fake"].requires_grad
+    assert len(backward) == 2  # the generator's loss, then the discriminator's
+    want = cfg.sr.gan_weight * seen["value"].detach() / cfg.sr.accumulate
+    torch.testing.assert_close(backward[1], want, rtol=1e-6, atol=0)
+    assert cfg.sr.gan_weight != 1
+
+
+def test_generator_loss_is_2_mse_plus_5_lpips_plus_half_gan(tmp_path):
+    """METHOD.md's weights: the defaults are 2.0 / 5.0 / 0.5, and the generator's loss is that
+    weighted sum, with the MSE recomputed here in float64 from the output and the target, and
+    LPIPS by the (reference-tested) metric on the same pair."""
+    from degsr.metrics.lpips import VGG16Features
+    from degsr.sr.config import SRConfig
+
+    assert (SRConfig().mse_weight, SRConfig().lpips_weight, SRConfig().gan_weight) == (2.0, 5.0,
+                                                                                        0.5)
+    torch.manual_seed(1)
+    torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")
+    m, cfg = module("sr.neg_prob=0", f"sr.lpips_vgg={tmp_path}/vgg16.pth", "sr.mse_weight=2",
+                    "sr.lpips_weight=5", "sr.gan_weight=0.5")
+    b = batch(cfg)
+    loss, terms, out = m.generator_loss(b, torch.Generator().manual_seed(0))
+    sr, target = out["sr"].detach(), b["gt"] * 2 - 1
+    mse = ((sr.double() - target.double()) ** 2).mean()
+    with torch.no_grad():
+        lp = m.lpips(sr, target).double().mean()
+    assert set(terms) == {"mse", "lpips", "gan_g"} and abs(float(lp) - float(terms["gan_g"])) > 1e-2
+    want = 2.0 * mse + 5.0 * lp + 0.5 * terms["gan_g"].detach().double()
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=0)
+
+
+def test_degradation_vector_is_the_estimator_on_the_lr_at_lr_size(tmp_path):
+    """With a stage-1 export, d is that estimator (loaded here on its own) on the batch's LR at
+    its own size (METHOD.md: the estimator sees the LR image), not on the upsampled input."""
+    from degsr.estimator import DegradationEstimator, load_estimator, save_estimator, tiny_net
+
+    torch.manual_seed(0)
+    est = DegradationEstimator(tiny_net())
+    est.reset_parameters(residual_scale=1.0)  # scores spread over (0, 1), not all near 0.5
+    save_estimator(est, tmp_path / "est")
+    m, cfg = module(f"sr.estimator={tmp_path}/est", "sr.gan_weight=0")
+    b = batch(cfg)
+    ref = load_estimator(tmp_path / "est")
+    with torch.no_grad():
+        want, upsampled = ref(b["lr"]), ref(b["lr_up"])
+    assert b["lr_up"].shape[-1] == 4 * b["lr"].shape[-1]
+    assert (want - upsampled).abs().max() > 1e-3  # the two inputs give different scores
+    torch.testing.assert_close(m.degradation_vector(b), want, rtol=0, atol=1e-6)
+
+
+def test_validation_quantises_to_the_8_bit_grid():
+    """_q: [-1, 1] -> the value a saved 8-bit PNG holds, k / 255 with k = round((x + 1) 127.5),
+    out-of-range values clamped first; worked out by hand."""
+    from degsr.sr.module import _q
+
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.3, 0.999, 1.0, 2.0])
+    want = torch.tensor([0, 0, 64, 128, 166, 255, 255, 255]) / 255.0  # 63.75 165.75 254.87...
+    assert torch.equal(_q(x), want)
