@@ -64,8 +64,12 @@ def _images_from_folder(folder: str, limit: int) -> Iterator[tuple[np.ndarray, C
         raise UserError(f"data.val_folder: {folder} is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     for p in files:
-        reload = functools.partial(lambda p: read_image(p).permute(1, 2, 0).numpy(), p)
+        reload = functools.partial(_read_hwc, p)
         yield reload(), reload
+
+
+def _read_hwc(path: Path) -> np.ndarray:
+    return read_image(path).permute(1, 2, 0).numpy()
 
 
 def val_crops(images: Iterable[tuple[np.ndarray, Callable]], n: int, size: int,
