@@ -302,6 +302,26 @@ def test_failed_run_keeps_previous_set(photos, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temps, nothing replaced
 
 
+def test_a_rerun_with_no_usable_image_keeps_the_previous_set_and_its_skip_list(photos, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "shards"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    assert cli(tmp_path / "src", broken, "--out", out, *SMALL) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert str(broken) in before["skipped.tsv"].decode()
+    capsys.readouterr()
+    assert cli(broken, "--out", out, *SMALL) == 2  # nothing usable this time
+    err = capsys.readouterr().err
+    assert "no usable images" in err and str(out / "skipped.failed.tsv") in err
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    rejects = after.pop("skipped.failed.tsv").decode().splitlines()
+    assert after == before and len(rejects) == 2 and rejects[1].startswith(f"{broken}\t")
+    assert cli(tmp_path / "src", "--out", out, *SMALL) == 0  # a good run clears the failed list
+    assert not (out / "skipped.failed.tsv").exists()
+    assert (out / "skipped.tsv").read_text() == "path\treason\n"
+
+
 def _killed_on_rocket(path, **options):
     """prepare_image, except that the worker given rocket dies as the OOM killer ends it."""
     import os

@@ -20,7 +20,8 @@ Output: ``DIR/<name>-000000.tar`` ... (``per_shard`` samples each), ``DIR/skippe
 Replacing a previous run: every new shard is written as ``DIR/.<name>-NNNNNN.tar.tmp`` first. Only
 when all are complete is the old index.json removed, the temps renamed into place (``os.replace``),
 old ``<name>-NNNNNN.tar`` not in the new set deleted, and the new index.json written atomically.
-A run that fails before that removes its temps and leaves the previous set untouched; a crash
+A run that fails before that removes its temps and leaves the previous set untouched (one with
+no usable image writes its rejects to ``skipped.failed.tsv`` beside a previous set); a crash
 while renaming leaves no index.json, so no mixed set is read through an index. Needs disk space for
 both sets at once; not for concurrent runs on one DIR. Same inputs give byte-identical shards
 (fixed tar mtime, ordered results: ``workers`` only changes speed).
@@ -261,14 +262,18 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
         raise
 
     clean = lambda s: re.sub(r"[\t\r\n]+", " ", s)  # noqa: E731
-    _write_atomic(out / "skipped.tsv", "path\treason\n" + "".join(
+    # a failed rerun keeps the set already there whole, its skipped.tsv included
+    failed_over_set = summary.total == 0 and (out / "index.json").exists()
+    skipped_file = out / ("skipped.failed.tsv" if failed_over_set else "skipped.tsv")
+    _write_atomic(skipped_file, "path\treason\n" + "".join(
         f"{clean(p)}\t{clean(r)}\n" for p, r in summary.skipped))
     if summary.total == 0:
         what = " ".join(map(str, sources))
         if not images and not summary.skipped:
             raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) found in {what}")
         raise UserError(f"no usable images in {what} ({len(summary.skipped)} skipped, "
-                        f"see {out / 'skipped.tsv'})")
+                        f"see {skipped_file})")
+    (out / "skipped.failed.tsv").unlink(missing_ok=True)
 
     (out / "index.json").unlink(missing_ok=True)
     for tmp, shard in zip(temps, summary.shards):
