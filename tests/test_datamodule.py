@@ -449,6 +449,11 @@ def test_a_damaged_or_empty_shard_is_named_once_with_what_it_gave(bad_shards, mo
         list(stream([empty], stall_limit=20))
     assert said == [f"data: shard {empty} holds no sample: skipped at every visit (counted as "
                     "one bad sample)"]
+    said.clear()  # an intact shard with an undecodable sample: named once, with the sample's key
+    list(stream([bad_shards["corrupt"]], batches_per_epoch=6))
+    assert len(said) == 1 and said[0].startswith(
+        f"data: shard {bad_shards['corrupt']} holds samples that cannot be used, such as "
+        "00000000_garbage (cannot decode png: "), said
 
 
 def test_bad_fraction_ceiling(bad_shards):

@@ -295,5 +295,6 @@ class SRDataModule(L.LightningDataModule):
         if read >= d.min_samples_for_bad_check and read and bad / read > d.max_bad_fraction:
             raise UserError(
                 f"data: {bad} of {read} samples ({100 * bad / read:.1f}%) were corrupt or "
-                f"unreadable, above data.max_bad_fraction={d.max_bad_fraction}; check the shards: "
-                f"{d.train_shards} (rewrite them with `degsr shards`, which checks every image)")
+                f"unreadable, above data.max_bad_fraction={d.max_bad_fraction}; check the shards "
+                f"the log names: {d.train_shards} (rewrite them with `degsr shards`, which checks "
+                "every image)")

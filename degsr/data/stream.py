@@ -209,13 +209,12 @@ class TrainStream(IterableDataset):
     def _crops(self, rng: random.Random, g: torch.Generator, counts: dict):
         """Endless ``(key, crop)`` pairs from shards picked at random; counts what it skips."""
         unusable = {"n_bad": 0, "n_small": 0}  # since the last usable sample
-        damaged: set[str] = set()  # shards named in the log already (each is drawn again and again)
+        named: set[tuple[str, str]] = set()  # (shard, kind) in the log already: drawn again and again
 
-        def warn(url: str, what: str) -> None:
-            if url not in damaged:
-                damaged.add(url)
-                console.log.warning(f"data: shard {url} {what} at every visit (counted as one "
-                                    "bad sample)")
+        def warn(url: str, kind: str, what: str) -> None:
+            if (url, kind) not in named:
+                named.add((url, kind))
+                console.log.warning(f"data: shard {url} {what}")
 
         def skip(kind: str):
             counts[kind] += 1
@@ -237,18 +236,22 @@ class TrainStream(IterableDataset):
                     key, parts = next(samples)
                 except StopIteration:
                     if not read:  # a valid but empty tar counts too, or this could spin forever
-                        warn(url, "holds no sample: skipped")
+                        warn(url, "empty", "holds no sample: skipped at every visit (counted "
+                             "as one bad sample)")
                         skip("n_bad")
                     break
                 except Exception as e:  # noqa: BLE001 - damaged/unreadable shard: lose one sample
-                    warn(url, f"is damaged after {read} sample(s) ({type(e).__name__}: {e}): "
-                         "the rest of it is skipped")
+                    warn(url, "damaged", f"is damaged after {read} sample(s) ({type(e).__name__}"
+                         f": {e}): the rest of it is skipped at every visit (counted as one bad "
+                         "sample)")
                     skip("n_bad")
                     break
                 read += 1
                 try:
                     img = decode_image(parts)
-                except ValueError:
+                except ValueError as e:
+                    warn(url, "sample", f"holds samples that cannot be used, such as {key} ({e}): "
+                         "each counts as bad")
                     skip("n_bad")
                     continue
                 if self.scale_range != (1.0, 1.0):
