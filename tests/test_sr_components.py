@@ -166,6 +166,35 @@ def test_bad_folders_give_one_line_user_errors(tiny_folder, tmp_path, case):
         assert w in msg, (w, msg)
 
 
+def test_a_stable_diffusion_that_is_not_sd_turbo_is_named_in_a_warning(tiny_folder, tmp_path,
+                                                                         monkeypatch):
+    """SD 1.5 (cross-attention 768, its text encoder 768 wide) and SD 2.1-768 (v-prediction) pass
+    the folder check, as other bases do on purpose; a full-size SD UNet that is not SD-Turbo-like
+    is said in one warning before anything loads. SD-Turbo itself and other sizes: nothing."""
+    from degsr import console
+    from degsr.sr.folder_check import unlike_sd_turbo
+
+    turbo = {"unet": dict(SD_TURBO_UNET), "scheduler": dict(SD_TURBO_SCHEDULER)}
+    assert unlike_sd_turbo(turbo) is None
+    sd15 = {**turbo, "unet": {**SD_TURBO_UNET, "cross_attention_dim": 768}}
+    assert "cross_attention_dim is 768 (SD 1.x" in unlike_sd_turbo(sd15)
+    v768 = {**turbo, "scheduler": {**SD_TURBO_SCHEDULER, "prediction_type": "v_prediction"}}
+    assert "prediction_type is 'v_prediction'" in unlike_sd_turbo(v768)
+    tiny = {"unet": json.loads((tiny_folder / "unet" / "config.json").read_text()),
+            "scheduler": {"prediction_type": "v_prediction"}}
+    assert unlike_sd_turbo(tiny) is None  # not a full-size SD UNet: no opinion
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    _edit(folder / "unet" / "config.json", block_out_channels=[320, 640, 1280, 1280])
+    with pytest.raises(Exception):  # the tiny weights do not fit the full-size widths
+        load_components(ModelConfig(pretrained=str(folder)))
+    assert len(said) == 1 and said[0].startswith(f"model.pretrained: {folder} is not SD-Turbo: "
+                                                 "unet cross_attention_dim is 32"), said
+
+
 def test_a_bin_pointer_beside_safetensors_is_not_read(tiny_folder, comp, tmp_path):
     """`git lfs pull --include "*.safetensors"` leaves the .bin files as pointers: the libraries
     load the safetensors, and so does the check."""

@@ -32,10 +32,12 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from degsr import console
 from degsr.errors import UserError
 from degsr.sr.arch import arch_configs
 from degsr.sr.config import ModelConfig
-from degsr.sr.folder_check import PREDICTION_TYPES, check_pretrained_folder, check_weights
+from degsr.sr.folder_check import (PREDICTION_TYPES, check_pretrained_folder, check_weights,
+                                   unlike_sd_turbo)
 
 
 
@@ -188,7 +190,10 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(model.pretrained).expanduser()
-    check_pretrained_folder(root, model.timestep)
+    unlike = unlike_sd_turbo(check_pretrained_folder(root, model.timestep))
+    if unlike:
+        console.log.warning(f"model.pretrained: {root} is not SD-Turbo: {unlike}. It loads and "
+                            "trains, but the method and the shipped settings are SD-Turbo's")
     tokenizer = load_local("tokenizer", root, CLIPTokenizer.from_pretrained)
     # float32 weights: SD 2.x configs say float16, which transformers >= 5 would load them as
     text_encoder = load_local("text_encoder", root, CLIPTextModel.from_pretrained, True,

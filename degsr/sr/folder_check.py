@@ -102,6 +102,25 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": sched}
 
 
+SD_UNET_WIDTHS = [320, 640, 1280, 1280]  # every full-size Stable Diffusion 1.x / 2.x UNet
+
+
+def unlike_sd_turbo(configs: dict[str, dict]) -> str | None:
+    """For a full-size Stable Diffusion UNet (block_out_channels 320-640-1280-1280), what in
+    :func:`check_pretrained_folder`'s configs says it is not SD-Turbo (SD 1.x's 768-wide
+    cross-attention, SD 2.x-768's v-prediction); None when nothing does, or for other sizes."""
+    unet, sched = configs["unet"], configs["scheduler"]
+    if list(unet.get("block_out_channels") or []) != SD_UNET_WIDTHS:
+        return None
+    cross = unet.get("cross_attention_dim", 1280)
+    if cross != 1024:
+        return f"unet cross_attention_dim is {cross} (SD 1.x: 768; SD-Turbo: 1024)"
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        return (f"scheduler prediction_type is {sched['prediction_type']!r} (SD 2.x 768-v; "
+                f"SD-Turbo: 'epsilon')")
+    return None
+
+
 LFS_POINTER = b"version https://git-lfs"
 
 
