@@ -197,6 +197,10 @@ def test_adapter_json_is_checked_and_a_loaded_net_saves_the_same_adapter(tmp_pat
     with pytest.raises(UserError, match="trained on the base folder 'mybase'"):
         load_adapter(tmp_path / "b")
     assert load_adapter(tmp_path / "b", pretrained=str(base))[1]["base"] == "mybase"
+    # the random base's keys are recorded only for an adapter trained on one
+    on_folder = json.loads((tmp_path / "b" / "adapter.json").read_text())["model"]
+    assert "arch" not in on_folder and "seed" not in on_folder
+    assert good["model"]["arch"] == "tiny" and good["base"] is None
 
 
 def test_degsr_fit_sr_on_a_saved_tiny_folder_with_all_losses_and_resume(tmp_path, degsr_cmd):

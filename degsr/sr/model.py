@@ -108,8 +108,9 @@ def save_adapter(model: SRModel, path, extra: dict | None = None) -> Path:
     pretrained = model.model_cfg.pretrained
     meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION,
             "lora": dataclasses.asdict(model.lora_cfg),
+            # pretrained is the user's to give; arch and seed build a random base, unused by one
             "model": {k: v for k, v in dataclasses.asdict(model.model_cfg).items()
-                      if k != "pretrained"},
+                      if k not in (("pretrained", "arch", "seed") if pretrained else ("pretrained",))},
             # the base it was trained on: a folder (named, the path is the user's to give) or arch
             "base": Path(pretrained).expanduser().name if pretrained else None, **(extra or {})}
     atomic_write_bytes(folder / "adapter.safetensors", save(tensors))
