@@ -56,7 +56,7 @@ def photos(tmp_path_factory) -> Path:
 def shards(photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "train"
     rc = degsr.cli.main(["shards", str(photos), "--out", str(out), "--per-shard", "2",
-                         "--min-side", "16", "--min-bytes", "0"])
+                         "--min-side", "16", "--min-bytes", "0", "--order", "path"])
     assert rc == 0
     return out
 

@@ -254,6 +254,28 @@ def test_workers_give_identical_shards(photos, tmp_path):
     assert [s["__key__"] for s in a] == [s["__key__"] for s in b]
 
 
+def test_images_are_shuffled_by_seed_unless_path_order_is_asked(photos, tmp_path):
+    """Default: a seeded shuffle of the found images (a shard mixes the folders), the same for the
+    same seed, another for another; --order path: the sorted walk. Keys still count 0, 1, ..."""
+    def sources(out, *args):
+        assert cli(tmp_path / "src", "--out", out, "--per-shard", 2, *SMALL, *args) == 0
+        samples = check_index(out)
+        keys = [s["__key__"] for s in samples]
+        assert [k[:8] for k in keys] == [f"{i:08d}" for i in range(len(keys))]
+        return [json.loads(s["json"])["source"] for s in samples]
+
+    walk = sorted(str(p) for p in photos.values())  # src/*.{bmp,png,...} before src/sub/...
+    assert sources(tmp_path / "path", "--order", "path") == walk
+    first = sources(tmp_path / "a")
+    assert sorted(first) == walk and first != walk  # 6 images: 1 chance in 720 to stay in order
+    assert sources(tmp_path / "b", "--seed", "0") == first
+    assert sources(tmp_path / "c", "--seed", "1") != first
+    for a, b in zip(sorted((tmp_path / "a").glob("*.tar")), sorted((tmp_path / "b").glob("*.tar"))):
+        assert a.read_bytes() == b.read_bytes()
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert index["options"]["order"] == "random" and index["options"]["seed"] == 1
+
+
 def test_expand_shard_pattern(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()

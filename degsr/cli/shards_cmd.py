@@ -24,6 +24,11 @@ def add_arguments(p) -> None:
                         "(default: keep original size and bytes)")
     p.add_argument("--workers", type=int, default=1, metavar="W",
                    help="processes decoding/checking images (default: %(default)s)")
+    p.add_argument("--order", choices=("random", "path"), default="random",
+                   help="random: shuffle the images (seeded) so that every shard mixes the "
+                        "collection's folders; path: the order found (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --order random (default: %(default)s)")
 
 
 def run(args) -> int:
@@ -31,7 +36,7 @@ def run(args) -> int:
 
     s = write_shards(args.sources, args.out, name=args.name, per_shard=args.per_shard,
                      min_side=args.min_side, min_bytes=args.min_bytes, max_side=args.max_side,
-                     workers=args.workers)
+                     workers=args.workers, order=args.order, seed=args.seed)
     note = f" (see {s.out / 'skipped.tsv'})" if s.skipped else ""
     print(f"{len(s.shards)} shards, {s.total} samples, {len(s.skipped)} skipped{note} "
           f"-> {s.out}")

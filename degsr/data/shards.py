@@ -10,6 +10,11 @@ longer side exceeds it is downscaled (LANCZOS, longer side = max_side) and store
 ``.convert("RGB")``. ``__key__`` = ``<8-digit running index>_<stem reduced to [A-Za-z0-9_-]>``
 (a dot would split the key in WebDataset).
 
+Order: by default the images are shuffled (``order="random"``, seeded by ``seed``) before they are
+packed, so a shard mixes the folders (shoots, sources) of the collection: the training stream
+reads one shard at a time through a shuffle buffer of a few hundred crops, and shards written in
+path order would give batches from one folder. ``order="path"`` keeps the order found.
+
 Each image is checked first: size on disk >= ``min_bytes``; fully decodable (decoded and converted
 to RGB now, so a truncated file fails here rather than mid-training); shorter side of the stored
 image >= ``min_side``. Rejects, and missing entries of list files, go to ``DIR/skipped.tsv``
@@ -35,6 +40,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import signal
 from concurrent.futures import ProcessPoolExecutor
@@ -218,7 +224,7 @@ def _prepared(images: list, prep, workers: int, stack: ExitStack):
 
 def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_side: int = 384,
                  min_bytes: int = 100_000, max_side: int | None = None,
-                 workers: int = 1) -> ShardSummary:
+                 workers: int = 1, order: str = "random", seed: int = 0) -> ShardSummary:
     """Write ``out/<name>-NNNNNN.tar`` shards, ``skipped.tsv`` and ``index.json`` (module doc)."""
     from webdataset import TarWriter  # imports torch: only when writing
 
@@ -226,6 +232,10 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     _check_options(out, name, per_shard, min_side, min_bytes, max_side, workers)
     sources = [os.path.expanduser(str(s)) for s in sources]
     images, skipped = find_images(sources)
+    if order == "random":
+        random.Random(seed).shuffle(images)
+    elif order != "path":
+        raise UserError(f"--order {order!r}: expected 'random' or 'path'")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -285,7 +295,8 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     index = {"name": name, "shards": summary.shards, "total": summary.total,
              "skipped": len(summary.skipped), "sources": [os.path.abspath(s) for s in sources],
              "options": {"per_shard": per_shard, "min_side": min_side, "min_bytes": min_bytes,
-                         "max_side": max_side},
+                         "max_side": max_side, "order": order,
+                         "seed": seed if order == "random" else None},
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
     return summary
