@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from degsr.errors import UserError
+from degsr.walk import files_under
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -179,8 +180,7 @@ def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path]
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
-                           and not earlier_output(q))
+            found = [q for q in files_under(p, IMAGE_SUFFIXES) if not earlier_output(q)]
             if not found:
                 problems.append(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)

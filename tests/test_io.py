@@ -139,3 +139,29 @@ def test_expand_inputs_lists_a_folder_sorted(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     paths, problems = expand_inputs([str(tmp_path)])
     assert problems == [] and paths == sorted(tmp_path / n for n in names)
+
+
+def test_symlinked_subfolders_are_followed_once_each(tmp_path, photo):
+    """A dataset folder assembled from links to other disks: `degsr shards`, `degsr sr` and the
+    validation folder read a linked folder's images (os.walk and Path.rglob skip them); a link
+    loop and a folder reachable twice are read once; a folder named like an image is no image."""
+    from degsr.data.shards import find_images
+    from degsr.io import expand_inputs
+    from degsr.walk import files_under
+
+    other = tmp_path / "other_disk"
+    (other / "deep").mkdir(parents=True)
+    data = tmp_path / "data"
+    (data / "own" / "x.png").mkdir(parents=True)  # a folder named like an image
+    for path in (data / "own" / "a.png", other / "b.JPG", other / "deep" / "c.png"):
+        Image.fromarray(photo).save(path, format="PNG")
+    (data / "linked").symlink_to(other, target_is_directory=True)
+    (data / "again").symlink_to(other, target_is_directory=True)  # the same real folder twice
+    (other / "deep" / "loop").symlink_to(data, target_is_directory=True)  # back up: a loop
+    want = {data / "own" / "a.png", data / "again" / "b.JPG", data / "again" / "deep" / "c.png"}
+    found = files_under(data, (".png", ".jpg"))
+    assert len(found) == 3 and found == sorted(found)
+    # each real file once, under whichever link the walk reached first
+    assert sorted(p.resolve() for p in found) == sorted(p.resolve() for p in want)
+    assert expand_inputs([str(data)]) == (found, [])
+    assert find_images([str(data)]) == ([str(p) for p in found], [])

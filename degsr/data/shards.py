@@ -52,6 +52,7 @@ from pathlib import Path
 
 from degsr import console
 from degsr.errors import UserError
+from degsr.walk import files_under
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIST_EXT = ".txt"
@@ -79,9 +80,7 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
     for src in map(str, sources):
         path = os.path.expanduser(src)
         if os.path.isdir(path):
-            found = [os.path.join(root, f) for root, _, files in os.walk(path)
-                     for f in files if f.lower().endswith(IMAGE_EXTS)]
-            images += sorted(found)
+            images += map(str, files_under(path, IMAGE_EXTS))
         elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
             base = os.path.dirname(os.path.abspath(path))
             try:

@@ -28,6 +28,7 @@ from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
 from degsr.degradation.pipeline import Degrader
 from degsr.errors import UserError
 from degsr.io import IMAGE_SUFFIXES, pair_folders, read_image
+from degsr.walk import files_under
 from degsr.seeding import make_generator
 
 VAL_SEED = 2024_0601
@@ -62,7 +63,7 @@ def _images_from_folder(folder: str, limit: int) -> Iterator[tuple[np.ndarray, C
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"data.val_folder: {folder} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = files_under(root, IMAGE_SUFFIXES)[:limit]
     for p in files:
         reload = functools.partial(_read_hwc, p)
         yield reload(), reload
