@@ -276,6 +276,24 @@ def test_images_are_shuffled_by_seed_unless_path_order_is_asked(photos, tmp_path
     assert index["options"]["order"] == "random" and index["options"]["seed"] == 1
 
 
+def test_very_large_images_are_named_with_the_memory_a_worker_needs(photos, tmp_path,
+                                                                    monkeypatch):
+    from degsr import console
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    monkeypatch.setattr("degsr.data.shards.LARGE_PIXELS", 300 * 300)  # the photos: 512² and less
+    assert cli(tmp_path / "src", "--out", tmp_path / "out", *SMALL) == 0
+    sizes = {k: getattr(skimage.data, k)().shape[:2] for k in ("astronaut", "coffee", "chelsea",
+                                                              "rocket")}
+    big = sorted((h * w, str(photos[k])) for k, (h, w) in sizes.items() if h * w > 300 * 300)
+    assert len(said) == 1 and said[0].startswith(
+        f"{len(big)} image(s) above 0 MP, the largest {big[-1][1]} ({big[-1][0] / 1e6:.0f} MP)")
+    said.clear()
+    assert cli(tmp_path / "src", "--out", tmp_path / "small", *SMALL, "--max-side", 300) == 0
+    assert said == []  # stored smaller: nothing to say
+
+
 def test_expand_shard_pattern(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()

@@ -32,11 +32,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from degsr.data.shards import write_shards
+    from degsr import console
+    from degsr.data.shards import LARGE_PIXELS, write_shards
 
     s = write_shards(args.sources, args.out, name=args.name, per_shard=args.per_shard,
                      min_side=args.min_side, min_bytes=args.min_bytes, max_side=args.max_side,
                      workers=args.workers, order=args.order, seed=args.seed)
+    if s.large:
+        pixels, path = max(s.large)
+        console.log.warning(
+            f"{len(s.large)} image(s) above {LARGE_PIXELS / 1e6:.0f} MP, the largest {path} "
+            f"({pixels / 1e6:.0f} MP): a training worker decodes the whole image for its crops "
+            f"(~{pixels * 20 / 2**30:.1f} GiB); --max-side 4096 stores them smaller")
     note = f" (see {s.out / 'skipped.tsv'})" if s.skipped else ""
     print(f"{len(s.shards)} shards, {s.total} samples, {len(s.skipped)} skipped{note} "
           f"-> {s.out}")

@@ -59,6 +59,7 @@ LIST_EXT = ".txt"
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: a JPEG with
 # more pictures appended (phones, cameras); decoders read its first picture
 TAR_MTIME = 0  # fixed, so the same inputs give byte-identical shards
+LARGE_PIXELS = 50_000_000  # a training worker holds ~20 bytes a pixel while it crops one
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ShardSummary:
     shards: list[dict] = field(default_factory=list)  # [{"file", "samples"}]
     total: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    large: list[tuple[int, str]] = field(default_factory=list)  # (pixels, path) above LARGE_PIXELS
 
 
 def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
@@ -188,6 +190,8 @@ def _samples(images, results, summary: ShardSummary):
             summary.skipped.append((path, reason))
             continue
         ext, data, w, h, resized_from = sample
+        if w * h > LARGE_PIXELS:
+            summary.large.append((w * h, path))
         meta = {"source": path, "width": w, "height": h}
         if resized_from:
             meta["resized_from"] = resized_from
