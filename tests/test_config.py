@@ -93,6 +93,14 @@ def test_wrong_type_names_key_and_types(override, key, words):
     ("run.name=", "run.name"),
     ("run.name=a/b", "run.name"),
     ("trainer.precision=bf16-true", "trainer.precision"),  # weights cast, the LR is not
+    # NaN / infinity: a range check alone lets inf through and every comparison with NaN is False
+    ("estimator.lr=.inf", "estimator.lr"),  # diverges at once, skipped steps, then a stop
+    ("trainer.max_minutes=.inf", "trainer.max_minutes"),  # timedelta(minutes=inf): a traceback
+    ("degradation.first.kernel_probs=[.nan,0,0,0,0,1]", "degradation.first.kernel_probs"),
+    ("degradation.first.blur_sigma=[.nan,1.0]", "degradation.first.blur_sigma"),
+    ("degradation.first.noise_sigma=[1.0,.inf]", "degradation.first.noise_sigma"),
+    ("data.scale_range=[.nan,.nan]", "data.scale_range"),
+    ("run.seed=4294967296", "run.seed"),  # Lightning's seed_everything: ValueError at fit
 ])
 def test_out_of_range_names_key(override, key):
     msg = problems(overrides=[override])
@@ -165,6 +173,28 @@ def test_bad_override_syntax_and_bad_yaml(tmp_path):
     assert "key=value" in problems(overrides=["justakey="[:-1] + " =1"])[0]
     f = write(tmp_path / "broken.yaml", "run: [1, 2\n")
     assert "broken.yaml" in problems([f])[0]
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("photo.png", b"\x89PNG\r\n\x1a\n\x00\xff", ["photo.png", "not a text"]),  # a file given
+    ("twice.yaml", b"trainer:\n  max_steps: 5\nrun:\n  seed: 1\ntrainer:\n  max_steps: 7\n",
+     ["twice.yaml", "line 5", "'trainer' appears twice"]),  # PyYAML: the first block vanished
+    ("inc.yaml", b"include: [5]\n", ["inc.yaml", "include"]),
+    ("interp.yaml", b"trainer:\n  max_steps: ${nope}\n", ["trainer.max_steps", "nope"]),
+    ("dir.yaml", None, ["dir.yaml", "is a folder"]),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    msg = problems([path])
+    assert len(msg) == 1 and "\n" not in msg[0], msg
+    for w in words:
+        assert w in msg[0], msg
+
+
+def test_a_bad_interpolation_in_an_override_is_one_line():
+    msg = problems(overrides=["model.pos_prompt=a photo ${5}"])
+    assert len(msg) == 1 and msg[0].startswith("config error: model.pos_prompt:"), msg
 
 
 def test_resolved_config_written_to_run_dir(tmp_path):

@@ -200,8 +200,14 @@ def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tm
     out = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2"]))
     root = Path(out["run_dir"])
     config, final = (root / "config.yaml").read_text(), (root / "final.json").read_text()
+    with pytest.raises(UserError, match=r"trained with another config .*estimator\.net\.head_hidden"):
+        fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2", "estimator.net.head_hidden=8"]))
+    assert (root / "config.yaml").read_text() == config and (root / "final.json").read_text() == final
+    assert codes == [0]  # refused before any W&B run was started
+    (root / "config.yaml").rename(root / "config.keep")  # no config to compare: the load decides
     with pytest.raises(UserError, match=r"does not fit this config .*size mismatch"):
         fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2", "estimator.net.head_hidden=8"]))
+    (root / "config.keep").rename(root / "config.yaml")
     assert (root / "config.yaml").read_text() == config and (root / "final.json").read_text() == final
     assert codes == [0, 1]
 
@@ -218,6 +224,26 @@ def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tm
     assert events(root)[-1]["event"] == "error" and codes == [0, 1, 1]
     with pytest.raises(UserError, match="holds a stage-'estimator' run; this is stage 'sr'"):
         fitmod.fit(load_config([SR], base))  # one ablation file run as stage 1, then stage 2
+
+
+def test_a_rerun_with_another_learning_rate_is_refused_and_writes_nothing(shards, tmp_path):
+    """The tiny configs fix run.name: `degsr fit configs/estimator_tiny.yaml estimator.lr=...` a
+    second time resumed the first run. With the same trainer.max_steps it 'finished' at once
+    (exit 0, the old export reported, nothing trained with the new value); with more steps it
+    trained on under the new values and replaced the run's config.yaml, the only record of what
+    its checkpoints were trained with. Changing how long it runs stays allowed."""
+    base = [f"data.train_shards={shards}/shards", "logger.wandb=false", "data.crop_size=64",
+            "data.batch_size=4", "data.num_workers=0", "data.batches_per_epoch=3",
+            "trainer.val_every_n_steps=100", f"run.dir={tmp_path}", "run.name=r"]
+    root = Path(fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2"]))["run_dir"])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for steps in (2, 3):
+        with pytest.raises(UserError, match=r"trained with another config .*estimator\.lr: "
+                                            r"0\.001 -> 0\.5.*another run\.name"):
+            fitmod.fit(load_config([EST], [*base, f"trainer.max_steps={steps}", "estimator.lr=0.5"]))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    out = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=3", "data.num_workers=1"]))
+    assert out["global_step"] == 3 and "max_steps: 3" in (root / "config.yaml").read_text()
 
 
 def test_sigusr1_while_the_models_load_is_honoured_at_the_first_step(shards, tmp_path,
@@ -377,3 +403,15 @@ def test_ctrl_c_during_fit_says_interrupted(shards, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 130 and r.stderr.rstrip().endswith("interrupted"), r.stderr[-2000:]
     assert events(tmp_path / "runs" / "estimator-tiny")[-1]["event"] == "error"
+
+
+def test_a_foreign_checkpoint_in_the_run_is_one_line(tmp_path):
+    """A complete torch file that Lightning did not write (a state dict copied in as last.ckpt)
+    passed the CRC check and ended in KeyError: 'pytorch-lightning_version' (a traceback)."""
+    ckpts = tmp_path / "r" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    torch.save({"state_dict": {}}, ckpts / "last.ckpt")
+    cfg = load_config([EST], [f"run.dir={tmp_path}", "run.name=r", "logger.wandb=false"])
+    with pytest.raises(UserError, match=r"last\.ckpt is not a checkpoint degsr fit wrote"):
+        fitmod.fit(cfg)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == ["checkpoints", "last.ckpt"]

@@ -15,6 +15,11 @@ from typing import Any, Callable, Sequence
 Check = Callable[[Any], "str | None"]
 
 
+def _not_finite(values) -> bool:
+    """Any of ``values`` a float NaN or infinity (no config number means either)."""
+    return any(isinstance(v, float) and not math.isfinite(v) for v in values)
+
+
 def problems_of(obj: Any, prefix: str = "") -> list[str]:
     """Every failed field check and ``check()`` rule of a config dataclass, recursively, as
     ``"dotted.key: problem"`` lines."""
@@ -74,8 +79,8 @@ def number(default: Any, doc: str = "", *, lo: float = -math.inf, hi: float = ma
     def check(v):
         if v is None:
             return None
-        if isinstance(v, float) and math.isnan(v):
-            return "must be a number, got nan"
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v}"
         bad_lo = v <= lo if lo_open else v < lo
         if bad_lo or v > hi:
             left = "(" if lo_open else "["
@@ -95,6 +100,8 @@ def span(default: Sequence[float], doc: str = "", *, lo: float = -math.inf,
         if len(v) != 2:
             return f"must be a [low, high] pair, got {list(v)}"
         a, b = v
+        if _not_finite(v):
+            return f"must be finite numbers, got {list(v)}"
         if a > b:
             return f"low must not exceed high, got [{a}, {b}]"
         if a < lo or b > hi:
@@ -108,7 +115,7 @@ def distribution(default: Sequence[float], doc: str = "", *, size: int | None = 
     def check(v):
         if size is not None and len(v) != size:
             return f"must list {size} probabilities, got {len(v)}"
-        if any(p < 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
+        if _not_finite(v) or any(p < 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
             return f"must be non-negative and sum to 1, got {list(v)} (sum {sum(v):g})"
         return None
     return _field(list(default), check, doc)

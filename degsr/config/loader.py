@@ -57,11 +57,17 @@ def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError([f"config error: include cycle: {chain}"])
+    where = f" (included from {stack[-1]})" if stack else ""
+    if path.is_dir():
+        raise ConfigError([f"config error: {path} is a folder, not a config file{where}"])
     if not path.is_file():
-        where = f" (included from {stack[-1]})" if stack else ""
         raise ConfigError([f"config error: config file not found: {path}{where}"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError([f"config error: {path} is not a text (UTF-8) YAML file{where}"]) from None
+    except OSError as e:
+        raise ConfigError([f"config error: {path}: cannot be read ({e.strerror or e}){where}"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -72,9 +78,27 @@ def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     if isinstance(includes, str):
         includes = [includes]
     merged: dict = {}
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError([f"config error: {path}: '{INCLUDE_KEY}' must be a file name or a list "
+                           f"of file names, got {includes!r}"])
     for inc in includes:
         merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*stack, path)))
     return _deep_merge(merged, data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, so a second ``trainer:`` block would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -168,11 +192,15 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
 
 def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
     """Raise one ConfigError listing every missing value and failed check, each by its key."""
-    problems = [f"config error: missing required value '{k}' (set it in a YAML file or as {k}=...)"
-                for k in sorted(OmegaConf.missing_keys(cfg))]
-    if problems:
-        raise ConfigError(problems)
-    problems.extend(f"config error: {p}" for p in problems_of(OmegaConf.to_object(cfg)))
+    try:
+        problems = [f"config error: missing required value '{k}' (set it in a YAML file or as "
+                    f"{k}=...)" for k in sorted(OmegaConf.missing_keys(cfg))]
+        if problems:
+            raise ConfigError(problems)
+        problems.extend(f"config error: {p}" for p in problems_of(OmegaConf.to_object(cfg)))
+    except OmegaConfBaseException as e:  # a ${...} interpolation that does not resolve
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError([f"config error: {e.full_key or 'a value'}: {first}"]) from None
     if problems:
         raise ConfigError(problems)
 

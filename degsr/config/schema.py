@@ -101,7 +101,8 @@ class RunConfig:
     name: str = plain("degsr", "run name: the run directory is <dir>/<name> (no timestamp, so a "
                                "requeued job finds its own checkpoints)")
     dir: str = plain("runs", "parent folder of run directories")
-    seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0)
+    seed: int = number(0, "base seed; each rank and worker derives its own stream", lo=0,
+                       hi=2**32 - 1)  # Lightning's seed_everything (numpy) takes 32 bits
     export_dir: str = plain("export", "where the stage's export goes, relative to the run directory")
 
     def check(self):

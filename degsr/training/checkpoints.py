@@ -57,3 +57,11 @@ def find_resume(folder: Path) -> Path | None:
             return path
         console.log.warning(f"skipping checkpoint {path}: truncated or damaged ({problem})")
     return None
+
+
+def is_lightning(path: Path) -> bool:
+    """Whether a complete torch checkpoint is one Lightning wrote (its pickle names the key
+    ``pytorch-lightning_version``; the tensors are separate members, so this reads little)."""
+    with zipfile.ZipFile(path) as z:
+        pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        return pkl is not None and b"pytorch-lightning_version" in z.read(pkl)

@@ -32,7 +32,7 @@ from degsr import console
 from degsr.config import save_config
 from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
-from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
+from degsr.training.checkpoints import AtomicCheckpointIO, find_resume, is_lightning
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 from degsr.training.tracking import (finish_wandb, is_wandb, log_export_artifact, make_logger,
                                      run_dir)
@@ -187,17 +187,54 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
         enable_progress_bar=console.show_progress(), enable_model_summary=console.show_progress())
 
 
-def _check_same_stage(root: Path, stage: str) -> None:
-    """A run directory holds one stage: resuming a stage-1 run as stage 2 is a one-line error."""
+# keys a resumed run may change: how long and where it runs, how often it logs/validates/saves,
+# where its inputs now live (moved files), the logger; anything else would silently train the
+# rest of the run (or nothing, when it had finished) under another config than its checkpoints
+RESUME_MAY_CHANGE = ("run.", "logger.", "trainer.max_steps", "trainer.max_minutes",
+                     "trainer.val_every_n_steps", "trainer.log_every_n_steps",
+                     "trainer.checkpoint_every_n_steps", "trainer.keep_last_n",
+                     "trainer.max_nonfinite_skips", "trainer.devices", "trainer.num_nodes",
+                     "trainer.accelerator", "trainer.strategy", "data.num_workers",
+                     "data.train_shards", "data.val_shards", "data.val_folder",
+                     "data.val_paired_lr", "data.val_paired_hr", "data.max_bad_fraction",
+                     "data.min_samples_for_bad_check", "model.pretrained", "sr.estimator",
+                     "sr.lpips_vgg", "disc.backbone")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_run(root: Path, cfg: DictConfig) -> None:
+    """A run directory holds one run: resuming it under another stage, or with a key changed
+    that is not in RESUME_MAY_CHANGE, is a one-line error (nothing is written)."""
     import yaml
+    from omegaconf import OmegaConf
 
     try:
-        saved = yaml.safe_load((root / "config.yaml").read_text()).get("stage")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        saved = yaml.safe_load((root / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return  # no readable config: the checkpoint load decides
-    if saved is not None and saved != stage:
-        raise UserError(f"run {root} holds a stage-'{saved}' run; this is stage '{stage}': give it "
-                        "another run.name")
+    if not isinstance(saved, dict):
+        return
+    if saved.get("stage") is not None and saved.get("stage") != cfg.stage:
+        raise UserError(f"run {root} holds a stage-'{saved['stage']}' run; this is stage "
+                        f"'{cfg.stage}': give it another run.name")
+    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [k for k in sorted(old.keys() & new.keys())
+               if old[k] != new[k] and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        shown = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UserError(f"run {root} was trained with another config (its config.yaml): {shown}"
+                        f"{more}; resume it with the same values, or give another run.name to "
+                        "start a new run")
 
 
 def fit(cfg: DictConfig) -> dict:
@@ -213,7 +250,11 @@ def fit(cfg: DictConfig) -> dict:
     if resume is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
         save_config(cfg, root)
     else:
-        _check_same_stage(root, cfg.stage)
+        if not is_lightning(resume):
+            raise UserError(f"run {root}: {resume} is not a checkpoint degsr fit wrote (no "
+                            "Lightning state): move it out of checkpoints/ to resume from the "
+                            "others, or give another run.name")
+        _check_same_run(root, cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     last = root / "checkpoints" / "last.ckpt"
     preemption = Preemption(last)
