@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import types
 import zipfile
 from pathlib import Path
 
@@ -244,6 +245,29 @@ def test_a_rerun_with_another_learning_rate_is_refused_and_writes_nothing(shards
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     out = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=3", "data.num_workers=1"]))
     assert out["global_step"] == 3 and "max_steps: 3" in (root / "config.yaml").read_text()
+    # the same run once more: nothing to train, and the summary gives the metrics it ended with
+    ended = json.loads((root / "final.json").read_text())["metrics"]
+    again = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=3"]))
+    assert again["global_step"] == 3 and again["metrics"] == ended and ended
+    # its checkpoints pruned (or all damaged): not trained again from scratch over its export
+    for ckpt in (root / "checkpoints").iterdir():
+        ckpt.unlink()
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"has ended \(final\.json\) but checkpoints/ holds no "
+                                        r"usable checkpoint"):
+        fitmod.fit(load_config([EST], [*base, "trainer.max_steps=3"]))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_final_metrics_are_json_numbers():
+    """A statistic of one validation sample is NaN: final.json and the summary said NaN, which
+    JSON has not; such a value is null now. The others are rounded to 6 decimals."""
+    trainer = types.SimpleNamespace(callback_metrics={
+        "val/psnr": torch.tensor(31.1234567), "val/srcc": torch.tensor(float("nan")),
+        "train/loss": torch.tensor(float("inf")), "step": 5, "image": torch.zeros(2)})
+    got = fitmod.final_metrics(trainer)
+    assert got == {"val/psnr": 31.123457, "val/srcc": None, "train/loss": None, "step": 5.0}
+    json.loads(json.dumps(got, allow_nan=False))
 
 
 def test_sigusr1_while_the_models_load_is_honoured_at_the_first_step(shards, tmp_path,

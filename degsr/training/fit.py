@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
 import time
@@ -115,9 +116,20 @@ def append_event(root: Path, name: str, **fields) -> None:
         os.fsync(f.fileno())
 
 
-def final_metrics(trainer) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
-            if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+def final_metrics(trainer) -> dict[str, float | None]:
+    """The trainer's scalar metrics, rounded; a NaN or infinity (a statistic of one validation
+    sample, a diverged loss) is None, as JSON has no such number."""
+    values = {k: float(v) for k, v in trainer.callback_metrics.items()
+              if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+    return {k: round(v, 6) if math.isfinite(v) else None for k, v in values.items()}
+
+
+def _ended_metrics(root: Path) -> dict:
+    """The metrics final.json recorded (a rerun of a finished run trains nothing and has none)."""
+    try:
+        return json.loads((root / "final.json").read_text()).get("metrics") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 class SeedEachBatch(Callback):
@@ -247,6 +259,10 @@ def fit(cfg: DictConfig) -> dict:
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     resume = find_resume(root / "checkpoints")
+    if resume is None and (root / "final.json").is_file():
+        raise UserError(f"run {root} has ended (final.json) but checkpoints/ holds no usable "
+                        "checkpoint to resume from: its export and logs are left as they are; "
+                        "give another run.name to train again")
     if resume is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
         save_config(cfg, root)
     else:
@@ -298,7 +314,7 @@ def fit(cfg: DictConfig) -> dict:
         finish_wandb(3 if preemption.preempted else 1 if failed else 0)  # sweeps see failures
     if preemption.preempted and trainer.is_global_zero and under_slurm():
         append_event(root, "requeue", ok=requeue())  # the last thing: Slurm then ends the tasks
-    metrics = final_metrics(trainer)
+    metrics = final_metrics(trainer) or _ended_metrics(root)
     return {"run_dir": str(root), "global_rank": trainer.global_rank, "global_step": trainer.global_step,
             "status": "preempted" if preemption.preempted else "finished",
             "export": None if preemption.preempted else str(root / cfg.run.export_dir),
