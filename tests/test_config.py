@@ -101,6 +101,10 @@ def test_wrong_type_names_key_and_types(override, key, words):
     ("degradation.first.noise_sigma=[1.0,.inf]", "degradation.first.noise_sigma"),
     ("data.scale_range=[.nan,.nan]", "data.scale_range"),
     ("run.seed=4294967296", "run.seed"),  # Lightning's seed_everything: ValueError at fit
+    # 1x1 LR crops; the default estimator's one stride-2 stage needs 2x2 (an error at fit naming
+    # no key)
+    ("data.crop_size=4", "data.crop_size"),
+    ("data.val_crop_size=4", "data.val_crop_size"),
 ])
 def test_out_of_range_names_key(override, key):
     msg = problems(overrides=[override])

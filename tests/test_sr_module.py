@@ -476,3 +476,12 @@ def test_validation_quantises_to_the_8_bit_grid():
     x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.3, 0.999, 1.0, 2.0])
     want = torch.tensor([0, 0, 64, 128, 166, 255, 255, 255]) / 255.0  # 63.75 165.75 254.87...
     assert torch.equal(_q(x), want)
+
+
+def test_a_folder_that_is_no_estimator_export_names_the_key(tmp_path):
+    from degsr.errors import UserError
+
+    (tmp_path / "est").mkdir()
+    with pytest.raises(UserError, match=rf"^sr\.estimator: estimator config not found: "
+                                        rf"{tmp_path / 'est'}/estimator\.json$"):
+        module(f"sr.estimator={tmp_path / 'est'}")

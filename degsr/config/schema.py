@@ -151,6 +151,13 @@ class Config:
             if self.degradation.scale in SCALES and getattr(self.data, key) % self.degradation.scale:
                 yield f"data.{key}", (f"must be a multiple of degradation.scale "
                                       f"({self.degradation.scale}), got {getattr(self.data, key)}")
+        need = 2 ** sum(1 for d in self.estimator.net.downscales if d == 2)  # its smallest input
+        for key in ("crop_size", "val_crop_size"):
+            side = getattr(self.data, key) // max(1, self.degradation.scale)
+            if self.stage == "estimator" and self.degradation.scale in SCALES and 0 < side < need:
+                yield f"data.{key}", (f"gives {side}x{side} LR crops (/ degradation.scale), "
+                                      f"smaller than the {need}x{need} the estimator's stride-2 "
+                                      "stages (estimator.net.downscales) need")
         if (self.stage == "estimator" and self.estimator.within_crop_weight > 0
                 and self.data.degradations_per_crop < 2):
             yield "estimator.within_crop_weight", ("needs data.degradations_per_crop >= 2 (each "

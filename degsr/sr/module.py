@@ -54,8 +54,12 @@ class SRModule(L.LightningModule):
         self._checkpoint(self.cfg.gradient_checkpointing)
         self.estimator = None
         if self.cfg.estimator and self.net.modulation is not None:  # plain LoRA: d is unused
+            from degsr.errors import UserError
             from degsr.estimator.export import load_estimator
-            self.estimator = load_estimator(self.cfg.estimator)
+            try:
+                self.estimator = load_estimator(self.cfg.estimator)
+            except UserError as e:
+                raise UserError(f"sr.estimator: {e}") from None
         self.lpips = None
         if self.cfg.lpips_weight > 0:
             from degsr.metrics.lpips import LPIPS
