@@ -289,3 +289,12 @@ def test_a_gpu_config_on_a_machine_without_one_is_one_line(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "trainer.accelerator=gpu" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("first, second", [("trainer.max_steps.x=6", "trainer.max_steps=5"),
+                                           ("trainer.max_steps=5", "trainer.max_steps.x=6")])
+def test_an_override_below_a_key_then_the_key_is_a_conflict_either_way(first, second):
+    """A later trainer.max_steps=5 silently dropped an earlier typo trainer.max_steps.x=6 (the
+    other order was already an error)."""
+    assert problems(overrides=[first, second]) == [
+        f"config error: override '{second}' conflicts with an earlier one"]

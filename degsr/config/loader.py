@@ -162,6 +162,9 @@ def _parse_overrides(overrides: list[str], schema: dict[str, Any]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"config error: override '{item}' conflicts with an earlier one"])
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            # an earlier a.b.c=... under a.b: replacing it would drop what it set (a typo unseen)
+            raise ConfigError([f"config error: override '{item}' conflicts with an earlier one"])
         node[parts[-1]] = value
     return out
 
