@@ -298,3 +298,19 @@ def test_an_override_below_a_key_then_the_key_is_a_conflict_either_way(first, se
     other order was already an error)."""
     assert problems(overrides=[first, second]) == [
         f"config error: override '{second}' conflicts with an earlier one"]
+
+
+def test_a_text_key_that_yaml_reads_as_a_number_or_bool_in_a_file_is_named(tmp_path):
+    """In a file YAML 1.1 read run.name: 0123 as 83 (octal), 12:30 as 750 and no as False, and
+    the config took '83', '750', 'False' for the name. Quoted, the text stays as typed."""
+    f = write(tmp_path / "a.yaml", "run:\n  name: 0123\nlogger:\n  group: 12:30\n"
+                                   "data:\n  train_shards: no\n")
+    assert sorted(problems([f])) == [
+        f"config error: data.train_shards: YAML reads False (bool) there, not text: quote the "
+        f"value in {f}",
+        f"config error: logger.group: YAML reads 750 (int) there, not text: quote the value in {f}",
+        f"config error: run.name: YAML reads 83 (int) there, not text: quote the value in {f}"]
+    q = write(tmp_path / "q.yaml", "run:\n  name: '0123'\nlogger:\n  group: \"12:30\"\n"
+                                   "model:\n  pretrained: null\n")
+    cfg = load_config([q])
+    assert (cfg.run.name, cfg.logger.group, cfg.model.pretrained) == ("0123", "12:30", None)

@@ -171,6 +171,11 @@ def _parse_overrides(overrides: list[str], schema: dict[str, Any]) -> dict:
 
 def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> DictConfig:
     problems = _check_keys(data, schema, origin)
+    # YAML 1.1 reads name: 0123 as 83, 12:30 as 750, no as False: a text key must get text
+    problems += [f"config error: {key}: YAML reads {value!r} ({type(value).__name__}) there, not "
+                 f"text: quote the value in {origin}" for key, value in _flatten(data)
+                 if key in schema and _is_text(schema[key]) and value is not None
+                 and not isinstance(value, str)]
     if problems:
         raise ConfigError(problems)
     try:
