@@ -439,3 +439,92 @@ def test_a_foreign_checkpoint_in_the_run_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"last\.ckpt is not a checkpoint degsr fit wrote"):
         fitmod.fit(cfg)
     assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == ["checkpoints", "last.ckpt"]
+
+
+# ------------------------------------------------------------------------ ModelCheckpoint on resume
+def _ckpt_steps(run_dir) -> dict[str, int]:
+    return {p.name: torch.load(p, weights_only=False, map_location="cpu")["global_step"]
+            for p in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt"))}
+
+
+def _est_args(shards, tmp_path, *extra) -> list[str]:
+    return [f"data.train_shards={shards}/shards", "logger.wandb=false", "data.crop_size=64",
+            "data.batch_size=4", "data.num_workers=0", "data.echo=1", "data.batches_per_epoch=3",
+            "trainer.val_every_n_steps=100", f"run.dir={tmp_path}", "run.name=r", *extra]
+
+
+def test_resumed_with_another_checkpoint_interval_the_old_checkpoints_are_still_managed(
+        shards, tmp_path, recwarn):
+    """trainer.checkpoint_every_n_steps was part of Lightning's ModelCheckpoint state key: resumed
+    with another value, the checkpoint's list of step*.ckpt was dropped (Lightning's "callbacks
+    used to create the checkpoint" warning) and the earlier attempt's files were never removed."""
+    out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=4",
+                                                  "trainer.checkpoint_every_n_steps=2")))
+    assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 4, "step0000002.ckpt": 2,
+                                           "step0000004.ckpt": 4}
+    recwarn.clear()
+    out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=8",
+                                                  "trainer.checkpoint_every_n_steps=3")))
+    assert not [w for w in recwarn if "callbacks used to create the checkpoint" in str(w.message)]
+    # keep_last_n=2 over both attempts: step 6 replaced step 2; the run ended at step 8
+    assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 8, "step0000004.ckpt": 4,
+                                           "step0000006.ckpt": 6}
+    # keep_last_n lowered on resume: the oldest extra one goes at the start
+    out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=9",
+                                                  "trainer.checkpoint_every_n_steps=3",
+                                                  "trainer.keep_last_n=1")))
+    assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 9, "step0000009.ckpt": 9}
+
+
+class StopAt(Callback):
+    """trainer.should_stop at a step, as Lightning's Timer does for trainer.max_minutes."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("ending", ["max_steps", "epoch_end", "time_limit"])
+def test_last_ckpt_holds_the_step_a_run_ends_on(ending, shards, tmp_path, monkeypatch):
+    """A finished run's last.ckpt used to be the last periodic checkpoint: up to
+    checkpoint_every_n_steps - 1 steps behind when the run ended between two (max_steps or
+    max_minutes), and one interval behind when the final periodic save fell on the last batch of
+    a Lightning epoch (put off until a validation that never came). A rerun trained them again."""
+    steps, every, stop = {"max_steps": (7, 2, None), "epoch_end": (6, 3, None),
+                          "time_limit": (9, 2, 5)}[ending]
+    # epoch_end: 3 steps an epoch, validated every 4 steps (Lightning put the save off only when
+    # there is a validation set)
+    val = [f"data.val_folder={shards}/val", "data.val_crops=4", "data.val_batch_size=4",
+           "trainer.val_every_n_steps=4"] if ending == "epoch_end" else []
+    if stop is not None:
+        monkeypatch.setattr(fitmod, "make_trainer", lambda c, r, logger, extra=(): REAL_MAKE_TRAINER(
+            c, r, logger, [*extra, StopAt(stop)]))
+    out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, f"trainer.max_steps={steps}",
+                                                  f"trainer.checkpoint_every_n_steps={every}", *val)))
+    end = stop or steps
+    assert out["status"] == "finished" and out["global_step"] == end
+    found = _ckpt_steps(out["run_dir"])
+    assert found["last.ckpt"] == end, found
+    if end % every == 0:
+        assert found[f"step{end:07d}.ckpt"] == end, found
+
+
+def test_sigterm_during_fit_says_terminated(shards, tmp_path):
+    """Lightning stops at the end of the batch on SIGTERM (kill, timeout, a Slurm preemption
+    without --signal) by raising SIGTERMException, a SystemExit without a code: degsr fit
+    exited with status 0 and said nothing. Like the other commands: 'terminated', status 143.
+    Nothing is saved: a rerun resumes from the last periodic checkpoint."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(CTRL_C_SCRIPT.replace("signal.SIGINT)", "signal.SIGTERM)"))
+    r = subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
+                        "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
+                        "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
+                        "trainer.val_every_n_steps=100", f"run.dir={tmp_path}/runs"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.rstrip().endswith("terminated"), r.stderr[-2000:]
+    ev = events(tmp_path / "runs" / "estimator-tiny")
+    assert ev[-1]["event"] == "error" and ev[-1]["step"] == 2

@@ -6,6 +6,9 @@
   one is saved, so "keep last N" never drops below N complete files).
 - :func:`find_resume` picks the newest checkpoint in the run's ``checkpoints/`` that is complete
   (torch's zip container, every member's CRC checked), and says which damaged ones it skipped.
+- :class:`RunCheckpoint` is Lightning's ModelCheckpoint as ``degsr fit`` uses it (``step*.ckpt``
+  every N steps, the newest ``keep_last_n`` kept, ``last.ckpt``), made safe to resume with another
+  ``checkpoint_every_n_steps``/``keep_last_n`` and saving the step a run ends on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from degsr import console
 
@@ -65,3 +69,66 @@ def is_lightning(path: Path) -> bool:
     with zipfile.ZipFile(path) as z:
         pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
         return pkl is not None and b"pytorch-lightning_version" in z.read(pkl)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint(monitor="step", mode="max"): the newest ``save_top_k`` periodic checkpoints
+    and ``last.ckpt``, with three changes that matter when a run is resumed:
+
+    - its ``state_key`` does not name ``every_n_train_steps``: Lightning's key does, so a run
+      resumed with another ``trainer.checkpoint_every_n_steps`` dropped the saved list of periodic
+      checkpoints (with the warning "callbacks used to create the checkpoint need to be provided")
+      and never removed the earlier attempt's ``step*.ckpt`` files. Checkpoints written under
+      Lightning's key are still read (:meth:`on_load_checkpoint`).
+    - resumed with a smaller ``save_top_k`` (``trainer.keep_last_n``), the oldest extra ones are
+      removed at the start (Lightning removes one file per save, only when it holds exactly k).
+    - the step a run ends on (``max_steps`` or the time limit, at a step boundary) is saved as
+      ``last.ckpt``: Lightning saved ``last.ckpt`` at the end only when no checkpoint had been
+      saved yet, and a periodic save on the last batch of a Lightning epoch was put off until a
+      validation that, at the end of training, never came. ``last.ckpt`` was then up to
+      ``checkpoint_every_n_steps - 1`` steps behind a finished run, which a rerun trained again.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(monitor="step", mode="max", **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def on_load_checkpoint(self, trainer, module, checkpoint) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:  # written under Lightning's key (any interval)
+            old = [k for k in states if isinstance(k, str) and k.startswith(
+                "ModelCheckpoint{'monitor': 'step', 'mode': 'max',")]
+            if len(old) == 1:
+                states[self.state_key] = states[old[0]]  # load_state_dict runs after this hook
+
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        k = self.save_top_k
+        if k > 0 and len(self.best_k_models) > k:  # keep_last_n lowered since the checkpoint
+            newest = sorted(self.best_k_models, key=lambda p: float(self.best_k_models[p]),
+                            reverse=True)
+            for path in newest[k:]:
+                self.best_k_models.pop(path)
+                self._remove_checkpoint(trainer, path)
+            self.kth_best_model_path = newest[k - 1]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if self._should_skip_saving_checkpoint(trainer):  # saved at this step already, or not fit
+            return
+        from degsr.training.cluster import _at_step_boundary
+
+        if not _at_step_boundary(trainer, module, batch_idx):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if getattr(self, "_defer_save_until_validation", False):  # (Lightning >= 2.5) the
+            # monitored value, the step, is never stale: save now
+            self._defer_save_until_validation = False
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        elif trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+            self._save_last_checkpoint(trainer, candidates)  # the step training ends on

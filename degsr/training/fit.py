@@ -26,14 +26,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from degsr import console
 from degsr.config import save_config
 from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
-from degsr.training.checkpoints import AtomicCheckpointIO, find_resume, is_lightning
+from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, find_resume,
+                                       is_lightning)
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 from degsr.training.tracking import (finish_wandb, is_wandb, log_export_artifact, make_logger,
                                      run_dir)
@@ -169,10 +171,10 @@ class DataQualityLog(Callback):
 def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
     console.quiet_lightning()
-    ckpt = ModelCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
-                           save_last=True, save_top_k=t.keep_last_n, monitor="step", mode="max",
-                           filename="step{step:07d}", auto_insert_metric_name=False,
-                           enable_version_counter=False)  # one run dir per run: overwrite last
+    ckpt = RunCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
+                         save_last=True, save_top_k=t.keep_last_n, filename="step{step:07d}",
+                         auto_insert_metric_name=False,
+                         enable_version_counter=False)  # one run dir per run: overwrite last
     callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed)]
     if cfg.stage == "estimator" and cfg.estimator.ema_decay > 0:  # before RunLog: it swaps the
         from lightning.pytorch.callbacks import EMAWeightAveraging  # average in, then RunLog exports
@@ -299,6 +301,10 @@ def fit(cfg: DictConfig) -> dict:
             launcher.kill(signal.SIGKILL)
         if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1)
+        if isinstance(e, SIGTERMException):  # a SystemExit without a code: status 0, silent
+            from degsr.cli import Terminated  # "terminated", status 143 as the other commands
+
+            raise Terminated() from None
         if resume is not None and isinstance(e, (RuntimeError, ValueError)) and (
                 "Error(s) in loading state_dict" in str(e)  # the weights
                 or "parameter group that doesn't match" in str(e)):  # the optimizer's groups
