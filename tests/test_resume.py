@@ -512,13 +512,20 @@ def test_last_ckpt_holds_the_step_a_run_ends_on(ending, shards, tmp_path, monkey
         assert found[f"step{end:07d}.ckpt"] == end, found
 
 
-def test_sigterm_during_fit_says_terminated(shards, tmp_path):
+@pytest.mark.parametrize("when", ["during_the_step", "after_its_hooks"])
+def test_sigterm_during_fit_saves_the_step_and_says_terminated(shards, tmp_path, when):
     """Lightning stops at the end of the batch on SIGTERM (kill, timeout, a Slurm preemption
     without --signal) by raising SIGTERMException, a SystemExit without a code: degsr fit
-    exited with status 0 and said nothing. Like the other commands: 'terminated', status 143.
-    Nothing is saved: a rerun resumes from the last periodic checkpoint."""
+    exited with status 0, said nothing and saved nothing. Now: 'terminated', status 143, as the
+    other commands; a SIGTERM that comes during a step (where a step's time goes) saves
+    last.ckpt at its end first, as SIGUSR1 does. One that comes after the step's hooks ran
+    (a narrow window) saves nothing: a rerun resumes from the last periodic checkpoint."""
     script = tmp_path / "sigterm.py"
-    script.write_text(CTRL_C_SCRIPT.replace("signal.SIGINT)", "signal.SIGTERM)"))
+    text = CTRL_C_SCRIPT.replace("signal.SIGINT)", "signal.SIGTERM)")
+    if when == "during_the_step":
+        text = text.replace("on_train_batch_end(self, trainer, module, outputs, batch, batch_idx)",
+                            "on_train_batch_start(self, trainer, module, batch, batch_idx)")
+    script.write_text(text)
     r = subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
                         "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
                         "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
@@ -526,5 +533,13 @@ def test_sigterm_during_fit_says_terminated(shards, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-2000:])
     assert r.stderr.rstrip().endswith("terminated"), r.stderr[-2000:]
-    ev = events(tmp_path / "runs" / "estimator-tiny")
+    run = tmp_path / "runs" / "estimator-tiny"
+    ev = events(run)
     assert ev[-1]["event"] == "error" and ev[-1]["step"] == 2
+    if when == "during_the_step":
+        assert [(e["event"], e["step"], e["signal"]) for e in ev if e["event"] == "preempt"] == [
+            ("preempt", 2, "SIGTERM")]
+        assert _ckpt_steps(run) == {"last.ckpt": 2}
+        assert "SIGTERM: saved" in r.stderr
+    else:
+        assert not [e for e in ev if e["event"] == "preempt"] and _ckpt_steps(run) == {}

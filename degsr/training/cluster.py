@@ -86,7 +86,8 @@ def requeue() -> bool:
 
 
 class Preemption(Callback):
-    """SIGUSR1 -> save ``ckpt_path`` after the current step on every rank, requeue, stop."""
+    """SIGUSR1 -> save ``ckpt_path`` after the current step on every rank, requeue, stop.
+    SIGTERM that came during a step -> the same save, then Lightning's stop (exit 143)."""
 
     def __init__(self, ckpt_path: Path, on_preempt=None, signum: int = signal.SIGUSR1):
         self.ckpt_path, self.on_preempt, self.signum = Path(ckpt_path), on_preempt, signum
@@ -125,7 +126,10 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.preempted or not _at_step_boundary(trainer, module, batch_idx):
             return
-        requested = self.requested
+        # SIGTERM (kill, a Slurm preemption that sends no --signal): Lightning raises at the end
+        # of this step; save first, as for SIGUSR1, when it came before this hook
+        sigterm = bool(getattr(trainer, "received_sigterm", False))
+        requested = self.requested or sigterm
         if trainer.world_size > 1:  # all ranks must agree; alone, the flag needs no device sync
             flag = torch.tensor(float(requested), device=trainer.strategy.root_device)
             requested = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0
@@ -136,12 +140,14 @@ class Preemption(Callback):
             cb._last_global_step_saved = trainer.global_step  # the forced epoch/train end that
             cb._last_checkpoint_saved = str(self.ckpt_path)  # follows: that would not resume exactly
         self.preempted = True
+        name = "SIGUSR1" if self.requested else "SIGTERM"
+        requeue = under_slurm() and name == "SIGUSR1"
         if trainer.is_global_zero:
-            console.log.warning(f"SIGUSR1: saved {self.ckpt_path} at step {trainer.global_step}; "
-                                + ("the job is requeued when this process is done"
-                                   if under_slurm() else "rerun the command to resume"))
+            console.log.warning(f"{name}: saved {self.ckpt_path} at step {trainer.global_step}; "
+                                + ("the job is requeued when this process is done" if requeue
+                                   else "rerun the command to resume"))
         if self.on_preempt is not None:
-            self.on_preempt(trainer, under_slurm())
+            self.on_preempt(trainer, requeue, name)
         trainer.should_stop = True
         # Lightning validates when a run is stopped early; a preempted run must exit (and
         # requeue) within Slurm's warning window, so no validation pass runs after the save

@@ -81,8 +81,8 @@ class RunLog(Callback):
                    world_size=trainer.world_size, slurm_job=os.environ.get("SLURM_JOB_ID"),
                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
-    def preempted(self, trainer, will_requeue: bool) -> None:
-        self.event(trainer, "preempt", signal="SIGUSR1", requeue=will_requeue)
+    def preempted(self, trainer, will_requeue: bool, signame: str = "SIGUSR1") -> None:
+        self.event(trainer, "preempt", signal=signame, requeue=will_requeue)
         logger = trainer.logger
         if trainer.is_global_zero and hasattr(logger, "experiment") and is_wandb(logger):
             try:  # a W&B sweep re-queues a run marked as preempting
