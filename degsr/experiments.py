@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from degsr import console
+from degsr.config import flatten
 from degsr.errors import UserError
 
 MISSING = "–"
@@ -46,16 +47,6 @@ class Run:
     step: int | None
     config: dict[str, object]          # dotted key -> value
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_config(path: Path) -> dict | None:
@@ -106,7 +97,7 @@ def _numbers(d: dict) -> dict[str, float]:
 
 def read_run(path: Path) -> Run:
     config = _read_config(path) or {}
-    flat = _flatten(config)
+    flat = flatten(config)
     name = str(flat.get("run.name", path.name))
     if path.name.startswith(name):  # under a W&B sweep the folder is <run.name>-<W&B run id>
         name = path.name

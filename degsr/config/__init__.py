@@ -4,7 +4,7 @@ Names load lazily: section schemas live beside their code (``degsr/*/config.py``
 ``degsr.config.fields``, which must not pull in the whole schema first.
 """
 
-__all__ = ["Config", "load_config", "save_config", "to_yaml", "validate"]
+__all__ = ["Config", "flatten", "load_config", "save_config", "to_yaml", "validate"]
 
 
 def __getattr__(name: str):

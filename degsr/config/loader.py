@@ -108,6 +108,11 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def flatten(d: dict) -> dict[str, Any]:
+    """A nested mapping as ``{"dotted.key": leaf}`` (an empty mapping is a leaf)."""
+    return dict(_flatten(d))
+
+
 def _flatten(d: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         key = f"{prefix}{k}"

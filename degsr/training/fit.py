@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from degsr import console
-from degsr.config import save_config
+from degsr.config import flatten, save_config
 from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, find_resume,
@@ -215,16 +215,6 @@ RESUME_MAY_CHANGE = ("run.", "logger.", "trainer.max_steps", "trainer.max_minute
                      "sr.lpips_vgg", "disc.backbone")
 
 
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_same_run(root: Path, cfg: DictConfig) -> None:
     """A run directory holds one run: resuming it under another stage, or with a key changed
     that is not in RESUME_MAY_CHANGE, is a one-line error (nothing is written)."""
@@ -240,7 +230,7 @@ def _check_same_run(root: Path, cfg: DictConfig) -> None:
     if saved.get("stage") is not None and saved.get("stage") != cfg.stage:
         raise UserError(f"run {root} holds a stage-'{saved['stage']}' run; this is stage "
                         f"'{cfg.stage}': give it another run.name")
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, new = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [k for k in sorted(old.keys() & new.keys())
                if old[k] != new[k] and not k.startswith(RESUME_MAY_CHANGE)]
     if changed:
