@@ -163,10 +163,13 @@ def differing_keys(runs: list[Run], max_keys_per_section: int = 6) -> list[tuple
 
 
 def _sort_value(cell: str):
+    """Numbers by value, then text; a NaN (it compares false with everything and would scramble
+    the other rows) after them, with the missing cells."""
     try:
-        return (0, float(cell), "")
+        value = float(cell)
     except ValueError:
         return (0 if cell != MISSING else 2, 0.0, cell)
+    return (0, value, "") if value == value else (2, 0.0, cell)
 
 
 def markdown_table(runs: list[Run], metrics: list[str] = ("val*",), sort: str | None = None,
@@ -188,7 +191,7 @@ def markdown_table(runs: list[Run], metrics: list[str] = ("val*",), sort: str | 
         i = header.index(sort)
         rows.sort(key=lambda row: _sort_value(row[i]), reverse=descending)
         if descending:  # keep missing values last either way
-            rows.sort(key=lambda row: row[i] == MISSING)
+            rows.sort(key=lambda row: _sort_value(row[i])[0] == 2)
     lines = ["| " + " | ".join(_cell(c) for c in header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]

@@ -100,15 +100,21 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed onto it:
-    ``path`` holds the new content or the old, never a part. Its mode is an ordinary new
-    file's (mkstemp makes 0600, unreadable to others)."""
+    """``write(tmp)`` fills a temporary file beside ``path``, which is flushed to disk and then
+    renamed onto it: ``path`` holds the new content or the old, never a part, also after a crash
+    of the machine. Its mode is an ordinary new file's (mkstemp makes 0600, unreadable to
+    others)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

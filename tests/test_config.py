@@ -314,3 +314,111 @@ def test_a_text_key_that_yaml_reads_as_a_number_or_bool_in_a_file_is_named(tmp_p
                                    "model:\n  pretrained: null\n")
     cfg = load_config([q])
     assert (cfg.run.name, cfg.logger.group, cfg.model.pretrained) == ("0123", "12:30", None)
+
+
+# ------------------------------------------------------------------ boundaries of the checks
+@pytest.mark.parametrize("overrides", [
+    ["degradation.first.blur_prob=0", "degradation.second.blur_prob=1"],  # [0, 1] closed
+    ["degradation.usm_weight=0", "trainer.gradient_clip_val=0"],  # lo=0 closed
+    ["degradation.first.blur_sigma=[0.5,0.5]"],  # low == high
+    ["degradation.first.jpeg_quality=[1,100]", "degradation.first.noise_sigma=[0,0]"],
+    ["degradation.first.kernel_sizes=[1,21]", "degradation.final_kernel_sizes=[21]"],
+    ["degradation.second.resize_probs=[0.1,0.2,0.7]"],  # sums to 1 up to rounding
+    ["degradation.blur_label_probe=8"],
+    ["estimator.within_crop_weight=1", "data.degradations_per_crop=2"],
+    ["stage=sr", "sr.lpips_weight=0", "estimator.within_crop_weight=1"],  # a stage-1 rule
+    ["stage=sr", "sr.lpips_weight=0", "trainer.precision=bf16-mixed"],
+    ["run.name=.hidden", "run.seed=0"],
+])
+def test_values_on_the_edge_of_their_range_are_accepted(overrides):
+    load_config([], overrides)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["trainer.max_minutes=0"], "trainer.max_minutes"),  # (0, inf): 0 is not a time limit
+    (["degradation.first.blur_sigma=[0.5]"], "degradation.first.blur_sigma"),
+    (["degradation.first.blur_sigma=[0.001,1.0]"], "degradation.first.blur_sigma"),  # lo=0.01
+    (["degradation.first.jpeg_quality=[50,101]"], "degradation.first.jpeg_quality"),  # hi only
+    (["degradation.first.jpeg_quality=[0,90]"], "degradation.first.jpeg_quality"),  # lo only
+    (["degradation.second.resize_probs=[0.5,0.5]"], "degradation.second.resize_probs"),  # size 3
+    (["degradation.second.resize_probs=[1.2,-0.2,0.0]"], "degradation.second.resize_probs"),
+    (["degradation.second.resize_probs=[0.5,0.5,0.005]"], "degradation.second.resize_probs"),
+    (["degradation.first.resize_modes=[]"], "degradation.first.resize_modes"),
+    (["degradation.first.resize_modes=[area,lanczos]"], "degradation.first.resize_modes"),
+    (["degradation.first.kernel_sizes=[7,23]"], "degradation.first.kernel_sizes"),
+    (["degradation.first.kernel_sizes=[]"], "degradation.first.kernel_sizes"),
+    (["degradation.first.kernel_sizes=[-1,7]"], "degradation.first.kernel_sizes"),
+    (["degradation.blur_label_probe=7"], "degradation.blur_label_probe"),
+    (["run.name=.."], "run.name"),
+    (["run.name=a\\b"], "run.name"),
+    (["run.seed=-1"], "run.seed"),
+    (["estimator.within_crop_weight=1"], "estimator.within_crop_weight"),  # 1 degradation/crop
+    (["stage=sr", "sr.lpips_weight=0", "trainer.precision=16-mixed"], "trainer.precision"),
+    (["stage=sr", "sr.lpips_weight=1"], "sr.lpips_vgg"),
+])
+def test_values_just_outside_their_range_are_one_problem(overrides, key):
+    msg = problems(overrides=overrides)
+    assert len(msg) == 1 and msg[0].startswith(f"config error: {key}:"), msg
+
+
+def test_number_field_bounds():
+    """fields.number's [lo, hi] and (lo, hi] on a schema of its own (no shipped key has a hi)."""
+    from dataclasses import dataclass
+
+    from degsr.config.fields import Checked, number
+
+    @dataclass
+    class S(Checked):
+        closed: float = number(0.0, lo=0, hi=1)
+        open_lo: float = number(1.0, lo=0, hi=1, lo_open=True)
+
+    assert S(0.0, 1.0).problems() == [] and S(1.0, 0.5).problems() == []
+    assert S(1.01, 1.0).problems() == ["closed: must be in [0, 1], got 1.01"]
+    assert S(-0.01, 1.0).problems() == ["closed: must be in [0, 1], got -0.01"]
+    assert S(0.5, 0.0).problems() == ["open_lo: must be in (0, 1], got 0.0"]
+
+
+def test_list_defaults_are_not_shared_and_as_dataclass_defaults():
+    from degsr.config.fields import as_dataclass
+    from degsr.config.schema import ODD_7_21, RoundConfig
+
+    a = RoundConfig()
+    a.kernel_sizes.append(99)
+    assert RoundConfig().kernel_sizes == ODD_7_21 and 99 not in ODD_7_21
+    default = RoundConfig(blur_prob=0.25)
+    assert as_dataclass(None, default) is default
+    node = OmegaConf.structured(RoundConfig(blur_prob=0.75))
+    assert as_dataclass(node, default).blur_prob == 0.75
+
+
+def test_existing_path_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    cfg = load_config([], ["sr.lpips_vgg=~/vgg.pth"])
+    assert cfg.sr.lpips_vgg == "~/vgg.pth"
+    assert problems(overrides=["sr.lpips_vgg=~/nope.pth"])[0].startswith("config error: sr.lpips_vgg:")
+
+
+def test_override_forms_and_conflicts(tmp_path):
+    assert load_config([], ["+run.seed=3"]).run.seed == 3
+    # null is None only for an optional text key; a plain text key keeps the word
+    cfg = load_config([], ["run.name=null", "logger.group=null", "model.pretrained=~"])
+    assert (cfg.run.name, cfg.logger.group, cfg.model.pretrained) == ("null", None, None)
+    assert load_config([], ["+run.name=0123"]).run.name == "0123"  # '+' typed: still text
+    msg = problems(overrides=["trainer.max_minutes="])  # empty is not "no limit" (null is)
+    assert len(msg) == 1 and "trainer.max_minutes" in msg[0], msg
+    with pytest.raises(ConfigError, match="conflicts with an earlier one"):
+        load_config([], ["run=1", "run.seed=2"])
+    f = write(tmp_path / "e.yaml", "nosuch: {}\n")  # an empty section is a key too
+    assert "unknown key 'nosuch'" in problems([f])[0]
+
+
+def test_loaded_config_is_read_only_and_saved_resolved(tmp_path):
+    from omegaconf.errors import ReadonlyConfigError
+
+    f = write(tmp_path / "i.yaml", "run:\n  name: ${stage}-run\n")
+    cfg = load_config([f])
+    with pytest.raises(ReadonlyConfigError):
+        cfg.run.seed = 3
+    text = save_config(cfg, tmp_path / "run").read_text()
+    assert "name: estimator-run" in text and "${" not in text

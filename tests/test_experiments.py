@@ -380,3 +380,116 @@ def test_degsr_collect_command(runs, tmp_path, degsr_cmd, capsys):
         assert main(["collect", str(runs), "--out", str(bad)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: --out {bad}")
+
+
+def _mini(parent: Path, name: str, final=None, stage="sr", **sections) -> Path:
+    """A run directory with a small hand-written config.yaml (collect reads any degsr config)."""
+    import yaml
+
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"stage": stage, "run": {"name": name},
+                                                        **sections}))
+    if final is not None:
+        (folder / "final.json").write_text(json.dumps(final))
+    return folder
+
+
+def test_collect_finds_runs_but_not_look_alikes(tmp_path):
+    """Only folders whose config.yaml is a degsr run config (stage and run keys) are runs;
+    hidden and wandb folders are not searched; a run given twice is one row."""
+    _mini(tmp_path, "real", _final("real", 1, {}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text("lr: 0.1\nbatch: 4\n")  # another tool's
+    _mini(tmp_path / ".trash", "hidden", _final("hidden", 1, {}))
+    w = tmp_path / "wandb" / "offline-run-1" / "files"  # W&B's own config.yaml, outside a run
+    w.mkdir(parents=True)
+    (w / "config.yaml").write_text("wandb_version: 1\nstage: {value: sr}\nrun: {value: 1}\n")
+    table, found = collect([tmp_path, tmp_path / "real"])
+    assert [r.path.name for r in found] == ["real"]
+    with pytest.raises(UserError, match="no such folder"):
+        collect([tmp_path / "nope"])
+    with pytest.raises(UserError, match="not a folder"):
+        collect([tmp_path / "real" / "config.yaml"])
+
+
+def test_collect_reads_final_json_fields_and_wandb_summaries(tmp_path, caplog):
+    """final.json's run_name wins; a missing status means finished; a sweep's folder
+    (<run.name>-<id>) names its row; the newest W&B summary counts; flags and '_' keys are not
+    metrics; a final.json that is not an object leaves the run unfinished."""
+    _mini(tmp_path, "a", {"run_name": "renamed", "global_step": 3, "metrics": {"val/x": 1.0}})
+    sweep = _mini(tmp_path, "s")
+    sweep.rename(tmp_path / "s-abc123")
+    c = _mini(tmp_path, "c")
+    (c / "final.json").write_text("[1, 2]")
+    for i, (when, value) in enumerate([(2_000_000_000, 9.0), (1_000_000_000, 5.0)]):
+        f = c / "wandb" / f"run-{i}" / "files" / "wandb-summary.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"val/x": value, "val/flag": True, "_runtime": 7.0, "_step": 4}))
+        os.utime(f, (when, when))
+    with caplog.at_level("WARNING", logger="degsr"):
+        _, runs = collect([tmp_path])
+    assert f"{c / 'final.json'}: not a JSON object" in caplog.text
+    by = {r.name: r for r in runs}
+    assert set(by) == {"renamed", "s-abc123", "c"}
+    assert (by["renamed"].status, by["renamed"].step) == ("finished", 3)
+    assert by["c"].status == "unfinished" and by["c"].step == 4
+    assert by["c"].metrics == {"val/x": 9.0}  # the newest summary; no bool, no '_runtime'
+
+
+def test_collect_cells_format_and_escape(tmp_path):
+    _mini(tmp_path, "r1", _final("r1", 1, {"val/a": 1 / 3}),
+          sr={"flag": True, "note": "a|b", "lst": [1, 2], "gone": None})
+    _mini(tmp_path, "r2", _final("r2", 1, {"val/a": 2.0, "val/b": 123456.789}),
+          sr={"flag": False, "note": "c", "lst": [1, 3]})
+    table, _ = collect([tmp_path], metrics=["val/a", "val/b"])
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["name", "stage", "status", "step", "sr.flag", "sr.gone", "sr.lst", "sr.note",
+                      "val/a", "val/b"]
+    row1 = lines[2]
+    assert "| true |" in row1 and "| null |" in row1 and "| [1, 2] |" in row1
+    assert "| a\\|b |" in row1 and "| 0.33333 |" in row1 and row1.endswith("| – |")
+    row2 = lines[3]
+    assert "| false |" in row2 and "| 1.2346e+05 |" in row2 and "| – | [1, 3] |" in row2
+
+
+def test_collect_folds_a_section_only_beyond_max_keys(tmp_path):
+    six = {f"k{i}": 0 for i in range(6)}
+    _mini(tmp_path, "x", _final("x", 1, {}), sr=six)
+    _mini(tmp_path, "y", _final("y", 1, {}), sr={k: 1 for k in six})
+    _mini(tmp_path, "z", _final("z", 1, {}), sr={k: 1 for k in six})
+    header, rows = _parse(collect([tmp_path])[0])
+    assert [h for h in header if h.startswith("sr.")] == [f"sr.k{i}" for i in range(6)]
+    header, rows = _parse(collect([tmp_path], max_keys_per_section=5)[0])
+    assert [h for h in header if h.startswith("sr.")] == ["sr.* (6 keys)"]
+    assert [rows[n]["sr.* (6 keys)"] for n in "xyz"] == ["A", "B", "B"]
+
+
+def test_collect_sorts_numbers_as_numbers_and_missing_last(tmp_path):
+    for name, psnr in [("p", 9.5), ("q", None), ("r", 10.25), ("s", 100.0)]:
+        _mini(tmp_path, name, _final(name, 1, {} if psnr is None else {"val/psnr": psnr}))
+    for descending, want in [(False, ["p", "r", "s", "q"]), (True, ["s", "r", "p", "q"])]:
+        table, _ = collect([tmp_path], sort="val/psnr", descending=descending)
+        assert [ln.split("|")[1].strip() for ln in table.splitlines()[2:]] == want, descending
+
+
+def test_collect_same_name_twice_shows_paths_and_stages_in_order(tmp_path):
+    _mini(tmp_path / "g1", "same", _final("same", 1, {}))
+    _mini(tmp_path / "g2", "same", _final("same", 2, {}))
+    _, rows = _parse(collect([tmp_path])[0])
+    assert set(rows) == {str(tmp_path / "g1" / "same"), str(tmp_path / "g2" / "same")}
+    _mini(tmp_path, "e", {**_final("e", 1, {}), "stage": "estimator"}, stage="estimator")
+    _mini(tmp_path, "a-sr", _final("a-sr", 1, {}))
+    text, _ = collect([tmp_path])
+    assert text.index("## estimator") < text.index("## sr")
+
+
+def test_collect_sort_with_a_nan_metric_keeps_the_others_in_order(tmp_path):
+    """A 'nan' cell (a W&B summary, an older final.json) scrambled the other rows; it sorts
+    last now, with the missing ones, either way round."""
+    for name, psnr in [("a", 27.5), ("b", math.nan), ("c", 26.0), ("d", 28.1)]:
+        _mini(tmp_path, name, _final(name, 1, {"val/psnr": psnr}))
+    for descending, want in ((False, ["c", "a", "d", "b"]), (True, ["d", "a", "c", "b"])):
+        table, _ = collect([tmp_path], sort="val/psnr", descending=descending)
+        assert [ln.split("|")[1].strip() for ln in table.splitlines()[2:]] == want, table

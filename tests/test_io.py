@@ -165,3 +165,163 @@ def test_symlinked_subfolders_are_followed_once_each(tmp_path, photo):
     assert sorted(p.resolve() for p in found) == sorted(p.resolve() for p in want)
     assert expand_inputs([str(data)]) == (found, [])
     assert find_images([str(data)]) == ([str(p) for p in found], [])
+
+
+# ------------------------------------------------------------ guards, atomic writes, inputs
+def test_pixel_guard_is_lifted_while_any_reader_needs_it_and_then_restored():
+    from degsr.io import any_pixel_count
+
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None
+    with any_pixel_count():
+        with any_pixel_count():
+            assert Image.MAX_IMAGE_PIXELS is None
+        assert Image.MAX_IMAGE_PIXELS is None  # the outer reader still reads
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_read_image_names_a_missing_file_and_a_folder(tmp_path):
+    with pytest.raises(UserError, match=r"nope\.png: no such file"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(UserError, match="a folder, not an image"):
+        read_image(tmp_path)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    import os
+
+    from degsr.io import atomic_write, atomic_write_bytes
+
+    target = tmp_path / "t.txt"
+    target.write_bytes(b"old")
+
+    def half_then_fail(tmp):
+        assert Path(tmp) != target and Path(tmp).parent == tmp_path  # beside it, not on it
+        Path(tmp).write_bytes(b"ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file's mode, not 0600
+
+
+def test_written_by_degsr_only_for_pngs_save_png_wrote(tmp_path):
+    import torch
+
+    from degsr.io import save_png, written_by_degsr
+
+    img = torch.rand(3, 8, 8)
+    save_png(img, tmp_path / "ours.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "theirs.png")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "GIMP 2.10")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiff.tif")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "gimp.png", pnginfo=info)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    assert written_by_degsr(tmp_path / "ours.png")
+    for name in ("theirs.png", "tiff.tif", "gimp.png", "junk.png", "missing.png"):
+        assert not written_by_degsr(tmp_path / name), name
+
+
+def test_make_out_folder_refuses_a_file(tmp_path):
+    from degsr.io import make_out_folder
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        make_out_folder(tmp_path / "f")
+    make_out_folder(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_expand_inputs_leaves_out_only_degsrs_own_outputs_inside_out(tmp_path):
+    import torch
+
+    from degsr.io import expand_inputs, save_png
+
+    src, out = tmp_path / "in", tmp_path / "in" / "out"
+    out.mkdir(parents=True)
+    save_png(torch.rand(3, 4, 4), src / "made_elsewhere.png")  # degsr's, but not in --out
+    save_png(torch.rand(3, 4, 4), out / "earlier.png")  # the first run's output
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out / "photo.png")  # the user's
+    paths, problems = expand_inputs([str(src)], out)
+    assert problems == [] and paths == [src / "made_elsewhere.png", out / "photo.png"]
+    paths, _ = expand_inputs([str(src)])  # no --out: everything is an input
+    assert paths == sorted([src / "made_elsewhere.png", out / "earlier.png", out / "photo.png"])
+
+
+def test_expand_inputs_globs_literal_names_and_problems(tmp_path):
+    from degsr.io import expand_inputs
+
+    for name in ("b.png", "a.png", "[1].png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.png").mkdir()  # a folder whose name matches the pattern
+    (tmp_path / "empty").mkdir()
+    paths, problems = expand_inputs([str(tmp_path / "*.png"), str(tmp_path / "[1].png"),
+                                     str(tmp_path / "*.jpg"), str(tmp_path / "empty")])
+    assert paths == [tmp_path / "[1].png", tmp_path / "a.png", tmp_path / "b.png",
+                     tmp_path / "[1].png"]  # the glob sorted, no folder; the literal name as given
+    assert len(problems) == 2
+    assert problems[0].startswith(str(tmp_path / "*.jpg")) and "matches no file" in problems[0]
+    assert problems[1].startswith(str(tmp_path / "empty")) and "no images" in problems[1]
+
+
+def test_images_by_key_and_pair_folders(tmp_path):
+    from degsr.io import images_by_key, pair_folders
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for name in ("2.png", "1.png", "10.png", ".hidden.png", "notes.txt"):
+        (a / name).write_bytes(b"")
+    for name in ("10.png", "2.png", "1.png", "extra.png"):
+        (b / name).write_bytes(b"")
+    assert set(images_by_key(a, "--a")) == {"1", "2", "10"}  # hidden and non-images left out
+    extra = []
+    pairs = pair_folders(a, b, "--a", "--b", unmatched_b=extra)
+    assert pairs == [(k, a / f"{k}.png", b / f"{k}.png") for k in ("1", "10", "2")]
+    assert extra == [b / "extra.png"]
+    with pytest.raises(UserError, match=r"1 in --b without a match: extra\.png"):
+        pair_folders(a, b, "--a", "--b")
+    for i in range(7):
+        (b / f"x{i}.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"8 in --b without a match: extra\.png, x0\.png, x1\.png, "
+                                        r"x2\.png, x3\.png \(\+3 more\)"):
+        pair_folders(a, b, "--a", "--b")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(UserError, match="folder holds no images"):
+        images_by_key(tmp_path / "e", "--e")
+    with pytest.raises(UserError, match="no such folder"):
+        images_by_key(tmp_path / "nope", "--e")
+
+
+def test_preset_path_unknown_is_a_user_error():
+    from degsr.io import preset_path
+
+    assert preset_path("s3diff").is_file()
+    with pytest.raises(UserError, match="degradation preset 'nope' not found"):
+        preset_path("nope")
+
+
+def test_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """config.yaml, final.json, exports, PNGs: without an fsync before the rename a crash of the
+    machine could leave an empty file where a complete one was (processes killed were fine)."""
+    import os
+
+    from degsr import io
+
+    order, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (order.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (order.append(("replace", str(a))),
+                                                        real_replace(a, b))[1])
+    io.atomic_write_bytes(tmp_path / "final.json", b"{}")
+    assert [step for step, _ in order] == ["fsync", "replace"]
+    assert order[0][1] == order[1][1] and Path(order[0][1]).parent == tmp_path  # the temp file
+    assert (tmp_path / "final.json").read_bytes() == b"{}"

@@ -289,6 +289,7 @@ def test_sigusr1_while_the_models_load_is_honoured_at_the_first_step(shards, tmp
                               "trainer.val_every_n_steps=100", f"run.dir={tmp_path}"])
     out = fitmod.fit(cfg)
     assert out["status"] == "preempted" and out["global_step"] == 1
+    assert out["export"] is None and not (Path(out["run_dir"]) / "export").exists()
     assert Path(out["last_checkpoint"]).is_file()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handed back
 
