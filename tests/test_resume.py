@@ -417,15 +417,20 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _fit_in_a_process(script, shards, tmp_path) -> subprocess.CompletedProcess:
+    """``script`` (CTRL_C_SCRIPT or a variant) runs 8 steps of the tiny stage 1."""
+    return subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
+                           "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
+                           "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
+                           "trainer.val_every_n_steps=100", f"run.dir={tmp_path}/runs"],
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_ctrl_c_during_fit_says_interrupted(shards, tmp_path):
     """Lightning turns Ctrl-C into exit(1); the CLI's promise is 'interrupted' and status 130."""
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
-                        "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
-                        "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
-                        "trainer.val_every_n_steps=100", f"run.dir={tmp_path}/runs"],
-                       capture_output=True, text=True, timeout=300)
+    r = _fit_in_a_process(script, shards, tmp_path)
     assert r.returncode == 130 and r.stderr.rstrip().endswith("interrupted"), r.stderr[-2000:]
     assert events(tmp_path / "runs" / "estimator-tiny")[-1]["event"] == "error"
 
@@ -527,11 +532,7 @@ def test_sigterm_during_fit_saves_the_step_and_says_terminated(shards, tmp_path,
         text = text.replace("on_train_batch_end(self, trainer, module, outputs, batch, batch_idx)",
                             "on_train_batch_start(self, trainer, module, batch, batch_idx)")
     script.write_text(text)
-    r = subprocess.run([sys.executable, str(script), str(EST), f"data.train_shards={shards}/shards",
-                        "logger.wandb=false", "data.crop_size=64", "data.batch_size=4",
-                        "data.num_workers=0", "data.batches_per_epoch=4", "trainer.max_steps=8",
-                        "trainer.val_every_n_steps=100", f"run.dir={tmp_path}/runs"],
-                       capture_output=True, text=True, timeout=300)
+    r = _fit_in_a_process(script, shards, tmp_path)
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-2000:])
     assert r.stderr.rstrip().endswith("terminated"), r.stderr[-2000:]
     run = tmp_path / "runs" / "estimator-tiny"
