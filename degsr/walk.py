@@ -9,7 +9,8 @@ from pathlib import Path
 def files_under(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Files below ``root`` whose suffix (any case) is one of ``suffixes``, sorted. Symlinked
     folders are followed (a dataset assembled from links to other disks), each real folder
-    once: a link loop or a folder reached twice is not read again."""
+    once: a link loop or a folder reached twice is not read again (a real folder is read under
+    its own name rather than a link's, whatever the order the file system lists them in)."""
     seen, found = set(), []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -17,5 +18,10 @@ def files_under(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(real)
+        # the order the file system lists folders in (hash order, differs between copies) must
+        # not decide the name a folder reached twice is read under: its own name first, then
+        # links, each by name; so data.val_folder's first N images and shard sources are the same
+        # on every machine
+        subfolders.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
         found += [Path(folder, f) for f in files if os.path.splitext(f)[1].lower() in suffixes]
     return sorted(found)

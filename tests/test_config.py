@@ -184,6 +184,9 @@ def test_bad_override_syntax_and_bad_yaml(tmp_path):
     ("twice.yaml", b"trainer:\n  max_steps: 5\nrun:\n  seed: 1\ntrainer:\n  max_steps: 7\n",
      ["twice.yaml", "line 5", "'trainer' appears twice"]),  # PyYAML: the first block vanished
     ("inc.yaml", b"include: [5]\n", ["inc.yaml", "include"]),
+    ("listkey.yaml", b"trainer:\n  ? [a, b]\n  : 1\n", ["listkey.yaml", "line 2"]),  # unhashable
+    ("mergetwice.yaml", b"a: &a {blur_prob: 0.5}\ndegradation:\n  first:\n    <<: *a\n"
+     b"    sinc_prob: 0.1\n    sinc_prob: 0.2\n", ["mergetwice.yaml", "'sinc_prob' appears twice"]),
     ("interp.yaml", b"trainer:\n  max_steps: ${nope}\n", ["trainer.max_steps", "nope"]),
     ("dir.yaml", None, ["dir.yaml", "is a folder"]),
 ])
@@ -194,6 +197,18 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, name, content, words)
     assert len(msg) == 1 and "\n" not in msg[0], msg
     for w in words:
         assert w in msg[0], msg
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """A config file may share settings with an anchor and YAML's merge key (degradation.second
+    as degradation.first with one change): the duplicate-key check read '<<' as a key and turned
+    every such file into 'not valid YAML'. A key the merge brings in and the mapping sets again
+    is no duplicate: the mapping's own value wins, as in YAML."""
+    f = write(tmp_path / "merge.yaml", "degradation:\n  first: &first\n    blur_prob: 0.9\n"
+              "    sinc_prob: 0.2\n  second:\n    <<: *first\n    blur_prob: 0.5\n")
+    cfg = load_config([f])
+    assert cfg.degradation.first.blur_prob == 0.9 and cfg.degradation.second.sinc_prob == 0.2
+    assert cfg.degradation.second.blur_prob == 0.5
 
 
 def test_a_bad_interpolation_in_an_override_is_one_line():

@@ -1,6 +1,7 @@
 """Image decoding shared by every reader (files, shards) and ``degsr sr``'s output names."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,42 @@ def test_symlinked_subfolders_are_followed_once_each(tmp_path, photo):
     assert sorted(p.resolve() for p in found) == sorted(p.resolve() for p in want)
     assert expand_inputs([str(data)]) == (found, [])
     assert find_images([str(data)]) == ([str(p) for p in found], [])
+
+
+def test_a_folder_reached_twice_is_named_the_same_whatever_the_listing_order(tmp_path, photo,
+                                                                            monkeypatch):
+    """files_under kept the alias os.walk met first, in the file system's listing order (hash
+    order on ext4: another after a copy): the same folder gave other paths, and
+    data.val_folder's first data.val_crops images another subset, on another machine. A real
+    folder is named by its own path; links to it are read only where nothing else reaches it."""
+    from degsr.walk import files_under
+
+    data = tmp_path / "data"
+    (data / "z_real").mkdir(parents=True)
+    Image.fromarray(photo).save(data / "z_real" / "a.png", format="PNG")
+    (data / "a_link").symlink_to(data / "z_real", target_is_directory=True)
+    real_scandir = os.scandir
+
+    class Listed:  # os.scandir listing the links first, as a file system may
+        def __init__(self, path):
+            with real_scandir(path) as it:
+                self.entries = iter(sorted(it, key=lambda e: (not e.is_symlink(), e.name)))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+    for order in (False, True):
+        monkeypatch.setattr(os, "scandir", Listed if order else real_scandir)
+        assert files_under(data, (".png",)) == [data / "z_real" / "a.png"], order
 
 
 # ------------------------------------------------------------ guards, atomic writes, inputs

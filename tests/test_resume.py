@@ -545,3 +545,52 @@ def test_sigterm_during_fit_saves_the_step_and_says_terminated(shards, tmp_path,
         assert "SIGTERM: saved" in r.stderr
     else:
         assert not [e for e in ev if e["event"] == "preempt"] and _ckpt_steps(run) == {}
+
+
+@pytest.mark.parametrize("every", [100, 3])
+def test_a_run_that_died_after_its_last_step_is_exported_by_the_rerun(every, shards, tmp_path,
+                                                                      monkeypatch):
+    """last.ckpt holds the step a run ends on (RunCheckpoint, at the last batch); a run that died
+    after that save but before its export and final.json (killed during the final validation or
+    the export, disk full) was 'resumed' by a rerun that trained nothing and never exported: the
+    summary said finished and named an export that did not exist, for good."""
+    from degsr.estimator.module import EstimatorModule
+
+    real_export = EstimatorModule.export
+
+    def failing_export(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EstimatorModule, "export", failing_export)
+    args = _est_args(shards, tmp_path, "trainer.max_steps=3",
+                     f"trainer.checkpoint_every_n_steps={every}")
+    with pytest.raises(OSError, match="No space"):
+        fitmod.fit(load_config([EST], args))
+    monkeypatch.setattr(EstimatorModule, "export", real_export)
+    out = fitmod.fit(load_config([EST], args))
+    root = Path(out["run_dir"])
+    assert out["status"] == "finished" and out["global_step"] == 3
+    assert (root / "export" / "estimator.safetensors").is_file(), sorted(
+        p.name for p in root.iterdir())
+    assert json.loads((root / "final.json").read_text())["status"] == "finished"
+    # the export holds the weight average (estimator_tiny.yaml: estimator.ema_decay), as a
+    # normal end's does: the checkpoint's state_dict is the average
+    from safetensors.torch import load_file
+
+    exported = load_file(root / "export" / "estimator.safetensors")
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "current_model_state" in state
+    for k, v in exported.items():
+        assert torch.equal(v, state["state_dict"][f"net.{k}"]), k
+
+
+def test_a_resume_may_lower_the_validation_batch(shards, tmp_path):
+    """data.val_batch_size changes only memory (degsr.data.validation: the metrics do not depend
+    on it): a run whose validation ran out of memory on the GPU it was requeued to must be
+    resumable with a smaller one, as with fewer data.num_workers."""
+    val = [f"data.val_folder={shards}/val", "data.val_crops=4", "trainer.val_every_n_steps=2"]
+    fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=2", *val,
+                                            "data.val_batch_size=4")))
+    out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=4", *val,
+                                                  "data.val_batch_size=2")))
+    assert out["status"] == "finished" and out["global_step"] == 4

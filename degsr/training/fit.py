@@ -67,6 +67,7 @@ class RunLog(Callback):
         self.root, self.cfg, self.resumed_from = root, cfg, resumed_from
         self.preemption = preemption
         self.export_path = root / cfg.run.export_dir
+        self.ended = False  # on_train_end ran (Lightning skips it when nothing is left to train)
 
     def event(self, trainer, name: str, **fields) -> None:
         if trainer.is_global_zero:
@@ -91,6 +92,7 @@ class RunLog(Callback):
                 console.log.debug(f"wandb mark_preempting: {e}")
 
     def on_train_end(self, trainer, module) -> None:
+        self.ended = True
         status = "preempted" if self.preemption.preempted else "finished"
         if status == "finished" and trainer.is_global_zero:
             module.export(self.export_path)
@@ -107,6 +109,22 @@ class RunLog(Callback):
 
     def on_exception(self, trainer, module, exception) -> None:
         self.event(trainer, "error", error=f"{type(exception).__name__}: {exception}")
+
+    def end_skipped(self, trainer, module) -> None:
+        """A resumed checkpoint already at the end trains nothing and Lightning skips
+        ``on_train_end``: when the attempt that saved it died before its export or final.json
+        (killed in the final validation or the export, a full disk), do that end now, with the
+        weight average swapped in as at a normal end."""
+        if self.ended or self.preemption.preempted:
+            return
+        if (self.root / "final.json").is_file() and self.export_path.exists():
+            return  # a finished run rerun: nothing to do
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging):
+                cb.on_train_end(trainer, module)
+        self.on_train_end(trainer, module)
 
 
 def append_event(root: Path, name: str, **fields) -> None:
@@ -209,6 +227,7 @@ RESUME_MAY_CHANGE = ("run.", "logger.", "trainer.max_steps", "trainer.max_minute
                      "trainer.checkpoint_every_n_steps", "trainer.keep_last_n",
                      "trainer.max_nonfinite_skips", "trainer.devices", "trainer.num_nodes",
                      "trainer.accelerator", "trainer.strategy", "data.num_workers",
+                     "data.val_batch_size",  # memory only (data.validation: metrics don't change)
                      "data.train_shards", "data.val_shards", "data.val_folder",
                      "data.val_paired_lr", "data.val_paired_hr", "data.max_bad_fraction",
                      "data.min_samples_for_bad_check", "model.pretrained", "sr.estimator",
@@ -281,6 +300,8 @@ def fit(cfg: DictConfig) -> dict:
     failed = True
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        if resume is not None:
+            runlog.end_skipped(trainer, module)
         failed = False
     except BaseException as e:
         # the ranks this process started (Lightning's subprocess launcher) must not outlive the
