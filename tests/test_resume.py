@@ -243,6 +243,8 @@ def test_a_rerun_with_another_learning_rate_is_refused_and_writes_nothing(shards
                                             r"0\.001 -> 0\.5.*another run\.name"):
             fitmod.fit(load_config([EST], [*base, f"trainer.max_steps={steps}", "estimator.lr=0.5"]))
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    with pytest.raises(UserError, match=r"trained with another config .*run\.seed: 0 -> 1"):
+        fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2", "run.seed=1"]))  # another run
     out = fitmod.fit(load_config([EST], [*base, "trainer.max_steps=3", "data.num_workers=1"]))
     assert out["global_step"] == 3 and "max_steps: 3" in (root / "config.yaml").read_text()
     # the same run once more: nothing to train, and the summary gives the metrics it ended with
