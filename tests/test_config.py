@@ -437,3 +437,23 @@ def test_loaded_config_is_read_only_and_saved_resolved(tmp_path):
         cfg.run.seed = 3
     text = save_config(cfg, tmp_path / "run").read_text()
     assert "name: estimator-run" in text and "${" not in text
+
+
+def test_degsr_config_checks_the_pretrained_folder_as_fit_would(tmp_path, capsys):
+    """`degsr config` printed a stage-2 config whose model.pretrained lacks text_encoder/; fit
+    found it minutes later (after the data and the other weights). Now config says it, one
+    line, and prints a good folder's config."""
+    import shutil
+
+    import degsr.cli
+    from degsr.sr.tiny_folder import save_tiny_pretrained
+
+    good = save_tiny_pretrained(tmp_path / "base")
+    args = ["config", str(ROOT / "configs/sr_tiny.yaml")]
+    assert degsr.cli.main([*args, f"model.pretrained={good}"]) == 0
+    assert f"pretrained: {good}" in capsys.readouterr().out
+    shutil.rmtree(good / "text_encoder")
+    assert degsr.cli.main([*args, f"model.pretrained={good}"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and "has no text_encoder/ subfolder" in err[0], err

@@ -596,3 +596,15 @@ def test_a_resume_may_lower_the_validation_batch(shards, tmp_path):
     out = fitmod.fit(load_config([EST], _est_args(shards, tmp_path, "trainer.max_steps=4", *val,
                                                   "data.val_batch_size=2")))
     assert out["status"] == "finished" and out["global_step"] == 4
+
+
+def test_memory_only_keys_may_change_on_resume_and_training_keys_may_not(tmp_path):
+    """Requeued onto a smaller GPU, a run may recompute more (sr.gradient_checkpointing) and
+    validate in smaller batches (data.val_batch_size): the same numbers, less memory."""
+    from degsr.config import save_config
+
+    save_config(load_config([SR], []), tmp_path)
+    fitmod._check_same_run(tmp_path, load_config([SR], ["sr.gradient_checkpointing=[unet]",
+                                                        "data.val_batch_size=1"]))
+    with pytest.raises(UserError, match=r"sr\.lr: "):
+        fitmod._check_same_run(tmp_path, load_config([SR], ["sr.lr=0.5"]))

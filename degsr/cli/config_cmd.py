@@ -22,5 +22,10 @@ def run(args) -> int:
     from degsr.config import load_config, to_yaml
 
     files, overrides = split_items(args.items)
-    print(to_yaml(load_config(files, overrides)), end="")
+    cfg = load_config(files, overrides)
+    if cfg.stage == "sr" and cfg.model.pretrained:  # what fit would refuse, found now
+        from degsr.sr.folder_check import check_pretrained_folder
+
+        check_pretrained_folder(cfg.model.pretrained, cfg.model.timestep)
+    print(to_yaml(cfg), end="")
     return 0

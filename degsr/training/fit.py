@@ -231,7 +231,8 @@ RESUME_MAY_CHANGE = ("run.name", "run.dir", "run.export_dir", "logger.", "traine
                      "data.train_shards", "data.val_shards", "data.val_folder",
                      "data.val_paired_lr", "data.val_paired_hr", "data.max_bad_fraction",
                      "data.min_samples_for_bad_check", "model.pretrained", "sr.estimator",
-                     "sr.lpips_vgg", "disc.backbone")
+                     "sr.lpips_vgg", "disc.backbone",
+                     "sr.gradient_checkpointing")  # memory only: the same values recomputed
 
 
 def _check_same_run(root: Path, cfg: DictConfig) -> None:
