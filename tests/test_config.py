@@ -105,6 +105,13 @@ def test_wrong_type_names_key_and_types(override, key, words):
     # no key)
     ("data.crop_size=4", "data.crop_size"),
     ("data.val_crop_size=4", "data.val_crop_size"),
+    # the export goes inside the run directory: '' and '.' wrote it over the run folder itself,
+    # an absolute path or '..' let two runs write one export
+    ("run.export_dir=", "run.export_dir"),
+    ("run.export_dir=.", "run.export_dir"),
+    ("run.export_dir=/models/est", "run.export_dir"),
+    ("run.export_dir=../shared", "run.export_dir"),
+    ("run.export_dir=~/est", "run.export_dir"),
 ])
 def test_out_of_range_names_key(override, key):
     msg = problems(overrides=[override])

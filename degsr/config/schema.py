@@ -7,6 +7,7 @@ Defaults are the ``s3diff`` degradation preset of METHOD.md; the preset files un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List
 
 from degsr.config.fields import (choice, distribution, number, odd_sizes, plain, positive, prob,
@@ -109,6 +110,10 @@ class RunConfig:
         if self.name.strip() in ("", ".", "..") or "/" in self.name or "\\" in self.name:
             yield "name", (f"must be a folder name (not empty, no '/'), got {self.name!r}: the run "
                            "directory is <run.dir>/<run.name>")
+        parts = Path(self.export_dir).parts
+        if not parts or Path(self.export_dir).is_absolute() or ".." in parts or "~" in self.export_dir:
+            yield "export_dir", (f"must be a folder inside the run directory (relative, no '..'), "
+                                 f"got {self.export_dir!r}: two runs must not export to one place")
 
 
 
