@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from degsr import console
-    from degsr.data.shards import LARGE_PIXELS, write_shards
+    from degsr.data.shards import LARGE_PIXELS, WORKER_BYTES_PER_PIXEL, write_shards
 
     s = write_shards(args.sources, args.out, name=args.name, per_shard=args.per_shard,
                      min_side=args.min_side, min_bytes=args.min_bytes, max_side=args.max_side,
@@ -43,7 +43,7 @@ def run(args) -> int:
         console.log.warning(
             f"{len(s.large)} image(s) above {LARGE_PIXELS / 1e6:.0f} MP, the largest {path} "
             f"({pixels / 1e6:.0f} MP): a training worker decodes the whole image for its crops "
-            f"(~{pixels * 20 / 2**30:.1f} GiB); --max-side 4096 stores them smaller")
+            f"(~{pixels * WORKER_BYTES_PER_PIXEL / 2**30:.1f} GiB); --max-side 4096 stores them smaller")
     note = f" (see {s.out / 'skipped.tsv'})" if s.skipped else ""
     print(f"{len(s.shards)} shards, {s.total} samples, {len(s.skipped)} skipped{note} "
           f"-> {s.out}")

@@ -222,8 +222,8 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
 # keys a resumed run may change: how long and where it runs, how often it logs/validates/saves,
 # where its inputs now live (moved files), the logger; anything else would silently train the
 # rest of the run (or nothing, when it had finished) under another config than its checkpoints
-RESUME_MAY_CHANGE = ("run.name", "run.dir", "run.export_dir", "logger.", "trainer.max_steps", "trainer.max_minutes",
-                     "trainer.val_every_n_steps", "trainer.log_every_n_steps",
+RESUME_MAY_CHANGE = ("run.name", "run.dir", "run.export_dir", "logger.", "trainer.max_steps",
+                     "trainer.max_minutes", "trainer.val_every_n_steps", "trainer.log_every_n_steps",
                      "trainer.checkpoint_every_n_steps", "trainer.keep_last_n",
                      "trainer.max_nonfinite_skips", "trainer.devices", "trainer.num_nodes",
                      "trainer.accelerator", "trainer.strategy", "data.num_workers",
