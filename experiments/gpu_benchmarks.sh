@@ -5,11 +5,15 @@
 # OUTDIR/results.jsonl (stderr, profiles included, to OUTDIR/log.txt).
 #   experiments/gpu_benchmarks.sh [OUTDIR]
 # Environment: PARTS (default "engine stage1 train infer compile"), STEP_S (each step's limit,
-# default 240), COMPILE_S (the compiled step's, 420), BASELINE (a folder holding another degsr
-# package, e.g. `git archive <rev> degsr configs | tar -x -C DIR`: its engine is timed too).
+# default 240), COMPILE_S (the compiled step's, 420), COMPILE_BATCH (the compiled throughput
+# figure's batch, default 16; 0 skips it), BASELINE (folders, space separated, each holding another
+# degsr package, e.g. `git archive <rev> degsr configs | tar -x -C DIR`: their engines are timed
+# too, each run from inside its folder, since `python -m` puts the working directory ahead of
+# PYTHONPATH).
 set -u
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1
 parts=" ${PARTS:-engine stage1 train infer compile} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/log.txt"
@@ -25,12 +29,13 @@ bench() {
   rm -f "$out/one.json"
 }
 if [[ $parts == *" engine "* ]]; then
-  if [ -n "${BASELINE:-}" ]; then
-    PYTHONPATH="$BASELINE:${PYTHONPATH:-}" PREFIX="[baseline $BASELINE] " \
-      bench degradation --preset s3diff --size 512 --batch 64 --device cuda
-  fi
+  # the first process on a fresh machine read 3x slower once (session 5): this one is not kept
+  bench degradation --preset s3diff --size 512 --batch 64 --device cuda
+  for base in ${BASELINE:-}; do
+    (cd "$base" && PREFIX="[baseline $base] " \
+      bench degradation --preset s3diff --size 512 --batch 64 --device cuda)
+  done
   bench degradation --preset s3diff --size 512 --batch 64 --device cuda --profile
-  bench degradation --preset s3diff --size 512 --batch 16 --device cuda
 fi
 [[ $parts == *" stage1 "* ]] && bench estimator --batch 32 --device cuda
 if [[ $parts == *" train "* ]]; then
@@ -40,6 +45,6 @@ fi
 # 512 twice: the first pass warms cuDNN's algorithm choice, the second (kept) is the figure
 [[ $parts == *" infer "* ]] && bench infer --arch sd-turbo --device cuda --sizes 512,512,1024 --batch 16 --tiled 4096 --mem-cap-gib 24
 if [[ $parts == *" compile "* ]]; then
-  STEP_S=${COMPILE_S:-420} bench infer --arch sd-turbo --device cuda --sizes 512 --batch 0 --compile
+  STEP_S=${COMPILE_S:-420} bench infer --arch sd-turbo --device cuda --sizes 512 --batch "${COMPILE_BATCH:-16}" --compile
 fi
 true

@@ -160,7 +160,7 @@ def test_plan_groups_cover_the_batch_once():
     for cost in (0.0, pipeline.GROUP_COST, pipeline.ACCEL_GROUP_COST, 1e9):
         saved, pipeline.GROUP_COST = pipeline.GROUP_COST, cost
         try:
-            plan = degrader._plan(p, (64, 48), (16, 12), torch.float32)
+            plan = degrader._plan(p, degrader._host_scales(p), (64, 48), (16, 12), torch.float32)
         finally:
             pipeline.GROUP_COST = saved
         idx = torch.cat([g["idx"] for g in plan["groups"]])
@@ -245,7 +245,7 @@ def test_plan_matrices_equal_interpolate_for_steep_downscales(mode):
              resize2_scale=torch.tensor([0.3, 0.5, 1.23, 0.31]), resize2_mode=mode_id,
              final_mode=mode_id)
     hw, lr = (64, 60), (16, 15)
-    plan = degrader._plan(p, hw, lr, torch.float64)
+    plan = degrader._plan(p, degrader._host_scales(p), hw, lr, torch.float64)
     size1 = [[int(n * float(s)) for n in hw] for s in p["resize1_scale"]]
     size2 = [[int(n * float(s)) for n in lr] for s in p["resize2_scale"]]
     for g in plan["groups"]:

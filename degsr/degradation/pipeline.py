@@ -127,15 +127,22 @@ class Degrader:
             g, x[j], p[f"noise{i}_sigma"][j], gray[j])).clamp_(0, 1), lambda j: (x[j] + ops.poisson_noise(
             g, x[j], p[f"noise{i}_poisson_scale"][j], gray[j], ~gauss[j])).clamp_(0, 1))
 
-    def _plan(self, p: dict, hw: tuple[int, int], lr_hw: tuple[int, int], dtype) -> dict:
+    @staticmethod
+    def _host_scales(p: dict) -> Tensor:
+        """(2, B) the resize-1 and resize-2 draws, copied to the host: the call's one host sync.
+        Taken before any pixel work is queued, it waits only for the draws on an accelerator."""
+        return torch.stack([p["resize1_scale"], p["resize2_scale"]]).cpu()
+
+    def _plan(self, p: dict, host: Tensor, hw: tuple[int, int], lr_hw: tuple[int, int],
+              dtype) -> dict:
         """The resize matrices of every stage, built once a call for both renders, per group.
 
         Sizes are base x factor (resize 2 relative to the LR size, as the reference). The groups
         (runs of the samples sorted by resize-1 scale, :func:`partition_by_area`) share a
-        canvas: their largest size. Decided on the host from one copy of the scale draws (the
-        call's one host sync), with the taps of each stage built for all samples at once.
+        canvas: their largest size. Decided on the host from ``host`` (:meth:`_host_scales`),
+        with the taps of each stage built for all samples at once.
         """
-        s1, s2 = torch.stack([p["resize1_scale"], p["resize2_scale"]]).cpu()
+        s1, s2 = host
         device, b = p["resize1_scale"].device, s1.shape[0]
         size1 = [(n * s1).to(torch.long).clamp(min=1) for n in hw]
         size2 = [(n * s2).to(torch.long).clamp(min=1) for n in lr_hw]
@@ -194,14 +201,15 @@ class Degrader:
                             f"scale {s}; got {tuple(hr.shape)}")
         if not same_device(hr.device, g.device):
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
+        host = self._host_scales(p)  # before any pixel work is queued
         hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
-        plan, resized = self._front(gt, draw)
+        plan, resized = self._front(gt, draw, host)
         lr = self._render(plan, resized, draw, g)
         scores = degradation_scores(p, cfg)
         if cfg.blur_label == "measured":
-            scores[:, 0] = torch.where(p["clean"].bool(), 0.0, self.measured_blur(draw, hr))
+            scores[:, 0] = torch.where(p["clean"].bool(), 0.0, self.measured_blur(draw, hr, host))
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
             quiet = self._render(plan, resized, draw, None)  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
@@ -213,14 +221,15 @@ class Degrader:
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
 
-    def measured_blur(self, draw: dict, like: Tensor) -> Tensor:
+    def measured_blur(self, draw: dict, like: Tensor, host: Tensor | None = None) -> Tensor:
         """(B,) blur label: ``1 - gain``, clipped to [0, 1]. The draw's linear chain (both blurs,
         the resizes, the final sinc; no noise, no JPEG) renders a fixed white-noise probe, and
         ``gain`` is the least-squares factor of the clean (antialiased bicubic) downsample of the
         probe in that render: the chain's mean frequency response over the LR band, relative to
         a clean LR. 0: as sharp as a clean LR; 0.5: half of its detail gone. The probe is the
         same for every call and sample and does not touch the call's generator, so the label is
-        a function of the draw alone (not of the crop, its content or its size)."""
+        a function of the draw alone (not of the crop, its content or its size). ``host``: the
+        draw's :meth:`_host_scales`, if already taken."""
         n, s = self.cfg.blur_label_probe, self.cfg.scale
         key = (like.device, like.dtype)
         if key not in self._probes:
@@ -231,17 +240,18 @@ class Degrader:
             self._probes[key] = (probe.to(*key), (ref / ref.square().sum()).to(*key))
         probe, ref = self._probes[key]
         x = probe.expand(draw["params"]["clean"].shape[0], -1, -1, -1)
-        q = self._render(*self._front(x, draw), draw, None)
+        q = self._render(*self._front(x, draw, host), draw, None)
         gain = ((q - q.mean((-2, -1), keepdim=True)) * ref).sum((1, 2, 3))
         return (1 - gain).clamp(0, 1)
 
-    def _front(self, x: Tensor, draw: dict) -> tuple[dict, list[Tensor]]:
-        """The part of the chain every render of ``draw`` on ``x`` shares: blur 1 (before any
-        noise), the resize plan for ``x``'s size, resize 1 per group (see :meth:`_render`)."""
+    def _front(self, x: Tensor, draw: dict, host: Tensor | None = None) -> tuple[dict, list[Tensor]]:
+        """The part of the chain every render of ``draw`` on ``x`` shares: the resize plan for
+        ``x``'s size, blur 1 (before any noise), resize 1 per group (see :meth:`_render`)."""
         p, s = draw["params"], self.cfg.scale
         h, w = x.shape[-2:]
+        host = self._host_scales(p) if host is None else host
+        plan = self._plan(p, host, (h, w), (h // s, w // s), x.dtype)
         x = self._blur(x, p, draw["kernels"]["blur1"], "blur1")
-        plan = self._plan(p, (h, w), (h // s, w // s), x.dtype)
         return plan, [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
 
     def _render(self, plan: dict, resized: list[Tensor], draw: dict,
