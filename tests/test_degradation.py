@@ -97,13 +97,15 @@ def test_gaussian_noise_statistics_on_flat_images():
     assert torch.equal(n[1, 0], n[1, 2]) and not torch.equal(n[0, 0], n[0, 2])
 
 
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-tables", "torch.poisson"])
 @pytest.mark.parametrize("level", [20, 128, 230])
-def test_poisson_noise_mean_and_variance(level):
+def test_poisson_noise_mean_and_variance(level, accelerator):
     v = level / 255
     x = torch.full((2, 3, 256, 256), v)
     x[:, :, 0, :200] = torch.arange(200) / 255  # > 128 distinct values: the reference's 256 levels
     scale = torch.tensor([1.0, 2.0])
-    n = ops.poisson_noise(gen(0), x, scale, torch.tensor([False, False]))
+    with ops.accelerator_path(accelerator):  # the sampler accelerators use, taken on the CPU
+        n = ops.poisson_noise(gen(0), x, scale, torch.tensor([False, False]))
     for b in range(2):
         s = scale[b].item()
         flat = n[b, :, 1:]

@@ -148,6 +148,32 @@ def test_pipeline_dense_equals_subset_without_noise():
         torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=1e-6)
 
 
+def test_accelerator_path_renders_what_the_cpu_path_renders(monkeypatch):
+    """The path an accelerator takes (dense masks, FFT blur, torch.poisson, its resize groups),
+    taken on the CPU, against the CPU path on one draw without noise: the same LRs and labels
+    up to float rounding (FFT vs direct sums: at most a rare level flip after quantisation)."""
+    from degsr.degradation import filtering, pipeline
+    from tests.test_degradation import photos, preset
+
+    zero = [f"degradation.{r}.{k}=[0,0]" for r in ("first", "second")
+            for k in ("noise_sigma", "poisson_scale")]
+    degrader = Degrader(preset("s3diff", "degradation.no_degradation_prob=0.3", *zero))
+    hr = photos(16, 96, seed=4)
+    monkeypatch.setattr(pipeline, "GROUP_COST", pipeline.ACCEL_GROUP_COST)  # the same canvases
+    ffts = []
+    fft = filtering.fft_filter
+    monkeypatch.setattr(filtering, "fft_filter", lambda *a: ffts.append(1) or fft(*a))
+    outs = []
+    for accelerator in (False, True):
+        with ops.accelerator_path(accelerator):
+            outs.append(degrader(hr, torch.Generator().manual_seed(9)))
+    assert ffts and not ops.on_accelerator(hr.device)  # taken, and only inside the block
+    cpu, acc = outs
+    for key in ("lr", "lr_up", "scores"):
+        torch.testing.assert_close(acc[key], cpu[key], rtol=0, atol=1 / 255 + 1e-6)
+    assert (acc["lr"] != cpu["lr"]).float().mean() < 0.01
+
+
 def test_plan_groups_cover_the_batch_once():
     """Whatever the group cost, the groups of resize 1 partition the batch and each group's
     matrices fit its canvas (its largest size) with rows that average their taps."""
@@ -160,7 +186,7 @@ def test_plan_groups_cover_the_batch_once():
     for cost in (0.0, pipeline.GROUP_COST, pipeline.ACCEL_GROUP_COST, 1e9):
         saved, pipeline.GROUP_COST = pipeline.GROUP_COST, cost
         try:
-            plan = degrader._plan(p, degrader._host_scales(p), (64, 48), (16, 12), torch.float32)
+            plan = degrader._plans(p, degrader._host_scales(p), [(64, 48)], torch.float32)[0]
         finally:
             pipeline.GROUP_COST = saved
         idx = torch.cat([g["idx"] for g in plan["groups"]])
@@ -234,7 +260,8 @@ def _interp_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
 def test_plan_matrices_equal_interpolate_for_steep_downscales(mode):
     """The call's resize plan (the matrices with the tap bound the pipeline passes) against
     F.interpolate per sample, for factors down to 0.29: an area bin of 64 -> 18 spans up to 5
-    source rows, more than the 4 bicubic taps."""
+    source rows, more than the 4 bicubic taps. Two input sizes in one plan (as the LR render and
+    the blur label's probe): the smaller one's rows ride padded in the larger one's taps."""
     from tests.test_degradation import preset
 
     degrader = Degrader(preset("s3diff"))
@@ -244,21 +271,27 @@ def test_plan_matrices_equal_interpolate_for_steep_downscales(mode):
     p.update(resize1_scale=torch.tensor([0.29, 0.31, 0.46, 1.0]), resize1_mode=mode_id,
              resize2_scale=torch.tensor([0.3, 0.5, 1.23, 0.31]), resize2_mode=mode_id,
              final_mode=mode_id)
-    hw, lr = (64, 60), (16, 15)
-    plan = degrader._plan(p, degrader._host_scales(p), hw, lr, torch.float64)
-    size1 = [[int(n * float(s)) for n in hw] for s in p["resize1_scale"]]
-    size2 = [[int(n * float(s)) for n in lr] for s in p["resize2_scale"]]
-    for g in plan["groups"]:
-        for row, b in enumerate(g["idx"].tolist()):
+    sizes = [(128, 116), (64, 60)]
+    plans = degrader._plans(p, degrader._host_scales(p), sizes, torch.float64)
+    assert len(plans) == 2
+    for hw, plan in zip(sizes, plans):
+        lr = (hw[0] // 4, hw[1] // 4)
+        size1 = [[int(n * float(s)) for n in hw] for s in p["resize1_scale"]]
+        size2 = [[int(n * float(s)) for n in lr] for s in p["resize2_scale"]]
+        for g in plan["groups"]:
+            for row, b in enumerate(g["idx"].tolist()):
+                for axis in (0, 1):
+                    m1 = g["r1"][axis][row]
+                    assert m1.shape[-1] == hw[axis]
+                    want1 = _interp_matrix(hw[axis], size1[b][axis], mode)
+                    torch.testing.assert_close(m1[:size1[b][axis]], want1, rtol=0, atol=1e-12)
+                    m2 = g["r2"][axis][row]
+                    want2 = _interp_matrix(size1[b][axis], size2[b][axis], mode)
+                    torch.testing.assert_close(m2[:size2[b][axis], :size1[b][axis]], want2, rtol=0, atol=1e-12)
+        assert plan["canvas2"] == tuple(max(s[axis] for s in size2) for axis in (0, 1))
+        for b in range(4):
             for axis in (0, 1):
-                m1 = g["r1"][axis][row]
-                want1 = _interp_matrix(hw[axis], size1[b][axis], mode)
-                torch.testing.assert_close(m1[:size1[b][axis]], want1, rtol=0, atol=1e-12)
-                m2 = g["r2"][axis][row]
-                want2 = _interp_matrix(size1[b][axis], size2[b][axis], mode)
-                torch.testing.assert_close(m2[:size2[b][axis], :size1[b][axis]], want2, rtol=0, atol=1e-12)
-    for b in range(4):
-        for axis in (0, 1):
-            mf = plan["final"][axis][b]
-            want = _interp_matrix(size2[b][axis], lr[axis], mode)
-            torch.testing.assert_close(mf[:, :size2[b][axis]], want, rtol=0, atol=1e-12)
+                mf = plan["final"][axis][b]
+                assert mf.shape == (lr[axis], plan["canvas2"][axis])
+                want = _interp_matrix(size2[b][axis], lr[axis], mode)
+                torch.testing.assert_close(mf[:, :size2[b][axis]], want, rtol=0, atol=1e-12)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from degsr.degradation.ops import on_accelerator
+
 
 FFT_MIN_KERNEL = 11  # from this kernel width on, accelerators filter by FFT
 
@@ -53,12 +55,13 @@ def filter_per_sample(images: Tensor, kernels: Tensor) -> Tensor:
 
     b, c, h, w = images.shape
     k = kernels.shape[-1]
-    if images.device.type != "cpu" and k >= FFT_MIN_KERNEL and min(h, w) >= 2 * k:
+    accelerator = on_accelerator(images.device)
+    if accelerator and k >= FFT_MIN_KERNEL and min(h, w) >= 2 * k:
         return fft_filter(images, kernels)
     kernels = kernels.to(images.dtype)
     if min(h, w) <= k // 2:  # reflect needs a wider image
         return filter2d(images, kernels, border_type="replicate")
-    n = _strips(images, k) if images.device.type == "cpu" else 1
+    n = 1 if accelerator else _strips(images, k)
     if n < 2:
         return filter2d(images, kernels, border_type="reflect")
     # each sample's padded image cut into n bands of rows (with their k - 1 rows of overlap):

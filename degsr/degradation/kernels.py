@@ -58,21 +58,26 @@ def _normalise(kernels: Tensor) -> Tensor:
     return kernels / kernels.sum(dim=(-2, -1), keepdim=True)
 
 
+def _quadratic_form(size: int, sigma_x, sigma_y, theta) -> Tensor:
+    """``q = [x y] Σ⁻¹ [x y]ᵀ`` on the centred ``size × size`` grid, ``(B, size, size)``."""
+    inv = sigma_matrix_inverse(sigma_x, sigma_y, theta)  # (B, 2, 2)
+    x, y = kernel_grid(size, device=inv.device, dtype=inv.dtype)
+    x, y = x[None], y[None]
+    return inv[:, 0, 0, None, None] * x * x + 2 * inv[:, 0, 1, None, None] * x * y + inv[:, 1, 1, None, None] * y * y
+
+
 def gaussian_family_kernels(size: int, sigma_x, sigma_y, theta, beta=None, family: str = "gaussian") -> Tensor:
     """Bivariate Gaussian-family kernels ``(B, size, size)``, each normalised to sum 1.
 
     With ``q = [x y] Σ⁻¹ [x y]ᵀ``:
     ``"gaussian"``: ``exp(-q/2)``; ``"generalized"``: ``exp(-0.5 q^β)``; ``"plateau"``: ``1 / (q^β + 1)``.
     """
-    inv = sigma_matrix_inverse(sigma_x, sigma_y, theta)  # (B, 2, 2)
-    x, y = kernel_grid(size, device=inv.device, dtype=inv.dtype)
-    x, y = x[None], y[None]
-    q = inv[:, 0, 0, None, None] * x * x + 2 * inv[:, 0, 1, None, None] * x * y + inv[:, 1, 1, None, None] * y * y
+    q = _quadratic_form(size, sigma_x, sigma_y, theta)
     if family == "gaussian":
         return _normalise(torch.exp(-0.5 * q))
     if beta is None:
         raise ValueError(f"family {family!r} needs beta")
-    qb = q.pow(_batch(beta, inv)[:, None, None])
+    qb = q.pow(_batch(beta, q)[:, None, None])
     if family == "generalized":
         return _normalise(torch.exp(-0.5 * qb))
     if family == "plateau":
@@ -168,15 +173,19 @@ def _split_beta(generator: torch.Generator, batch: int, beta_range, device, dtyp
     return torch.where(low_half, below, above)
 
 
-def sample_blur_kernels(batch: int, generator: torch.Generator, *, kernel_sizes, kernel_types, kernel_probs,
-                        sigma_range, betag_range, betap_range, sinc_prob, max_size: int = 21, device=None,
-                        dtype=torch.float32) -> tuple[Tensor, dict[str, Tensor]]:
-    """Real-ESRGAN blur kernels ``(B, max_size, max_size)`` and their parameters.
+def sample_blur_kernels(batch: int, generator: torch.Generator, *, max_size: int = 21,
+                        **draw_args) -> tuple[Tensor, dict[str, Tensor]]:
+    """Real-ESRGAN blur kernels ``(B, max_size, max_size)`` and their parameters: the draws of
+    :func:`draw_blur_params` (its keyword arguments) built by :func:`blur_kernels`."""
+    return blur_kernels(draw_blur_params(batch, generator, max_size=max_size, **draw_args), max_size)
 
-    Every random draw comes from ``generator`` in a fixed order, so a seed fixes the output
-    bit for bit. All families are computed for the whole batch and selected with ``torch.where``.
-    ``params["kernel_type"]`` indexes :data:`KERNEL_TYPES`; unused float parameters are 0.
-    """
+
+def draw_blur_params(batch: int, generator: torch.Generator, *, kernel_sizes, kernel_types,
+                     kernel_probs, sigma_range, betag_range, betap_range, sinc_prob,
+                     max_size: int = 21, device=None, dtype=torch.float32) -> dict[str, Tensor]:
+    """Every random draw of ``batch`` Real-ESRGAN blur kernels, in a fixed order from
+    ``generator`` (a seed fixes them bit for bit): ``(B,)`` tensors ``size``, ``type`` (indexing
+    :data:`KERNEL_TYPES`), ``sigma_x``, ``sigma_y``, ``theta``, ``beta_g``, ``beta_p``, ``omega``."""
     device = torch.device(device) if device is not None else generator.device
     unknown = set(kernel_types) - set(KERNEL_TYPES[:-1])
     if unknown or len(kernel_types) != len(kernel_probs):
@@ -197,15 +206,26 @@ def sample_blur_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
     beta_p = _split_beta(generator, batch, betap_range, device, dtype)
     omega = torch.where(size < 13, _uniform(generator, batch, math.pi / 3, math.pi, device, dtype),
                         _uniform(generator, batch, math.pi / 5, math.pi, device, dtype))
-
     aniso = (ktype == 1) | (ktype == 3) | (ktype == 5)
-    sy = torch.where(aniso, sy_aniso, sx)
-    theta = torch.where(aniso, theta_aniso, torch.zeros_like(theta_aniso))
+    return {"size": size, "type": ktype, "sigma_x": sx, "sigma_y": torch.where(aniso, sy_aniso, sx),
+            "theta": torch.where(aniso, theta_aniso, torch.zeros_like(theta_aniso)),
+            "beta_g": beta_g, "beta_p": beta_p, "omega": omega}
+
+
+def blur_kernels(draws: dict[str, Tensor], max_size: int = 21) -> tuple[Tensor, dict[str, Tensor]]:
+    """The kernels ``(B, max_size, max_size)`` of :func:`draw_blur_params`'s ``draws`` and the
+    parameters recorded for them (``params["kernel_type"]`` indexes :data:`KERNEL_TYPES`; unused
+    float parameters are 0). All families are built for the whole batch from one quadratic form
+    and selected with ``torch.where``; the draws of several calls, concatenated, build at once."""
+    size, ktype = draws["size"], draws["type"]
+    sx, sy, theta, beta_g, beta_p = (draws[k] for k in ("sigma_x", "sigma_y", "theta", "beta_g", "beta_p"))
+    is_sinc = ktype == len(KERNEL_TYPES) - 1
     fam = ktype[:, None, None] // 2  # 0 gaussian, 1 generalized, 2 plateau, 3 sinc
-    kernels = gaussian_family_kernels(max_size, sx, sy, theta, family="gaussian")
-    kernels = torch.where(fam == 1, gaussian_family_kernels(max_size, sx, sy, theta, beta_g, "generalized"), kernels)
-    kernels = torch.where(fam == 2, gaussian_family_kernels(max_size, sx, sy, theta, beta_p, "plateau"), kernels)
-    kernels = torch.where(fam == 3, circular_sinc_kernels(max_size, omega), kernels)
+    q = _quadratic_form(max_size, sx, sy, theta)
+    beta = torch.where(fam == 1, beta_g[:, None, None], beta_p[:, None, None])
+    qb = torch.where(fam == 0, q, q.pow(beta))  # as gaussian_family_kernels, one family a sample
+    raw = torch.where(fam == 2, 1.0 / (qb + 1.0), torch.exp(-0.5 * qb))
+    kernels = torch.where(fam == 3, circular_sinc_kernels(max_size, draws["omega"]), _normalise(raw))
     kernels = mask_to_sizes(kernels, size)
 
     zero = torch.zeros_like(sx)
@@ -217,7 +237,7 @@ def sample_blur_kernels(batch: int, generator: torch.Generator, *, kernel_sizes,
         "sigma_y": torch.where(is_sinc, zero, sy),
         "theta": torch.where(is_sinc, zero, theta),
         "beta": torch.where(fam == 1, beta_g, torch.where(fam == 2, beta_p, zero)),
-        "omega_c": torch.where(is_sinc, omega, zero),
+        "omega_c": torch.where(is_sinc, draws["omega"], zero),
         "blur_std": kernel_std(kernels),
     }
     return kernels, params

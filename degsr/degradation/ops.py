@@ -56,6 +56,27 @@ def scale_factors(g: torch.Generator, n: int, probs, span) -> tuple[Tensor, Tens
     return torch.where(kind == 0, up, torch.where(kind == 1, down, torch.ones_like(up))), kind
 
 
+_ACCEL: ContextVar[bool] = ContextVar("accelerator_path", default=False)
+
+
+@contextmanager
+def accelerator_path(on: bool = True):
+    """Take the accelerator path on the CPU too (dense masks, FFT blur, ``torch.poisson``,
+    larger resize groups): the same calls an accelerator gets, to count them where none is
+    at hand (``experiments/engine_ops.py``)."""
+    token = _ACCEL.set(on)
+    try:
+        yield
+    finally:
+        _ACCEL.reset(token)
+
+
+def on_accelerator(device: torch.device) -> bool:
+    """Whether the engine takes its accelerator path on ``device``: every choice of it that
+    depends on the device asks here (see :func:`accelerator_path`)."""
+    return device.type != "cpu" or _ACCEL.get()
+
+
 _DENSE: ContextVar[bool | None] = ContextVar("dense_masks", default=None)
 
 
@@ -75,7 +96,7 @@ def is_dense(x: Tensor) -> bool:
     and per-subset launches cost more than the arithmetic they save; on the CPU the subset
     way (compute only the samples that need it) wins."""
     forced = _DENSE.get()
-    return x.device.type != "cpu" if forced is None else forced
+    return on_accelerator(x.device) if forced is None else forced
 
 
 EVERY = slice(None)  # the index callbacks get for "every sample": views, no gathered copies
@@ -158,7 +179,7 @@ def poisson_noise(g: torch.Generator, x: Tensor, scale: Tensor, gray: Tensor,
         q = (v * 255.0).round().clamp(0, 255)
         levels = poisson_levels(q)
         drawn = q * _rows(use, q)  # unused samples draw Poisson(0): nearly free on accelerators
-        if q.device.type == "cpu":  # torch.poisson is a serial per-element sampler there
+        if not on_accelerator(q.device):  # torch.poisson: a serial per-element sampler on CPUs
             counts = sample_counts(rows_for(drawn, levels), g).to(q.dtype)  # ~ Poisson(L q / 255)
         else:  # parallel on accelerators (and MPS has no float64 for the tables)
             counts = torch.poisson(drawn / 255.0 * levels, generator=g)

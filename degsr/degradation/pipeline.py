@@ -27,7 +27,7 @@ from degsr.config.schema import DegradationConfig
 from degsr.degradation import ops
 from degsr.degradation.jpeg import jpeg
 from degsr.degradation.filtering import filter_per_sample
-from degsr.degradation.kernels import sample_blur_kernels, sample_sinc_kernels
+from degsr.degradation.kernels import blur_kernels, draw_blur_params, sample_sinc_kernels
 from degsr.degradation.resize import (RESIZE_MODES, apply_resize, resize_matrices, resize_taps,
                                       scatter_taps, tap_bound)
 from degsr.degradation.scores import degradation_scores
@@ -83,14 +83,13 @@ class Degrader:
         self._probes: dict = {}  # (device, dtype) -> the blur label's probe and its reference
 
     @staticmethod
-    def _round(g: torch.Generator, n: int, rc, tag: str, p: dict, k: dict, dtype) -> None:
-        kernels, kp = sample_blur_kernels(
-            n, g, kernel_sizes=rc.kernel_sizes, kernel_types=rc.kernel_types,
-            kernel_probs=rc.kernel_probs, sigma_range=rc.blur_sigma, betag_range=rc.betag,
-            betap_range=rc.betap, sinc_prob=rc.sinc_prob, dtype=dtype)
-        k[tag] = kernels
-        p.update({f"{tag}_{name.removeprefix('blur_')}": v for name, v in kp.items()})
-        p[f"{tag}_applied"] = ops.bernoulli(g, n, rc.blur_prob)
+    def _round(g: torch.Generator, n: int, rc, tag: str, dtype) -> tuple[dict, dict]:
+        """One order's draws: its blur kernels' (built later, both orders at once) and the rest."""
+        kd = draw_blur_params(n, g, kernel_sizes=rc.kernel_sizes, kernel_types=rc.kernel_types,
+                              kernel_probs=rc.kernel_probs, sigma_range=rc.blur_sigma,
+                              betag_range=rc.betag, betap_range=rc.betap, sinc_prob=rc.sinc_prob,
+                              dtype=dtype)
+        p = {f"{tag}_applied": ops.bernoulli(g, n, rc.blur_prob)}
         i = tag[-1]
         p[f"resize{i}_scale"], p[f"resize{i}_kind"] = ops.scale_factors(g, n, rc.resize_probs,
                                                                       rc.resize_range)
@@ -100,12 +99,19 @@ class Degrader:
         p[f"noise{i}_sigma"] = ops.uniform(g, n, *rc.noise_sigma)
         p[f"noise{i}_poisson_scale"] = ops.uniform(g, n, *rc.poisson_scale)
         p[f"jpeg{i}_quality"] = ops.uniform(g, n, *rc.jpeg_quality)
+        return kd, p
 
     def sample(self, n: int, g: torch.Generator, dtype=torch.float32) -> dict:
         """Every parameter of ``n`` samples: ``{"params": {name: (n,)}, "kernels": {...}}``."""
         cfg, p, k = self.cfg, {}, {}
-        self._round(g, n, cfg.first, "blur1", p, k, dtype)
-        self._round(g, n, cfg.second, "blur2", p, k, dtype)
+        (kd1, p1), (kd2, p2) = (self._round(g, n, rc, tag, dtype)
+                                for rc, tag in ((cfg.first, "blur1"), (cfg.second, "blur2")))
+        # both orders' kernels in one batch: half the launches of building them apart
+        both, kp = blur_kernels({name: torch.cat([kd1[name], kd2[name]]) for name in kd1})
+        for tag, rows, rest in (("blur1", slice(0, n), p1), ("blur2", slice(n, None), p2)):
+            k[tag] = both[rows]
+            p.update({f"{tag}_{name.removeprefix('blur_')}": v[rows] for name, v in kp.items()})
+            p.update(rest)
         k["final"], sp = sample_sinc_kernels(n, g, kernel_sizes=cfg.final_kernel_sizes,
                                              prob=cfg.final_sinc_prob, dtype=dtype)
         p.update(sp)
@@ -133,50 +139,60 @@ class Degrader:
         Taken before any pixel work is queued, it waits only for the draws on an accelerator."""
         return torch.stack([p["resize1_scale"], p["resize2_scale"]]).cpu()
 
-    def _plan(self, p: dict, host: Tensor, hw: tuple[int, int], lr_hw: tuple[int, int],
-              dtype) -> dict:
-        """The resize matrices of every stage, built once a call for both renders, per group.
+    def _plans(self, p: dict, host: Tensor, sizes: list[tuple[int, int]], dtype) -> list[dict]:
+        """The resize matrices of every stage for inputs of each of ``sizes`` (HR sizes), built
+        once a call for every render of the draw, per group.
 
         Sizes are base x factor (resize 2 relative to the LR size, as the reference). The groups
         (runs of the samples sorted by resize-1 scale, :func:`partition_by_area`) share a
-        canvas: their largest size. Decided on the host from ``host`` (:meth:`_host_scales`),
-        with the taps of each stage built for all samples at once.
+        canvas: their largest size. Decided on the host from ``host`` (:meth:`_host_scales`);
+        the taps of each stage are built for all samples and all sizes at once (the rows of a
+        smaller size padded to the longest output: a few more pixels, a third of the launches).
         """
         s1, s2 = host
-        device, b = p["resize1_scale"].device, s1.shape[0]
-        size1 = [(n * s1).to(torch.long).clamp(min=1) for n in hw]
-        size2 = [(n * s2).to(torch.long).clamp(min=1) for n in lr_hw]
-        full = [torch.full_like(size1[0], n) for n in (*hw, *lr_hw)]
+        device, b, s = p["resize1_scale"].device, s1.shape[0], self.cfg.scale
         order = torch.argsort(s1, stable=True)
-        cost = GROUP_COST if device.type == "cpu" else ACCEL_GROUP_COST
+        cost = ACCEL_GROUP_COST if ops.on_accelerator(device) else GROUP_COST
         cuts = partition_by_area(s1[order].tolist(), cost)
-        # one upload while the device queue is empty: order and every size
-        dev = torch.stack([order, *size1, *size2, *full]).to(device)
-        order_d, sizes1, sizes2, full_d = dev[0], dev[1:3], dev[3:5], dev[5:]
-        both = lambda t: torch.cat([t, t])  # noqa: E731  (rows H then W)
+        # host lengths: b rows of H, then b of W, of each input in turn
+        rows = 2 * len(sizes)
+        hr = torch.tensor([n for hw in sizes for n in hw]).repeat_interleave(b)
+        lr = hr // s
+        size1 = (hr * s1.repeat(rows)).to(torch.long).clamp(min=1)
+        size2 = (lr * s2.repeat(rows)).to(torch.long).clamp(min=1)
+        # one upload while the device queue is empty
+        order_d, hr_d, lr_d, size1_d, size2_d = torch.cat([order, hr, lr, size1, size2]).to(
+            device).split([b] + [rows * b] * 4)
+        rep = lambda t: t.repeat(rows)  # noqa: E731
 
         def taps(n_in, n_out, host_in, host_out, modes):
-            size_out = int(torch.cat(host_out).max())
-            return resize_taps(n_in.reshape(-1), n_out.reshape(-1), both(modes), size_out, dtype,
-                               taps=tap_bound(torch.cat(host_in), torch.cat(host_out)))
+            return resize_taps(n_in, n_out, rep(modes), int(host_out.max()), dtype,
+                               taps=tap_bound(host_in, host_out))
 
-        t1 = taps(full_d[:2], sizes1, full[:2], size1, p["resize1_mode"])
-        t2 = taps(sizes1, sizes2, size1, size2, p["resize2_mode"])
-        canvas2 = tuple(int(n.max()) for n in size2)
+        t1 = taps(hr_d, size1_d, hr, size1, p["resize1_mode"])
+        t2 = taps(size1_d, size2_d, size1, size2, p["resize2_mode"])
+        tf = taps(size2_d, lr_d, size2, lr, p["final_mode"])
 
-        def matrices(t, rows, canvas_out, canvas_in):  # rows: samples (None: all, no gather)
-            sel = [slice(k * b, (k + 1) * b) if rows is None else rows + k * b for k in (0, 1)]
-            return [scatter_taps(t[0][sel[k], :canvas_out[k]], t[1][sel[k], :canvas_out[k]],
-                                 canvas_in[k]) for k in (0, 1)]  # H rows, then W rows
+        def matrices(t, k, idx, canvas_out, canvas_in):  # input k; idx: samples (None: all)
+            sel = [slice(a * b, (a + 1) * b) if idx is None else idx + a * b
+                   for a in (2 * k, 2 * k + 1)]  # its H rows, then its W rows
+            return [scatter_taps(t[0][sel[r], :canvas_out[r]], t[1][sel[r], :canvas_out[r]],
+                                 canvas_in[r]) for r in (0, 1)]  # H rows, then W rows
 
-        groups = []
-        for i, j in zip(cuts[:-1], cuts[1:]):
-            idx, host_idx = order_d[i:j], order[i:j]
-            canvas1 = tuple(int(n[host_idx].max()) for n in size1)
-            groups.append({"idx": idx, "r1": matrices(t1, idx, canvas1, hw),
-                           "r2": matrices(t2, idx, canvas2, canvas1)})
-        tf = taps(sizes2, full_d[2:], size2, full[2:], p["final_mode"])
-        return {"groups": groups, "canvas2": canvas2, "final": matrices(tf, None, lr_hw, canvas2)}
+        plans = []
+        for k, hw in enumerate(sizes):
+            mine = slice(2 * k * b, (2 * k + 2) * b)
+            h1, w1 = size1[mine].view(2, b)
+            canvas2 = tuple(int(n.max()) for n in size2[mine].view(2, b))
+            groups = []
+            for i, j in zip(cuts[:-1], cuts[1:]):
+                idx, host_idx = order_d[i:j], order[i:j]
+                canvas1 = (int(h1[host_idx].max()), int(w1[host_idx].max()))
+                groups.append({"idx": idx, "r1": matrices(t1, k, idx, canvas1, hw),
+                               "r2": matrices(t2, k, idx, canvas2, canvas1)})
+            plans.append({"groups": groups, "canvas2": canvas2,
+                          "final": matrices(tf, k, None, (hw[0] // s, hw[1] // s), canvas2)})
+        return plans
 
     def _middle(self, y: Tensor, p: dict, k: dict, g: torch.Generator | None, group: dict) -> Tensor:
         """The group's samples after resize 1 (``y``): noise -> JPEG -> blur 2 -> resize 2."""
@@ -201,15 +217,19 @@ class Degrader:
                             f"scale {s}; got {tuple(hr.shape)}")
         if not same_device(hr.device, g.device):
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
-        host = self._host_scales(p)  # before any pixel work is queued
         hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
+        measured_blur = cfg.blur_label == "measured"
+        # before any pixel work is queued: the host sync then waits only for the draws
+        plan, *probe_plan = self._plans(p, self._host_scales(p), [(h, w)] + (
+            [self._probe_size()] if measured_blur else []), hr.dtype)
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
-        plan, resized = self._front(gt, draw, host)
+        resized = self._front(gt, draw, plan)
         lr = self._render(plan, resized, draw, g)
         scores = degradation_scores(p, cfg)
-        if cfg.blur_label == "measured":
-            scores[:, 0] = torch.where(p["clean"].bool(), 0.0, self.measured_blur(draw, hr, host))
+        if measured_blur:
+            scores[:, 0] = torch.where(p["clean"].bool(), 0.0,
+                                       self.measured_blur(draw, hr, probe_plan[0]))
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
             quiet = self._render(plan, resized, draw, None)  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
@@ -221,38 +241,40 @@ class Degrader:
         return {"hr": hr, "gt": gt, "lr": lr, "lr_up": upsample(lr, (h, w), cfg.upsample_mode),
                 "clean": p["clean"], "scores": scores, "params": dict(p)}
 
-    def measured_blur(self, draw: dict, like: Tensor, host: Tensor | None = None) -> Tensor:
+    def _probe_size(self) -> tuple[int, int]:
+        n = self.cfg.blur_label_probe * self.cfg.scale
+        return n, n
+
+    def measured_blur(self, draw: dict, like: Tensor, plan: dict | None = None) -> Tensor:
         """(B,) blur label: ``1 - gain``, clipped to [0, 1]. The draw's linear chain (both blurs,
         the resizes, the final sinc; no noise, no JPEG) renders a fixed white-noise probe, and
         ``gain`` is the least-squares factor of the clean (antialiased bicubic) downsample of the
         probe in that render: the chain's mean frequency response over the LR band, relative to
         a clean LR. 0: as sharp as a clean LR; 0.5: half of its detail gone. The probe is the
         same for every call and sample and does not touch the call's generator, so the label is
-        a function of the draw alone (not of the crop, its content or its size). ``host``: the
-        draw's :meth:`_host_scales`, if already taken."""
-        n, s = self.cfg.blur_label_probe, self.cfg.scale
+        a function of the draw alone (not of the crop, its content or its size). ``plan``: the
+        draw's resize plan for the probe, if already built (:meth:`_plans`)."""
         key = (like.device, like.dtype)
         if key not in self._probes:
             g = torch.Generator().manual_seed(0)
-            probe = torch.rand(1, 3, n * s, n * s, generator=g, dtype=torch.float64)
-            ref = clean_downsample(probe, s)
+            probe = torch.rand(1, 3, *self._probe_size(), generator=g, dtype=torch.float64)
+            ref = clean_downsample(probe, self.cfg.scale)
             ref = ref - ref.mean((-2, -1), keepdim=True)
             self._probes[key] = (probe.to(*key), (ref / ref.square().sum()).to(*key))
         probe, ref = self._probes[key]
-        x = probe.expand(draw["params"]["clean"].shape[0], -1, -1, -1)
-        q = self._render(*self._front(x, draw, host), draw, None)
+        p = draw["params"]
+        x = probe.expand(p["clean"].shape[0], -1, -1, -1)
+        if plan is None:
+            plan = self._plans(p, self._host_scales(p), [self._probe_size()], x.dtype)[0]
+        q = self._render(plan, self._front(x, draw, plan), draw, None)
         gain = ((q - q.mean((-2, -1), keepdim=True)) * ref).sum((1, 2, 3))
         return (1 - gain).clamp(0, 1)
 
-    def _front(self, x: Tensor, draw: dict, host: Tensor | None = None) -> tuple[dict, list[Tensor]]:
-        """The part of the chain every render of ``draw`` on ``x`` shares: the resize plan for
-        ``x``'s size, blur 1 (before any noise), resize 1 per group (see :meth:`_render`)."""
-        p, s = draw["params"], self.cfg.scale
-        h, w = x.shape[-2:]
-        host = self._host_scales(p) if host is None else host
-        plan = self._plan(p, host, (h, w), (h // s, w // s), x.dtype)
-        x = self._blur(x, p, draw["kernels"]["blur1"], "blur1")
-        return plan, [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
+    def _front(self, x: Tensor, draw: dict, plan: dict) -> list[Tensor]:
+        """The part of the chain every render of ``draw`` on ``x`` shares: blur 1 (before any
+        noise), then resize 1 per group of ``plan`` (``x``'s, :meth:`_plans`; see :meth:`_render`)."""
+        x = self._blur(x, draw["params"], draw["kernels"]["blur1"], "blur1")
+        return [apply_resize(x[gr["idx"]], *gr["r1"]) for gr in plan["groups"]]
 
     def _render(self, plan: dict, resized: list[Tensor], draw: dict,
                 g: torch.Generator | None) -> Tensor:
