@@ -142,6 +142,32 @@ def test_skips_are_listed_not_fatal(photos, tmp_path, capsys):
     assert len(check_index(out)) == 6  # astronaut listed twice: kept once
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_photo_stored_twice_is_kept_once(photos, tmp_path, capsys, workers):
+    """A byte-identical copy in another folder, and a second SRC reaching files again through a
+    symlink: one sample each, the others listed as duplicates of the one kept."""
+    src = tmp_path / "src"
+    copy = src / "sub" / "astronaut copy.png"
+    copy.write_bytes(photos["astronaut"].read_bytes())
+    again = tmp_path / "again"  # another path to src/sub
+    again.symlink_to(src / "sub", target_is_directory=True)
+    other = src / "astronaut.jpg"  # the same photo in another encoding: not a duplicate
+    Image.open(photos["astronaut"]).save(other, quality=95)
+    out = tmp_path / "shards"
+    assert cli(src, again, "--out", out, "--workers", workers, *SMALL) == 0
+    assert "7 samples, 5 skipped" in capsys.readouterr().out
+    samples = by_source(check_index(out))
+    rows = dict(r.split("\t") for r in (out / "skipped.tsv").read_text().splitlines()[1:])
+    assert str(other) in samples
+    groups = [{str(photos["astronaut"]), str(copy), str(again / copy.name)}] + [
+        {str(photos[n]), str(again / photos[n].name)} for n in ("chelsea", "rocket", "noise")]
+    assert set(rows) == set().union(*groups) - set(samples)  # nothing else skipped
+    for group in groups:  # whichever the shuffle met first is kept, the others name it
+        kept = group & set(samples)
+        assert len(kept) == 1
+        assert all(rows[p] == f"duplicate of {next(iter(kept))}" for p in group - kept)
+
+
 def test_max_side_downscales_to_png(photos, tmp_path):
     out = tmp_path / "shards"
     assert cli(tmp_path / "src", "--out", out, "--max-side", 300, *SMALL) == 0

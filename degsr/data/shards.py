@@ -18,7 +18,10 @@ path order would give batches from one folder. ``order="path"`` keeps the order 
 Each image is checked first: size on disk >= ``min_bytes``; fully decodable (decoded and converted
 to RGB now, so a truncated file fails here rather than mid-training); shorter side of the stored
 image >= ``min_side``. Rejects, and missing entries of list files, go to ``DIR/skipped.tsv``
-(path, reason); they are never fatal. A path given twice is kept once.
+(path, reason); they are never fatal. A path given twice is kept once, and so is an image whose
+stored bytes equal an earlier one's (a copy in another folder, a second path through a symlink):
+the later ones are skipped as ``duplicate of <path kept>``, so no photo weighs double in
+training. (Another encoding or size of the same photo is not a duplicate here.)
 
 Output: ``DIR/<name>-000000.tar`` ... (``per_shard`` samples each), ``DIR/skipped.tsv`` and, last,
 ``DIR/index.json``; one shard set per DIR (a DIR whose index names another set is refused).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -188,7 +192,11 @@ def _check_options(out: Path, name: str, per_shard, min_side, min_bytes, max_sid
 
 def _samples(images, results, summary: ShardSummary):
     """Samples to write, in order; records skips and counts ``summary.total``."""
+    kept: dict[bytes, str] = {}  # digest of the stored bytes -> the path that stored them
     for path, (reason, sample) in zip(images, results):
+        if not reason:
+            first = kept.setdefault(hashlib.sha256(sample[1]).digest(), path)
+            reason = f"duplicate of {first}" if first != path else None
         if reason:
             console.log.debug("skip %s: %s", path, reason)
             summary.skipped.append((path, reason))
