@@ -70,6 +70,8 @@ def test_unknown_key_in_file_names_file(tmp_path):
     ("degradation.first.blur_sigma=[a,b]", "degradation.first.blur_sigma", ["list of float"]),
     ("degradation.usm_sharpen=maybe", "degradation.usm_sharpen", ["bool"]),
     ("degradation=3", "degradation", ["section"]),
+    ("logger.tags=foo", "logger.tags", ["expected list of str, got 'foo' (str)"]),
+    ("run.seed=[1]", "run.seed", ["expected int, got [1] (list)"]),
 ])
 def test_wrong_type_names_key_and_types(override, key, words):
     msg = problems(overrides=[override])[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from degsr.config.fields import problems_of
@@ -203,10 +203,17 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
             key = (e.full_key or leaf).split("[")[0]
             expected = _type_name(schema[key]) if key in schema else "another type"
             problems.append(f"config error: {key}: expected {expected}, got {e.value!r} "
-                            f"({type(e.value).__name__}) in {origin}")
+                            f"({_kind(e.value)}) in {origin}")
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _kind(value) -> str:
+    """The type of a value as the user wrote it (OmegaConf hands some back wrapped in nodes)."""
+    if isinstance(value, (ListConfig, DictConfig)):
+        return "list" if isinstance(value, ListConfig) else "mapping"
+    return type(value._value() if isinstance(value, Node) else value).__name__
 
 
 def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
