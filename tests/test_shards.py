@@ -333,6 +333,9 @@ def test_expand_shard_pattern(tmp_path):
     assert expand_shard_pattern(str(d / "train-{000000..000002}.tar")) == want
     assert expand_shard_pattern(str(d)) == want
     assert expand_shard_pattern(str(d / "index.json")) == want
+    (d / "copied-in.tar").write_bytes(b"")  # a folder with an index means its set
+    assert expand_shard_pattern(str(d)) == want
+    assert len(expand_shard_pattern(str(d / "*.tar"))) == 4
     assert expand_shard_pattern(str(files[1])) == [str(files[1])]
     odd = tmp_path / "set[1]" / "a{b}.tar"  # glob and brace characters in an existing name
     odd.parent.mkdir()

@@ -19,7 +19,8 @@ class DataConfig:
     """Training stream (WebDataset shards) and validation sets."""
 
     train_shards: str = plain("", "training shards: a .tar, glob, {000..009} brace pattern, folder "
-                                  "or index.json written by `degsr shards` ('' = not set)")
+                                  "(the set its index.json names, else its *.tar) or index.json "
+                                  "written by `degsr shards` ('' = not set)")
     val_shards: str = plain("", "shards the fixed synthetic val set is cut from (read in order)")
     val_folder: str = plain("", "a folder of images the fixed synthetic val set is cut from "
                                 "(used when val_shards is '')")

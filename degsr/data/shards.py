@@ -317,11 +317,15 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
 
 def expand_shard_pattern(pattern: str) -> list[str]:
     """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
-    directory (its ``*.tar``) or ``index.json`` names: sorted, all existing, else UserError.
+    directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
+    the set its ``index.json`` names when it has one (not a stray tar beside it), else its
+    ``*.tar``.
     """
     from braceexpand import braceexpand
 
     path = os.path.expanduser(str(pattern))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "index.json")):
+        path = os.path.join(path, "index.json")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
     elif os.path.isfile(path) and path.endswith(".json"):
