@@ -623,6 +623,35 @@ def test_lightning_fit_with_workers_and_both_val_sets(shards, photos, tmp_path):
     assert dm.data_quality()["read"] >= cfg.batches_per_epoch * cfg.batch_size
 
 
+def test_a_val_folder_packed_into_the_training_shards_is_named(shards, photos, tmp_path,
+                                                               monkeypatch):
+    """The shards fixture packed ``photos``: validating on them (or on a link to them) warns once,
+    on rank 0 only; a val folder beside the sources does not."""
+    from degsr import console
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    link = tmp_path / "val-link"
+    link.symlink_to(photos, target_is_directory=True)
+    for folder in (photos, link):
+        SRDataModule(data_cfg(train_shards=str(shards), val_folder=str(folder)),
+                     DegradationConfig(), seed=0).setup("fit")
+    assert len(said) == 2 and all(f"overlaps {photos}, a source of the training shards" in m
+                                  for m in said)
+    other = tmp_path / "other"
+    other.mkdir()
+    _save(skimage.data.coffee(), other / "c.png")
+    dm = SRDataModule(data_cfg(train_shards=str(shards), val_folder=str(other)),
+                      DegradationConfig(), seed=0)
+    dm.setup("fit")
+    dm = SRDataModule(data_cfg(train_shards=str(shards), val_folder=str(photos)),
+                      DegradationConfig(), seed=0)
+    dm.trainer = fake_trainer(world_size=2)
+    dm.trainer.is_global_zero = False
+    dm.setup("fit")
+    assert len(said) == 2
+
+
 def test_quality_counts_sync_across_ranks(bad_shards):
     """Under DDP the ceiling uses counts summed over ranks, checked at the same batch on all."""
     reduced = []

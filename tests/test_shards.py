@@ -350,6 +350,23 @@ def test_expand_shard_pattern(tmp_path):
         expand_shard_pattern(str(tmp_path / "empty-dir-missing.tar"))
 
 
+def test_sources_overlapping_resolves_links_and_whole_path_parts(photos, tmp_path):
+    from degsr.data.shards import sources_overlapping
+
+    src = tmp_path / "src"
+    out = tmp_path / "shards"
+    write_shards([src / "sub", photos["astronaut"]], out, min_side=16, min_bytes=0)
+    urls = expand_shard_pattern(str(out))
+    (tmp_path / "link").symlink_to(src / "sub", target_is_directory=True)
+    assert sources_overlapping(urls, str(src)) == [str(src / "sub"), str(photos["astronaut"])]
+    assert sources_overlapping(urls, str(src / "sub")) == [str(src / "sub")]
+    assert sources_overlapping(urls, str(tmp_path / "link")) == [str(src / "sub")]
+    assert sources_overlapping(urls, str(src / "sub" / "deeper")) == [str(src / "sub")]
+    assert sources_overlapping(urls, str(src / "su")) == []  # a name prefix is not a parent
+    assert sources_overlapping(urls, str(tmp_path / "elsewhere")) == []
+    assert sources_overlapping([str(tmp_path / "x.tar")], str(src)) == []  # no index: nothing
+
+
 def test_failed_run_keeps_previous_set(photos, tmp_path, monkeypatch):
     import degsr.data.shards as shards
 

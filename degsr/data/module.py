@@ -43,12 +43,13 @@ import warnings
 
 import lightning as L
 import torch
-from degsr.config.fields import as_dataclass
 from torch.utils.data import DataLoader
 
+from degsr import console
+from degsr.config.fields import as_dataclass
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.shards import expand_shard_pattern
+from degsr.data.shards import expand_shard_pattern, sources_overlapping
 from degsr.data.stream import TrainStream
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.degradation.pipeline import Degrader
@@ -170,6 +171,11 @@ class SRDataModule(L.LightningDataModule):
             if self.val_set is None and (d.val_shards or d.val_folder):
                 if d.val_shards:
                     expand_pattern("data.val_shards", d.val_shards)
+                elif self.train_urls and (self.trainer is None or self.trainer.is_global_zero):
+                    for src in sources_overlapping(self.train_urls, d.val_folder):
+                        console.log.warning(f"data.val_folder {d.val_folder} overlaps {src}, a "
+                                            "source of the training shards: validation would "
+                                            "score images the model trains on")
                 self.val_set = SyntheticValSet.from_config(d, self.degradation)
             if self.paired_set is None and (d.val_paired_lr or d.val_paired_hr):
                 if not (d.val_paired_lr and d.val_paired_hr):

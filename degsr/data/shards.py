@@ -315,6 +315,23 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     return summary
 
 
+def sources_overlapping(urls, folder: str) -> list[str]:
+    """The sources recorded in the index.json of the shard sets of ``urls`` (written by
+    :func:`write_shards`) that are ``folder``, hold it or lie inside it: images of ``folder``
+    that were packed for training. Lists (.txt) are not opened; links are resolved."""
+    real, found = os.path.realpath(os.path.expanduser(folder)), []
+    for index in sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls}):
+        try:
+            sources = json.loads(Path(index).read_text(encoding="utf-8"))["sources"]
+        except (OSError, ValueError, KeyError, TypeError):  # no index: nothing recorded
+            continue
+        for src in map(str, sources):
+            s = os.path.realpath(src)
+            if not s.endswith(LIST_EXT) and (s == real or os.path.commonpath([s, real]) in (s, real)):
+                found.append(src)
+    return found
+
+
 def expand_shard_pattern(pattern: str) -> list[str]:
     """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
     directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
