@@ -23,10 +23,14 @@ from degsr.degradation.pipeline import Degrader
 from degsr.io import preset_path
 
 
-def top_level_ops(fn, calls: int = 3) -> tuple[int, collections.Counter]:
-    """ATen calls per call of ``fn`` that no other ATen call made (the ones the host issues)."""
+CALLS = 3  # calls of each step profiled
+
+
+def top_level_ops(fn) -> tuple[int, collections.Counter]:
+    """ATen calls per call of ``fn`` that no other ATen call made (the ones the host issues),
+    and their count by name over :data:`CALLS` calls."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
+        for _ in range(CALLS):
             fn()
     kinds: collections.Counter = collections.Counter()
     for e in prof.events():
@@ -37,7 +41,7 @@ def top_level_ops(fn, calls: int = 3) -> tuple[int, collections.Counter]:
             parent = parent.cpu_parent
         if parent is None:
             kinds[e.name] += 1
-    return sum(kinds.values()) // calls, kinds
+    return sum(kinds.values()) // CALLS, kinds
 
 
 def main() -> None:
@@ -53,7 +57,7 @@ def main() -> None:
         d(hr, g)  # constants, probe, tables: built once per process
         total, kinds = top_level_ops(lambda: d(hr, g))
         print(f"one call ({args.preset}, {args.batch} x {args.size}²): {total} top-level ATen calls")
-        print("  most frequent:", ", ".join(f"{k.removeprefix('aten::')} {v // 3}"
+        print("  most frequent:", ", ".join(f"{k.removeprefix('aten::')} {v // CALLS}"
                                            for k, v in kinds.most_common(8)))
         draw = d.sample(args.batch, g)
         p = draw["params"]

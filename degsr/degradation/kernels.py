@@ -212,8 +212,9 @@ def draw_blur_params(batch: int, generator: torch.Generator, *, kernel_sizes, ke
             "beta_g": beta_g, "beta_p": beta_p, "omega": omega}
 
 
-def blur_kernels(draws: dict[str, Tensor], max_size: int = 21) -> tuple[Tensor, dict[str, Tensor]]:
-    """The kernels ``(B, max_size, max_size)`` of :func:`draw_blur_params`'s ``draws`` and the
+def blur_kernels(draws: dict[str, Tensor], max_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The kernels ``(B, max_size, max_size)`` of :func:`draw_blur_params`'s ``draws`` (drawn
+    with the same ``max_size``: a larger drawn size would be cut to it silently) and the
     parameters recorded for them (``params["kernel_type"]`` indexes :data:`KERNEL_TYPES`; unused
     float parameters are 0). All families are built for the whole batch from one quadratic form
     and selected with ``torch.where``; the draws of several calls, concatenated, build at once."""

@@ -39,6 +39,7 @@ def _mode_draw(g: torch.Generator, n: int, allowed) -> Tensor:
     return ids[torch.randint(len(ids), (n,), generator=g, device=g.device)]
 
 
+KERNEL_SIZE = 21  # every blur kernel is padded to this size (the largest allowed)
 GROUP_COST = 1.0  # fixed cost of one more group (its own calls), in units of the HR area
 ACCEL_GROUP_COST = 16.0  # the same on accelerators: launches cost more there, pixels less
 
@@ -84,11 +85,12 @@ class Degrader:
 
     @staticmethod
     def _round(g: torch.Generator, n: int, rc, tag: str, dtype) -> tuple[dict, dict]:
-        """One order's draws: its blur kernels' (built later, both orders at once) and the rest."""
+        """The draws of one order: those of its blur kernels (for :func:`blur_kernels`, which
+        builds both orders' at once) and its other parameters."""
         kd = draw_blur_params(n, g, kernel_sizes=rc.kernel_sizes, kernel_types=rc.kernel_types,
                               kernel_probs=rc.kernel_probs, sigma_range=rc.blur_sigma,
                               betag_range=rc.betag, betap_range=rc.betap, sinc_prob=rc.sinc_prob,
-                              dtype=dtype)
+                              max_size=KERNEL_SIZE, dtype=dtype)
         p = {f"{tag}_applied": ops.bernoulli(g, n, rc.blur_prob)}
         i = tag[-1]
         p[f"resize{i}_scale"], p[f"resize{i}_kind"] = ops.scale_factors(g, n, rc.resize_probs,
@@ -107,7 +109,8 @@ class Degrader:
         (kd1, p1), (kd2, p2) = (self._round(g, n, rc, tag, dtype)
                                 for rc, tag in ((cfg.first, "blur1"), (cfg.second, "blur2")))
         # both orders' kernels in one batch: half the launches of building them apart
-        both, kp = blur_kernels({name: torch.cat([kd1[name], kd2[name]]) for name in kd1})
+        both, kp = blur_kernels({name: torch.cat([kd1[name], kd2[name]]) for name in kd1},
+                                KERNEL_SIZE)
         for tag, rows, rest in (("blur1", slice(0, n), p1), ("blur2", slice(n, None), p2)):
             k[tag] = both[rows]
             p.update({f"{tag}_{name.removeprefix('blur_')}": v[rows] for name, v in kp.items()})
@@ -146,32 +149,32 @@ class Degrader:
         Sizes are base x factor (resize 2 relative to the LR size, as the reference). The groups
         (runs of the samples sorted by resize-1 scale, :func:`partition_by_area`) share a
         canvas: their largest size. Decided on the host from ``host`` (:meth:`_host_scales`);
-        the taps of each stage are built for all samples and all sizes at once (the rows of a
-        smaller size padded to the longest output: a few more pixels, a third of the launches).
+        the taps of each stage are built for all samples and all sizes at once: half the
+        launches for two sizes, the rows of the smaller one padded to the longer output.
         """
         s1, s2 = host
         device, b, s = p["resize1_scale"].device, s1.shape[0], self.cfg.scale
         order = torch.argsort(s1, stable=True)
         cost = ACCEL_GROUP_COST if ops.on_accelerator(device) else GROUP_COST
         cuts = partition_by_area(s1[order].tolist(), cost)
-        # host lengths: b rows of H, then b of W, of each input in turn
+        # lengths on the host: b rows of H, then b of W, of each input in turn
         rows = 2 * len(sizes)
-        hr = torch.tensor([n for hw in sizes for n in hw]).repeat_interleave(b)
-        lr = hr // s
-        size1 = (hr * s1.repeat(rows)).to(torch.long).clamp(min=1)
-        size2 = (lr * s2.repeat(rows)).to(torch.long).clamp(min=1)
+        n_hr = torch.tensor([n for hw in sizes for n in hw]).repeat_interleave(b)
+        n_lr = n_hr // s
+        size1 = (n_hr * s1.repeat(rows)).to(torch.long).clamp(min=1)
+        size2 = (n_lr * s2.repeat(rows)).to(torch.long).clamp(min=1)
         # one upload while the device queue is empty
-        order_d, hr_d, lr_d, size1_d, size2_d = torch.cat([order, hr, lr, size1, size2]).to(
-            device).split([b] + [rows * b] * 4)
+        order_d, n_hr_d, n_lr_d, size1_d, size2_d = torch.cat(
+            [order, n_hr, n_lr, size1, size2]).to(device).split([b] + [rows * b] * 4)
         rep = lambda t: t.repeat(rows)  # noqa: E731
 
         def taps(n_in, n_out, host_in, host_out, modes):
             return resize_taps(n_in, n_out, rep(modes), int(host_out.max()), dtype,
                                taps=tap_bound(host_in, host_out))
 
-        t1 = taps(hr_d, size1_d, hr, size1, p["resize1_mode"])
+        t1 = taps(n_hr_d, size1_d, n_hr, size1, p["resize1_mode"])
         t2 = taps(size1_d, size2_d, size1, size2, p["resize2_mode"])
-        tf = taps(size2_d, lr_d, size2, lr, p["final_mode"])
+        tf = taps(size2_d, n_lr_d, size2, n_lr, p["final_mode"])
 
         def matrices(t, k, idx, canvas_out, canvas_in):  # input k; idx: samples (None: all)
             sel = [slice(a * b, (a + 1) * b) if idx is None else idx + a * b
@@ -217,11 +220,12 @@ class Degrader:
                             f"scale {s}; got {tuple(hr.shape)}")
         if not same_device(hr.device, g.device):
             raise ValueError(f"generator on {g.device} but images on {hr.device}")
-        hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
         measured_blur = cfg.blur_label == "measured"
-        # before any pixel work is queued: the host sync then waits only for the draws
-        plan, *probe_plan = self._plans(p, self._host_scales(p), [(h, w)] + (
-            [self._probe_size()] if measured_blur else []), hr.dtype)
+        host = self._host_scales(p)  # before any pixel work is queued: it waits for the draws only
+        hr = hr if hr.is_floating_point() else hr.float() / 255.0  # uint8 crops from the loader
+        plans = self._plans(p, host, [(h, w)] + ([self._probe_size()] if measured_blur else []),
+                            hr.dtype)
+        plan = plans[0]
         gt = (ops.usm_sharpen(hr, cfg.usm_weight, cfg.usm_threshold, cfg.usm_radius, cfg.usm_sigma)
               if cfg.usm_sharpen else hr)
         resized = self._front(gt, draw, plan)
@@ -229,7 +233,7 @@ class Degrader:
         scores = degradation_scores(p, cfg)
         if measured_blur:
             scores[:, 0] = torch.where(p["clean"].bool(), 0.0,
-                                       self.measured_blur(draw, hr, probe_plan[0]))
+                                       self.measured_blur(draw, hr, plans[1]))
         if cfg.noise_label == "measured":  # what the LR really carries: vs the same draw rendered
             quiet = self._render(plan, resized, draw, None)  # without noise and JPEG
             visible = (lr - quiet).flatten(1).std(1) * 255
