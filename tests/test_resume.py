@@ -145,6 +145,120 @@ def test_stop_and_resume_continue_the_loss_curve_exactly(stage, shards, tmp_path
             assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
 
 
+class ValRecorder(Recorder):
+    """Also: each validation pass's metrics (none for a pass that logged nothing), and a signal
+    while validation batch ``kill_batch`` of the pass after step ``kill_at`` is validated."""
+
+    def __init__(self, kill_at=None, kill_batch=1, sig=signal.SIGUSR1):
+        super().__init__()
+        self.kill_at, self.kill_batch, self.sig, self.val_metrics = kill_at, kill_batch, sig, {}
+        self.val_batches, self.log_steps = [], {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        # the step the loggers are given (Lightning counts it apart from global_step)
+        self.log_steps[trainer.global_step] = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def on_validation_start(self, trainer, module):
+        for k in [k for k in trainer.callback_metrics if k.startswith("val/")]:
+            del trainer.callback_metrics[k]  # what this pass logs, not an earlier pass's
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking:
+            return
+        self.val_batches.append((trainer.global_step, batch_idx))
+        if (trainer.global_step, batch_idx) == (self.kill_at, self.kill_batch):
+            os.kill(os.getpid(), self.sig)  # as if it came during this batch's validation_step
+
+    def on_validation_end(self, trainer, module):
+        super().on_validation_end(trainer, module)
+        got = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if got and not trainer.sanity_checking:
+            assert trainer.global_step not in self.val_metrics
+            self.val_metrics[trainer.global_step] = got
+
+
+VAL_STOPS = {  # stage of STAGES: the validation pass the signal comes in (after that step)
+    "estimator": 8,  # 5 batches an epoch: mid-epoch
+    "estimator-echo-ema": 16,  # the weight average (swapped in during validation) moves faster
+    "sr": 3,
+}
+
+
+@pytest.mark.parametrize("stage, sig", [("estimator", "SIGTERM"), ("estimator-echo-ema", "SIGUSR1"),
+                                        ("sr", "SIGUSR1")])
+def test_a_signal_during_validation_saves_there_and_the_resume_validates_that_step_again(
+        stage, sig, shards, tmp_path, monkeypatch):
+    """A signal during a validation pass was only acted on after the pass and the next training
+    step: a long pass outlasted Slurm's 90 s warning (SIGUSR1), and a SIGTERM there ended the
+    run with nothing saved. Now the pass ends at the next validation batch, logs nothing, and
+    last.ckpt holds the step it came after; the resumed run validates that step again, whole,
+    first: the same losses and the same validation metrics at the same steps as a run never
+    stopped (the weight average, swapped in during validation, is not saved as the weights)."""
+    step = VAL_STOPS[stage]
+    config, extra, _ = STAGES[stage]
+    common = [f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val",
+              "data.val_crops=8", "data.val_batch_size=2", "logger.wandb=false",  # 4 batches
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=100", *extra]
+    straight = ValRecorder()
+    out = run(load_config([config], [*common, f"run.dir={tmp_path}/a"]), monkeypatch, straight)
+    n = out["global_step"]
+    assert out["status"] == "finished" and step in straight.val_metrics
+    assert len(straight.val_metrics) == len(straight.validated)  # every pass logged
+
+    first, second = ValRecorder(kill_at=step, sig=getattr(signal, sig)), ValRecorder()
+    cfg = load_config([config], [*common, f"run.dir={tmp_path}/b"])
+    root = tmp_path / "b" / cfg.run.name
+    if sig == "SIGUSR1":
+        out1 = run(cfg, monkeypatch, first)
+        assert (out1["status"], out1["global_step"], out1["export"]) == ("preempted", step, None)
+    else:
+        with pytest.raises(degsr.cli.Terminated):  # status 143, as at a step boundary
+            run(cfg, monkeypatch, first)
+    # the pass ended at the batch the signal came in, and logged nothing
+    assert first.val_batches[-1] == (step, 1) and step not in first.val_metrics
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    ev = events(root)
+    assert [(e["event"], e["step"]) for e in ev][1:] == [
+        ("preempt", step), ("end" if sig == "SIGUSR1" else "error", step)]
+    assert ev[1]["signal"] == sig
+    assert sorted(first.losses) == list(range(step))
+
+    out2 = run(cfg, monkeypatch, second)
+    assert out2["status"] == "finished" and out2["global_step"] == n
+    assert second.val_batches[:4] == [(step, b) for b in range(4)]  # that pass first, whole
+    assert sorted(second.losses) == list(range(step, n))
+    resumed = {**first.losses, **second.losses}
+    for s in range(n):
+        assert resumed[s] == pytest.approx(straight.losses[s], abs=1e-6, rel=0), s
+    both = {**first.val_metrics, **second.val_metrics}
+    assert sorted(both) == sorted(straight.val_metrics)
+    for s, metrics in straight.val_metrics.items():
+        assert both[s].keys() == metrics.keys(), s
+        for k, v in metrics.items():
+            assert both[s][k] == pytest.approx(v, abs=1e-5, rel=0), (s, k)
+    assert {**first.log_steps, **second.log_steps} == straight.log_steps
+
+
+def test_after_a_validation_run_again_a_later_resume_is_as_usual(shards, tmp_path, monkeypatch):
+    """The pass run again at the resume is begun as Lightning's 'restarted mid-evaluation', which
+    left the epoch's count of validation batches begun one ahead: a later checkpoint at a
+    validation step (step 8 here: checkpoint_every_n_steps = val_every_n_steps) then looked
+    saved mid-validation too, and the run resumed from it validated step 8 again and gave the
+    loggers every later step one off."""
+    args = _est_args(shards, tmp_path, f"data.val_folder={shards}/val", "data.val_crops=8",
+                     "data.val_batch_size=2", "data.batches_per_epoch=50",  # one epoch
+                     "trainer.val_every_n_steps=4", "trainer.checkpoint_every_n_steps=4",
+                     "trainer.log_every_n_steps=1", "trainer.max_steps=12")
+    straight = ValRecorder()
+    run(load_config([EST], [*args, "run.name=straight"]), monkeypatch, straight)
+    attempts = [ValRecorder(kill_at=4), ValRecorder(), ValRecorder()]
+    for rec, steps in zip(attempts, (12, 8, 12)):  # stopped in step 4's pass; ended at 8; on
+        run(load_config([EST], [*args, f"trainer.max_steps={steps}"]), monkeypatch, rec)
+    assert [sorted(a.val_metrics) for a in attempts] == [[], [4, 8], [12]]
+    assert {k: v for a in attempts for k, v in a.log_steps.items()} == straight.log_steps
+
+
 # ------------------------------------------------------------------------ checkpoint safety
 def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path):
     io = AtomicCheckpointIO()
@@ -397,6 +511,126 @@ def test_validation_metrics_do_not_depend_on_the_number_of_ranks(shards, tmp_pat
     assert metrics[1].keys() == metrics[0].keys()
     for k in metrics[0]:
         assert metrics[1][k] == pytest.approx(metrics[0][k], abs=1e-4), k
+
+
+VAL_SIGNAL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import degsr.cli, degsr.training.fit as fitmod
+    from lightning.pytorch.callbacks import Callback
+
+    class OneRankSignal(Callback):
+        \"\"\"SIGUSR1 to one rank alone while it validates (rank, step, batch) SIGNAL_AT; each
+        rank prints the validation batches it ran, rank 0 the metrics each pass logged.\"\"\"
+        def on_validation_start(self, trainer, module):
+            for k in [k for k in trainer.callback_metrics if k.startswith("val/")]:
+                del trainer.callback_metrics[k]  # what this pass logs, not an earlier pass's
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            if trainer.sanity_checking:
+                return
+            os.write(1, f"VAL {trainer.global_rank} {trainer.global_step} {batch_idx}\\n".encode())
+            if (trainer.global_rank, trainer.global_step, batch_idx) == SIGNAL_AT and STOP:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking and trainer.global_rank == 0:
+                got = sorted((k, round(float(v), 5)) for k, v in trainer.callback_metrics.items()
+                             if k.startswith("val/"))
+                if got:  # (one write: both ranks write to this pipe)
+                    os.write(1, f"METRICS {trainer.global_step} {got}\\n".encode())
+
+    real = fitmod.make_trainer
+    fitmod.make_trainer = lambda c, root, logger, extra=(): real(c, root, logger,
+                                                                [*extra, OneRankSignal()])
+
+    if UNEVEN:  # rank 1 validates one batch fewer than rank 0 (EvenSplit never does that)
+        from torch.utils.data import DataLoader
+        from degsr.data.module import SRDataModule
+        from degsr.data.validation import EvenSplit
+
+        class Short(EvenSplit):
+            def __iter__(self):
+                return iter(list(super().__iter__())[:-1])
+
+            def __len__(self):
+                return super().__len__() - 1
+
+        real_val = SRDataModule.val_dataloader
+
+        def val_dataloader(self):
+            loaders = real_val(self)
+            if self.trainer.global_rank == 1:
+                dl = loaders[0]
+                loaders[0] = DataLoader(dl.dataset, batch_size=dl.batch_size,
+                                        sampler=Short(dl.sampler.dataset, 2, 1))
+            return loaders
+        SRDataModule.val_dataloader = val_dataloader
+
+    if __name__ == "__main__":
+        sys.exit(degsr.cli.main(["fit", *sys.argv[1:]]))
+""")
+
+
+def _val_signal_script(stop: bool, at=(1, 4, 1), uneven: bool = False) -> str:
+    return (VAL_SIGNAL_SCRIPT.replace("SIGNAL_AT", repr(tuple(at))).replace("STOP", str(stop))
+            .replace("UNEVEN", str(uneven)))
+
+
+def _val_batches_ran(stdout: str) -> list[tuple[int, int, int]]:
+    """(rank, step, batch) of each validation batch begun, from the VAL lines."""
+    return [tuple(map(int, line.split()[1:])) for line in stdout.splitlines()
+            if line.startswith("VAL ")]
+
+
+def _val_signal_args(shards, tmp_path) -> list[str]:
+    # 7 validation crops, 1 a batch: 4 batches a rank (the 8th crop is EvenSplit's padding)
+    return _ddp_args(shards, tmp_path, f"data.val_folder={shards}/val", "data.val_crops=7",
+                     "data.val_batch_size=1", "trainer.val_every_n_steps=4", "trainer.max_steps=8")
+
+
+def test_a_signal_on_one_rank_during_validation_stops_every_rank_at_the_same_batch(shards,
+                                                                                    tmp_path):
+    """DDP, 2 ranks: SIGUSR1 on rank 1 alone while it validates: both ranks end the pass after
+    the same batch (the flag is all-reduced per validation batch), save last.ckpt at the step
+    before the pass and stop (status 3); the resumed run validates that step again, with the
+    metrics a run never stopped logs, and finishes."""
+    script = tmp_path / "val_signal.py"
+    args = _val_signal_args(shards, tmp_path)
+    script.write_text(_val_signal_script(stop=False))
+    straight = _ddp_fit(script, [*args, "run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    script.write_text(_val_signal_script(stop=True, at=(1, 4, 1)))
+    r = _ddp_fit(script, [*args, "run.name=cut"])
+    assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+    ran = _val_batches_ran(r.stdout)
+    assert sorted(b for rank, step, b in ran if step == 4 and rank == 0) == [0, 1]
+    assert sorted(b for rank, step, b in ran if step == 4 and rank == 1) == [0, 1]
+    assert "METRICS 4" not in r.stdout  # the pass cut short logged nothing
+    run = tmp_path / "runs" / "cut"
+    assert _ckpt_steps(run) == {"last.ckpt": 4}
+    script.write_text(_val_signal_script(stop=False))
+    r = _ddp_fit(script, [*args, "run.name=cut"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [line for line in r.stdout.splitlines() if line.startswith("VAL 0 ")][0] == "VAL 0 4 0"
+    metrics = [line for line in straight.stdout.splitlines() if line.startswith("METRICS")]
+    assert [line for line in r.stdout.splitlines() if line.startswith("METRICS")] == metrics
+    assert len(metrics) == 2  # steps 4 and 8
+    assert json.loads((run / "final.json").read_text())["global_step"] == 8
+
+
+def test_validation_is_cut_only_where_every_rank_still_validates(shards, tmp_path):
+    """The flag is all-reduced after a validation batch only when every rank runs that batch
+    and a later one: with 4 batches on rank 0 and 3 on rank 1, a signal on rank 0 in its third
+    batch must not make it wait in a collective rank 1 never joins (rank 1 is in its end-of-pass
+    metrics by then); the pass ends as usual and the run saves after the next step."""
+    script = tmp_path / "val_signal.py"
+    script.write_text(_val_signal_script(stop=True, at=(0, 4, 2), uneven=True))
+    r = _ddp_fit(script, [*_val_signal_args(shards, tmp_path), "run.name=uneven"])
+    assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+    ran = _val_batches_ran(r.stdout)
+    assert sorted(b for rank, step, b in ran if step == 4 and rank == 0) == [0, 1, 2, 3]
+    assert sorted(b for rank, step, b in ran if step == 4 and rank == 1) == [0, 1, 2]
+    assert _ckpt_steps(tmp_path / "runs" / "uneven") == {"last.ckpt": 5}
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""

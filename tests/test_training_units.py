@@ -142,6 +142,86 @@ def test_preemption_any_rank_asking_stops_every_rank(tmp_path):
     assert not q.preempted and t.saved == []
 
 
+def _validating(world_size=1, others=(), step=8, max_steps=20, val_batches=(4,), accumulate=1,
+                batch_idx=7):
+    """A _FakeTrainer in fit's validation pass after ``step`` (Lightning's own progress counts)."""
+    from lightning.pytorch.loops.progress import _BatchProgress
+
+    t = _FakeTrainer(world_size=world_size, others=others, accumulate=accumulate, step=step)
+    t.state, t.sanity_checking, t.max_steps = SimpleNamespace(fn="fit"), False, max_steps
+    t.num_val_batches = list(val_batches)
+    val = SimpleNamespace(batch_progress=_BatchProgress())
+    t.fit_loop.epoch_loop = SimpleNamespace(_should_check_val_fx=None, batch_idx=batch_idx,
+                                            val_loop=val)
+    return t
+
+
+def _val_batch(p, t, module):
+    """Lightning's counts for one validation batch up to on_validation_batch_end, then the hook;
+    True when it ended the pass."""
+    bp = t.fit_loop.epoch_loop.val_loop.batch_progress
+    bp.increment_ready(), bp.increment_started(), bp.increment_processed()
+    try:
+        p.on_validation_batch_end(t, module, None, None, bp.current.ready - 1)
+    except StopIteration:
+        return True
+    bp.increment_completed()
+    return False
+
+
+def test_preemption_during_validation_ends_the_pass_and_saves_at_its_end(tmp_path):
+    from degsr.training.cluster import Preemption
+
+    p = Preemption(tmp_path / "last.ckpt")
+    t, discarded = _validating(), []
+    module = SimpleNamespace(automatic_optimization=True,
+                             discard_validation=lambda: discarded.append(1))
+    bp = t.fit_loop.epoch_loop.val_loop.batch_progress
+    bp.total.increment_by(4)  # an earlier pass of this epoch
+    p.on_validation_start(t, module)
+    assert not _val_batch(p, t, module)  # nothing asked
+    p.requested = True
+    assert _val_batch(p, t, module) and discarded == [1] and t.saved == []  # cut after batch 1
+    p.on_validation_end(t, module)  # (after the pass's end hooks: the weight average is out)
+    assert t.saved == [tmp_path / "last.ckpt"] and p.preempted and t.should_stop
+    # saved as a pass stopped in its first step: Lightning runs it again, whole, at the resume
+    def counts(c):
+        return c.ready, c.started, c.processed, c.completed
+
+    assert counts(bp.current) == (1, 1, 0, 0) and counts(bp.total) == (5, 5, 4, 4)
+    # that pass, run again, starts with the epoch's totals evened out
+    p.on_validation_start(t, module)
+    assert counts(bp.total) == (4, 4, 4, 4)
+
+
+@pytest.mark.parametrize("why", ["sanity_check", "last_step", "time_limit", "accumulating",
+                                 "last_batch", "another_rank_has_fewer"])
+def test_preemption_during_validation_leaves_some_passes_whole(why, tmp_path):
+    """The final validation (its step is in last.ckpt already), one mid-accumulation, the sanity
+    check: they run on (a signal is honoured at the next step, if any). Nor is a pass cut, or the
+    flag all-reduced, at a batch that not every rank runs, or after which none remains."""
+    from degsr.training.cluster import Preemption
+
+    p = Preemption(tmp_path / "last.ckpt")
+    p.requested = True
+    t = _validating(**{"last_step": dict(step=20), "accumulating": dict(accumulate=3),
+                       "last_batch": dict(val_batches=(1,)),
+                       "another_rank_has_fewer": dict(world_size=2, val_batches=(3,))}.get(why, {}))
+    t.sanity_checking = why == "sanity_check"
+    t.should_stop = why == "time_limit"  # (Lightning's Timer)
+    if why == "another_rank_has_fewer":
+        def reduce(tensor, reduce_op):
+            assert reduce_op == "min", "the flag all-reduced at a batch rank 1 never runs"
+            return torch.tensor(1.0)  # the batch count over the ranks: rank 1's 1, not our 3
+
+        t.strategy.reduce = reduce
+    module = SimpleNamespace(automatic_optimization=True)
+    p.on_validation_start(t, module)
+    assert not _val_batch(p, t, module)
+    p.on_validation_end(t, module)
+    assert t.saved == [] and not p.preempted
+
+
 def test_preemption_arm_is_idempotent_and_disarm_leaves_a_newer_handler():
     from degsr.training.cluster import Preemption
 

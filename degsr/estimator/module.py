@@ -130,6 +130,13 @@ class EstimatorModule(L.LightningModule):
             self._val_pairs.clear()
             self._log_scatter(pred, true)
 
+    def discard_validation(self) -> None:
+        """Forget the validation pass so far (cut short by a preemption): it logs nothing."""
+        self.val_means.clear()
+        for metric in self.val_metrics.values():
+            metric.reset()
+        self._val_pairs.clear()
+
     def _wandb(self):
         from lightning.pytorch.loggers import WandbLogger
 

@@ -211,6 +211,10 @@ class SRModule(L.LightningModule):
         if means:  # equal on all ranks (summed over them)
             self.log_dict(means, sync_dist=True)
 
+    def discard_validation(self) -> None:
+        """Forget the validation pass so far (cut short by a preemption): it logs nothing."""
+        self.val_means.clear()
+
     def _log_panel(self, key: str, lr_up, sr, hr, n: int = 4) -> None:
         """LR-up | SR | HR side by side, a few samples, to W&B."""
         from lightning.pytorch.loggers import WandbLogger

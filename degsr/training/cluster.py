@@ -10,6 +10,12 @@ training stops without an export. Only when ``fit`` has returned and the process
 does rank 0 run ``scontrol requeue`` (:func:`requeue`): Slurm sends SIGTERM to the job's tasks
 at once, so nothing may be left to do by then. Outside Slurm SIGUSR1 saves and stops the same
 way (rerun the command to resume).
+
+A validation pass can outlast the warning window, so a signal that comes during one ends it at
+the next validation batch instead (the ranks all-reduce the flag after each batch but the last
+of the rank with the fewest); the pass logs nothing, and the checkpoint, saved when Lightning has
+closed the pass (the weight average swapped out again), holds the state of the step it came
+after: the resumed run validates that step again, whole, and trains on as if never stopped.
 """
 
 from __future__ import annotations
@@ -87,13 +93,16 @@ def requeue() -> bool:
 
 class Preemption(Callback):
     """SIGUSR1 -> save ``ckpt_path`` after the current step on every rank, requeue, stop.
-    SIGTERM that came during a step -> the same save, then Lightning's stop (exit 143)."""
+    SIGTERM that came during a step -> the same save, then Lightning's stop (exit 143).
+    Either during a validation pass in fit -> the pass ends at the next batch, then the same."""
 
     def __init__(self, ckpt_path: Path, on_preempt=None, signum: int = signal.SIGUSR1):
         self.ckpt_path, self.on_preempt, self.signum = Path(ckpt_path), on_preempt, signum
         self.requested = False
         self.preempted = False
         self._previous, self._armed = None, False
+        self._cut = False  # this validation pass was ended early: on_validation_end saves
+        self._common_val_batches = 0.0  # batches of this pass that every rank runs
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
@@ -128,13 +137,55 @@ class Preemption(Callback):
             return
         # SIGTERM (kill, a Slurm preemption that sends no --signal): Lightning raises at the end
         # of this step; save first, as for SIGUSR1, when it came before this hook
-        sigterm = bool(getattr(trainer, "received_sigterm", False))
-        requested = self.requested or sigterm
+        if self._asked(trainer):
+            self._save_and_stop(trainer)
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._cut = False
+        # a pass run again at a resume still counts the first batch begun in the epoch's totals
+        # (_validate_again_on_resume): even them out, or a later checkpoint saved at a
+        # validation step would look like one saved mid-validation too
+        total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+        total.ready = total.started = total.processed = total.completed
+        n = float(sum(trainer.num_val_batches))  # (EvenSplit gives every rank as many)
+        if trainer.world_size > 1:  # a collective per pass, on every rank
+            n = float(trainer.strategy.reduce(torch.tensor(n, device=trainer.strategy.root_device),
+                                              reduce_op="min"))
+        self._common_val_batches = n
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if (self.preempted or trainer.state.fn != "fit" or trainer.sanity_checking
+                or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step  # the
+                # last step is in last.ckpt already (RunCheckpoint): its validation runs on
+                or not _at_step_boundary(trainer, module, loop.batch_idx)
+                # every rank is here, and none at its last batch (all-reduce below)
+                or loop.val_loop.batch_progress.current.ready >= self._common_val_batches
+                or not self._asked(trainer)):
+            return
+        self._cut = True
+        discard = getattr(module, "discard_validation", None)
+        if discard is not None:
+            discard()  # the pass logs nothing: its metrics would be those of a part of the set
+        # Lightning's evaluation loop takes this as the end of the pass (before its own SIGTERM
+        # check, which would raise here without saving): the end hooks run, then ours below
+        raise StopIteration
+
+    def on_validation_end(self, trainer, module) -> None:
+        if self._cut:
+            _validate_again_on_resume(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
+            self._save_and_stop(trainer)
+
+    def _asked(self, trainer) -> bool:
+        """Whether SIGUSR1 or SIGTERM came, on any rank (a collective when there are several)."""
+        requested = self.requested or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:  # all ranks must agree; alone, the flag needs no device sync
             flag = torch.tensor(float(requested), device=trainer.strategy.root_device)
             requested = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0
-        if not requested:
-            return
+        return requested
+
+    def _save_and_stop(self, trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path)  # every rank takes part; rank 0 writes
         for cb in trainer.checkpoint_callbacks:  # ModelCheckpoint must not re-save last.ckpt at
             cb._last_global_step_saved = trainer.global_step  # the forced epoch/train end that
@@ -143,7 +194,9 @@ class Preemption(Callback):
         name = "SIGUSR1" if self.requested else "SIGTERM"
         requeue = under_slurm() and name == "SIGUSR1"
         if trainer.is_global_zero:
-            console.log.warning(f"{name}: saved {self.ckpt_path} at step {trainer.global_step}; "
+            console.log.warning(f"{name}: saved {self.ckpt_path} at step {trainer.global_step}"
+                                + (" (its validation is run again at the resume)" if self._cut
+                                   else "") + "; "
                                 + ("the job is requeued when this process is done" if requeue
                                    else "rerun the command to resume"))
         if self.on_preempt is not None:
@@ -152,6 +205,21 @@ class Preemption(Callback):
         # Lightning validates when a run is stopped early; a preempted run must exit (and
         # requeue) within Slurm's warning window, so no validation pass runs after the save
         trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
+
+
+def _validate_again_on_resume(progress) -> None:
+    """Set a validation pass cut after batch j (Lightning's counts: ready = started = processed =
+    completed + 1 = j + 1) to a pass stopped inside its first step (ready = started = 1,
+    processed = completed = 0; the totals over the epoch likewise): resumed from a checkpoint
+    with those, Lightning runs the pass again, from its first batch, before the next training
+    step (its "restarted mid-evaluation"). Left as they are, Lightning takes the pass for one
+    that ended (a checkpoint saved at its end) and skips it: the step's validation would be
+    missing. :meth:`Preemption.on_validation_start` evens the totals out in the pass run again."""
+    done = progress.current.completed
+    for counts in (progress.total, progress.current):
+        counts.completed = counts.processed = counts.completed - done
+        counts.ready = counts.started = counts.completed + 1
+    progress.is_last_batch = False
 
 
 def _at_step_boundary(trainer, module, batch_idx: int) -> bool:

@@ -30,6 +30,10 @@ class SampleMeans:
         else:
             self.sums[name] = row
 
+    def clear(self) -> None:
+        """Forget what was added (a validation pass cut short)."""
+        self.sums.clear()
+
     def compute(self, strategy=None) -> dict[str, float]:
         """The means, summed over the ranks by ``strategy.reduce`` (a Lightning strategy; None:
         this process only); names with no sample are left out. Resets."""
