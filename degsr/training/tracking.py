@@ -38,10 +38,14 @@ def make_logger(cfg: DictConfig, root: Path):
         return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
-                       save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
-                       config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
-                       log_model=bool(cfg.logger.log_artifacts))
+    logger = WandbLogger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
+                         save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
+                         config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+                         log_model=bool(cfg.logger.log_artifacts))
+    # Lightning passes wandb.init anonymous=None, which wandb warns about at every start ("has
+    # no effect and will be removed"): leave the setting out
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 def finish_wandb(exit_code: int) -> None:
