@@ -25,9 +25,9 @@ class _Sum:
     def __init__(self, *others: float):
         self.others = others
 
-    def reduce(self, t, reduce_op):
-        vals = [float(t), *self.others]
-        return torch.tensor(sum(vals) if reduce_op == "sum" else sum(vals) / len(vals))
+    def reduce(self, t, reduce_op):  # ``others``: numbers, or tuples as long as a vector ``t``
+        vals = [t.float(), *(torch.tensor(o, dtype=torch.float) for o in self.others)]
+        return sum(vals) if reduce_op == "sum" else sum(vals) / len(vals)
 
 
 def _module(world_size: int = 1, others=(), step: int = 7):
@@ -140,6 +140,20 @@ def test_preemption_any_rank_asking_stops_every_rank(tmp_path):
     t = _FakeTrainer(world_size=2, others=(0.0,))
     q.on_train_batch_end(t, _auto(), None, None, 0)
     assert not q.preempted and t.saved == []
+
+
+def test_every_rank_names_the_signal_any_rank_got(tmp_path, monkeypatch):
+    """SIGUSR1 on one rank only (a signal sent to one task by hand): every rank saves, names
+    SIGUSR1 and requeues under Slurm, not only that rank (the others had named SIGTERM)."""
+    from degsr.training import cluster
+
+    monkeypatch.setattr(cluster, "under_slurm", lambda: True)
+    for others, name in (((1.0, 0.0),), "SIGUSR1"), (((0.0, 1.0),), "SIGTERM"), (((1.0, 1.0),), "SIGUSR1"):
+        calls = []
+        p = cluster.Preemption(tmp_path / "last.ckpt", on_preempt=lambda t, *why: calls.append(why))
+        t = _FakeTrainer(world_size=2, others=others)  # this rank saw nothing
+        p.on_train_batch_end(t, _auto(), None, None, 0)
+        assert p.preempted and calls == [(name == "SIGUSR1", name)], others
 
 
 def _validating(world_size=1, others=(), step=8, max_steps=20, val_batches=(4,), accumulate=1,

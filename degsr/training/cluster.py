@@ -101,6 +101,7 @@ class Preemption(Callback):
         self.requested = False
         self.preempted = False
         self._previous, self._armed = None, False
+        self._signal = "SIGTERM"  # the signal acted on (:meth:`_asked`)
         self._cut = False  # this validation pass was ended early: on_validation_end saves
         self._common_val_batches = 0.0  # batches of this pass that every rank runs
 
@@ -178,12 +179,14 @@ class Preemption(Callback):
             self._save_and_stop(trainer)
 
     def _asked(self, trainer) -> bool:
-        """Whether SIGUSR1 or SIGTERM came, on any rank (a collective when there are several)."""
-        requested = self.requested or bool(getattr(trainer, "received_sigterm", False))
-        if trainer.world_size > 1:  # all ranks must agree; alone, the flag needs no device sync
-            flag = torch.tensor(float(requested), device=trainer.strategy.root_device)
-            requested = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0
-        return requested
+        """Whether SIGUSR1 or SIGTERM came, on any rank (a collective when there are several).
+        Every rank then names the same signal: SIGUSR1 (requeue) if any rank got it."""
+        flags = [float(self.requested), float(bool(getattr(trainer, "received_sigterm", False)))]
+        if trainer.world_size > 1:  # all ranks must agree; alone, the flags need no device sync
+            both = torch.tensor(flags, device=trainer.strategy.root_device)
+            flags = trainer.strategy.reduce(both, reduce_op="sum").tolist()
+        self._signal = "SIGUSR1" if flags[0] > 0 else "SIGTERM"
+        return max(flags) > 0
 
     def _save_and_stop(self, trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path)  # every rank takes part; rank 0 writes
@@ -191,7 +194,7 @@ class Preemption(Callback):
             cb._last_global_step_saved = trainer.global_step  # the forced epoch/train end that
             cb._last_checkpoint_saved = str(self.ckpt_path)  # follows: that would not resume exactly
         self.preempted = True
-        name = "SIGUSR1" if self.requested else "SIGTERM"
+        name = self._signal
         requeue = under_slurm() and name == "SIGUSR1"
         if trainer.is_global_zero:
             console.log.warning(f"{name}: saved {self.ckpt_path} at step {trainer.global_step}"
