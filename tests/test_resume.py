@@ -622,7 +622,7 @@ def test_validation_is_cut_only_where_every_rank_still_validates(shards, tmp_pat
     """The flag is all-reduced after a validation batch only when every rank runs that batch
     and a later one: with 4 batches on rank 0 and 3 on rank 1, a signal on rank 0 in its third
     batch must not make it wait in a collective rank 1 never joins (rank 1 is in its end-of-pass
-    metrics by then); the pass ends as usual and the run saves after the next step."""
+    metrics by then); the pass ends whole, and the run saves at its end (every rank is there)."""
     script = tmp_path / "val_signal.py"
     script.write_text(_val_signal_script(stop=True, at=(0, 4, 2), uneven=True))
     r = _ddp_fit(script, [*_val_signal_args(shards, tmp_path), "run.name=uneven"])
@@ -630,7 +630,41 @@ def test_validation_is_cut_only_where_every_rank_still_validates(shards, tmp_pat
     ran = _val_batches_ran(r.stdout)
     assert sorted(b for rank, step, b in ran if step == 4 and rank == 0) == [0, 1, 2, 3]
     assert sorted(b for rank, step, b in ran if step == 4 and rank == 1) == [0, 1, 2]
-    assert _ckpt_steps(tmp_path / "runs" / "uneven") == {"last.ckpt": 5}
+    assert _ckpt_steps(tmp_path / "runs" / "uneven") == {"last.ckpt": 4}
+    assert "METRICS 4" in r.stdout  # the whole pass logged its metrics
+
+
+@pytest.mark.parametrize("val_batch_size, kill_batch", [(2, 3), (8, 0)])
+def test_a_signal_in_the_last_validation_batch_saves_at_the_end_of_the_pass(
+        val_batch_size, kill_batch, shards, tmp_path, monkeypatch):
+    """SIGTERM in the last batch of a validation pass (which is not cut), or in a pass of one
+    batch, had saved nothing: Lightning raised after the pass. Now the pass ends whole and logs,
+    last.ckpt holds its step, and the resumed run goes on exactly (not validating it again)."""
+    config, extra, _ = STAGES["estimator"]
+    step = 8
+    common = [f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val",
+              "data.val_crops=8", f"data.val_batch_size={val_batch_size}", "logger.wandb=false",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=100", *extra]
+    straight = ValRecorder()
+    out = run(load_config([config], [*common, f"run.dir={tmp_path}/a"]), monkeypatch, straight)
+    n = out["global_step"]
+    cfg = load_config([config], [*common, f"run.dir={tmp_path}/b"])
+    root = tmp_path / "b" / cfg.run.name
+    first = ValRecorder(kill_at=step, kill_batch=kill_batch, sig=signal.SIGTERM)
+    with pytest.raises(degsr.cli.Terminated):
+        run(cfg, monkeypatch, first)
+    assert step in first.val_metrics  # the pass was whole and logged
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    second = ValRecorder()
+    out2 = run(cfg, monkeypatch, second)
+    assert out2["status"] == "finished" and out2["global_step"] == n
+    assert step not in second.val_metrics and sorted(second.losses) == list(range(step, n))
+    resumed = {**first.losses, **second.losses}
+    for s in range(n):
+        assert resumed[s] == pytest.approx(straight.losses[s], abs=1e-6, rel=0), s
+    both = {**first.val_metrics, **second.val_metrics}
+    assert sorted(both) == sorted(straight.val_metrics)
+    assert {**first.log_steps, **second.log_steps} == straight.log_steps
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""

@@ -213,7 +213,8 @@ def test_preemption_during_validation_ends_the_pass_and_saves_at_its_end(tmp_pat
 def test_preemption_during_validation_leaves_some_passes_whole(why, tmp_path):
     """The final validation (its step is in last.ckpt already), one mid-accumulation, the sanity
     check: they run on (a signal is honoured at the next step, if any). Nor is a pass cut, or the
-    flag all-reduced, at a batch that not every rank runs, or after which none remains."""
+    flag all-reduced, at a batch that not every rank runs, or after which none remains: there
+    the signal is acted on at the end of the pass, whole (a collective every rank reaches)."""
     from degsr.training.cluster import Preemption
 
     p = Preemption(tmp_path / "last.ckpt")
@@ -223,17 +224,24 @@ def test_preemption_during_validation_leaves_some_passes_whole(why, tmp_path):
                        "another_rank_has_fewer": dict(world_size=2, val_batches=(3,))}.get(why, {}))
     t.sanity_checking = why == "sanity_check"
     t.should_stop = why == "time_limit"  # (Lightning's Timer)
+    ended = why in ("last_batch", "another_rank_has_fewer")
     if why == "another_rank_has_fewer":
+        reduced = []
+
         def reduce(tensor, reduce_op):
-            assert reduce_op == "min", "the flag all-reduced at a batch rank 1 never runs"
-            return torch.tensor(1.0)  # the batch count over the ranks: rank 1's 1, not our 3
+            reduced.append(reduce_op)
+            if reduce_op == "min":  # the batch count over the ranks: rank 1's 1, not our 3
+                return torch.tensor(1.0)
+            assert len(reduced) == 2, "the flag all-reduced at a batch rank 1 never runs"
+            return tensor  # (at the end of the pass: every rank is there)
 
         t.strategy.reduce = reduce
     module = SimpleNamespace(automatic_optimization=True)
     p.on_validation_start(t, module)
-    assert not _val_batch(p, t, module)
+    assert not _val_batch(p, t, module)  # not cut
+    assert t.saved == []
     p.on_validation_end(t, module)
-    assert t.saved == [] and not p.preempted
+    assert (t.saved == [tmp_path / "last.ckpt"]) == ended and p.preempted == ended
 
 
 def test_preemption_arm_is_idempotent_and_disarm_leaves_a_newer_handler():

@@ -15,7 +15,9 @@ A validation pass can outlast the warning window, so a signal that comes during 
 the next validation batch instead (the ranks all-reduce the flag after each batch but the last
 of the rank with the fewest); the pass logs nothing, and the checkpoint, saved when Lightning has
 closed the pass (the weight average swapped out again), holds the state of the step it came
-after: the resumed run validates that step again, whole, and trains on as if never stopped.
+after: the resumed run validates that step again, whole, and trains on as if never stopped. A
+signal in the last batch (no cut there) is acted on at the end of the pass, which is then whole
+and logged, and not run again.
 """
 
 from __future__ import annotations
@@ -156,13 +158,10 @@ class Preemption(Callback):
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if (self.preempted or trainer.state.fn != "fit" or trainer.sanity_checking
-                or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step  # the
-                # last step is in last.ckpt already (RunCheckpoint): its validation runs on
-                or not _at_step_boundary(trainer, module, loop.batch_idx)
+        progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+        if (not self._may_end(trainer, module)
                 # every rank is here, and none at its last batch (all-reduce below)
-                or loop.val_loop.batch_progress.current.ready >= self._common_val_batches
+                or progress.current.ready >= self._common_val_batches
                 or not self._asked(trainer)):
             return
         self._cut = True
@@ -177,6 +176,18 @@ class Preemption(Callback):
         if self._cut:
             _validate_again_on_resume(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
             self._save_and_stop(trainer)
+        elif self._may_end(trainer, module) and self._asked(trainer):
+            # a signal in the pass's last batch (not cut: the pass is whole and logged), or in a
+            # pass of one batch: save its end now, before Lightning's own SIGTERM check raises
+            self._save_and_stop(trainer)
+
+    def _may_end(self, trainer, module) -> bool:
+        """Whether a signal may end this validation pass: one in fit, after a whole step, and not
+        the sanity check or the final validation (whose step is in last.ckpt already)."""
+        return not (self.preempted or trainer.state.fn != "fit" or trainer.sanity_checking
+                    or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+                    or not _at_step_boundary(trainer, module,
+                                             trainer.fit_loop.epoch_loop.batch_idx))
 
     def _asked(self, trainer) -> bool:
         """Whether SIGUSR1 or SIGTERM came, on any rank (a collective when there are several).
