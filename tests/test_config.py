@@ -72,6 +72,10 @@ def test_unknown_key_in_file_names_file(tmp_path):
     ("degradation=3", "degradation", ["section"]),
     ("logger.tags=foo", "logger.tags", ["expected list of str, got 'foo' (str)"]),
     ("run.seed=[1]", "run.seed", ["expected int, got [1] (list)"]),
+    ("run.seed=null", "run.seed", ["expected int, got None (null)"]),
+    ("logger.tags={}", "logger.tags", ["expected list of str, got {} (mapping)"]),  # a TypeError
+    ("degradation.first.blur_sigma=[[1],[2]]", "degradation.first.blur_sigma",
+     ["not a value of this key's kind: [[1], [2]]"]),  # OmegaConf let it in; the range check threw
 ])
 def test_wrong_type_names_key_and_types(override, key, words):
     msg = problems(overrides=[override])[0]

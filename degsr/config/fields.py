@@ -28,8 +28,13 @@ def problems_of(obj: Any, prefix: str = "") -> list[str]:
         value, key = getattr(obj, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             out.extend(problems_of(value, key + "."))
-        elif "check" in f.metadata and (msg := f.metadata["check"](value)):
-            out.append(f"{key}: {msg}")
+        elif "check" in f.metadata:
+            try:
+                msg = f.metadata["check"](value)
+            except (TypeError, ValueError):  # e.g. [[1], [2]] where numbers go (OmegaConf let it in)
+                msg = f"not a value of this key's kind: {value!r}"
+            if msg:
+                out.append(f"{key}: {msg}")
     out.extend(f"{prefix}{sub}: {msg}" for sub, msg in getattr(obj, "check", lambda: ())())
     return out
 

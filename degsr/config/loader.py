@@ -191,7 +191,7 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
         raise ConfigError(problems)
     try:
         return OmegaConf.merge(cfg, data)
-    except OmegaConfBaseException:
+    except (OmegaConfBaseException, TypeError):  # TypeError: a mapping where a list goes
         pass
     for leaf, value in _flatten(data):  # again one key at a time: every wrong type reported
         nested: Any = value
@@ -199,11 +199,12 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
             nested = {part: nested}
         try:
             cfg = OmegaConf.merge(cfg, nested)
-        except OmegaConfBaseException as e:
-            key = (e.full_key or leaf).split("[")[0]
+        except (OmegaConfBaseException, TypeError) as e:
+            key = (getattr(e, "full_key", None) or leaf).split("[")[0]
             expected = _type_name(schema[key]) if key in schema else "another type"
-            problems.append(f"config error: {key}: expected {expected}, got {e.value!r} "
-                            f"({_kind(e.value)}) in {origin}")
+            got = getattr(e, "value", value)
+            problems.append(f"config error: {key}: expected {expected}, got {got!r} "
+                            f"({_kind(got)}) in {origin}")
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -211,9 +212,12 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
 
 def _kind(value) -> str:
     """The type of a value as the user wrote it (OmegaConf hands some back wrapped in nodes)."""
-    if isinstance(value, (ListConfig, DictConfig)):
-        return "list" if isinstance(value, ListConfig) else "mapping"
-    return type(value._value() if isinstance(value, Node) else value).__name__
+    if isinstance(value, (ListConfig, list)):
+        return "list"
+    if isinstance(value, (DictConfig, dict)):
+        return "mapping"
+    value = value._value() if isinstance(value, Node) else value
+    return "null" if value is None else type(value).__name__
 
 
 def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
