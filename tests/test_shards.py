@@ -336,6 +336,8 @@ def test_expand_shard_pattern(tmp_path):
     (d / "copied-in.tar").write_bytes(b"")  # a folder with an index means its set
     assert expand_shard_pattern(str(d)) == want
     assert len(expand_shard_pattern(str(d / "*.tar"))) == 4
+    (d / "index.json").write_text('{"name": "some other tool"}')  # not ours: the folder's tars
+    assert expand_shard_pattern(str(d)) == sorted([*want, str(d / "copied-in.tar")])
     assert expand_shard_pattern(str(files[1])) == [str(files[1])]
     odd = tmp_path / "set[1]" / "a{b}.tar"  # glob and brace characters in an existing name
     odd.parent.mkdir()
@@ -363,6 +365,10 @@ def test_sources_overlapping_resolves_links_and_whole_path_parts(photos, tmp_pat
     assert sources_overlapping(urls, str(tmp_path / "link")) == [str(src / "sub")]
     assert sources_overlapping(urls, str(src / "sub" / "deeper")) == [str(src / "sub")]
     assert sources_overlapping(urls, str(src / "su")) == []  # a name prefix is not a parent
+    listed = json.loads((out / "index.json").read_text())
+    listed["sources"] = [str(src / "sub" / "LIST.TXT")]  # a list is not opened, whatever its case
+    (out / "index.json").write_text(json.dumps(listed))
+    assert sources_overlapping(urls, str(src)) == []
     assert sources_overlapping(urls, str(tmp_path / "elsewhere")) == []
     assert sources_overlapping([str(tmp_path / "x.tar")], str(src)) == []  # no index: nothing
 

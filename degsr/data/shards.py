@@ -327,21 +327,29 @@ def sources_overlapping(urls, folder: str) -> list[str]:
             continue
         for src in map(str, sources):
             s = os.path.realpath(src)
-            if not s.endswith(LIST_EXT) and (s == real or os.path.commonpath([s, real]) in (s, real)):
+            if not s.lower().endswith(LIST_EXT) and (s == real or os.path.commonpath([s, real]) in (s, real)):
                 found.append(src)
     return found
+
+
+def _is_shard_index(path: str) -> bool:
+    """Whether ``path`` is an index.json written by :func:`write_shards` (it names shards)."""
+    try:
+        return isinstance(json.loads(Path(path).read_text(encoding="utf-8"))["shards"], list)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def expand_shard_pattern(pattern: str) -> list[str]:
     """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
     directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
-    the set its ``index.json`` names when it has one (not a stray tar beside it), else its
-    ``*.tar``.
+    the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
+    its ``*.tar``.
     """
     from braceexpand import braceexpand
 
     path = os.path.expanduser(str(pattern))
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "index.json")):
+    if os.path.isdir(path) and _is_shard_index(os.path.join(path, "index.json")):
         path = os.path.join(path, "index.json")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
