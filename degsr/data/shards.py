@@ -315,29 +315,28 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     return summary
 
 
+def _read_index(path: str) -> dict | None:
+    """The index.json of a shard set written by :func:`write_shards` (it names its shards), or
+    None: missing, unreadable, or another tool's."""
+    try:
+        index = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("shards"), list) else None
+
+
 def sources_overlapping(urls, folder: str) -> list[str]:
-    """The sources recorded in the index.json of the shard sets of ``urls`` (written by
-    :func:`write_shards`) that are ``folder``, hold it or lie inside it: images of ``folder``
-    that were packed for training. Lists (.txt) are not opened; links are resolved."""
+    """The sources recorded in the index.json of the shard sets of ``urls`` that are ``folder``,
+    hold it or lie inside it: images of ``folder`` that were packed for training. Lists (.txt)
+    are not opened; links are resolved."""
     real, found = os.path.realpath(os.path.expanduser(folder)), []
-    for index in sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls}):
-        try:
-            sources = json.loads(Path(index).read_text(encoding="utf-8"))["sources"]
-        except (OSError, ValueError, KeyError, TypeError):  # no index: nothing recorded
-            continue
-        for src in map(str, sources):
+    for path in sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls}):
+        sources = (_read_index(path) or {}).get("sources")
+        for src in map(str, sources if isinstance(sources, list) else []):
             s = os.path.realpath(src)
-            if not s.lower().endswith(LIST_EXT) and (s == real or os.path.commonpath([s, real]) in (s, real)):
+            if not s.lower().endswith(LIST_EXT) and os.path.commonpath([s, real]) in (s, real):
                 found.append(src)
     return found
-
-
-def _is_shard_index(path: str) -> bool:
-    """Whether ``path`` is an index.json written by :func:`write_shards` (it names shards)."""
-    try:
-        return isinstance(json.loads(Path(path).read_text(encoding="utf-8"))["shards"], list)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def expand_shard_pattern(pattern: str) -> list[str]:
@@ -349,7 +348,7 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
     path = os.path.expanduser(str(pattern))
-    if os.path.isdir(path) and _is_shard_index(os.path.join(path, "index.json")):
+    if os.path.isdir(path) and _read_index(os.path.join(path, "index.json")) is not None:
         path = os.path.join(path, "index.json")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
