@@ -143,8 +143,28 @@ def test_prior_is_a_fitted_sd_turbo_style_folder(runs):
         return float(10 * torch.log10(4 / F.mse_loss(rec, x)))
 
     assert psnr(out / "prior") > psnr(random_dir) + 3
+
+
+def test_every_fit_makes_its_steps_unless_its_time_cap_stopped_it(runs):
+    """--minutes sets steps, not seconds: each fit makes its calibrated steps scaled by
+    minutes / 10, or names itself as capped (a machine more than CAP x slower)."""
+    from degsr.quickstart.run import CALIBRATION
+
+    out = runs["out"]
+    state = json.loads((out / "quickstart.json").read_text())
+    want = {k: max(1, round(n * float(MINUTES) / 10)) for k, (n, _) in CALIBRATION.items()}
     stamp = json.loads((out / "prior/quickstart_prior.json").read_text())
-    assert stamp["vae"]["steps"] >= 1 and stamp["unet"]["steps"] >= 1
+    made = {"vae": stamp["vae"]["steps"], "unet": stamp["unet"]["steps"],
+            "stage1": state["steps"]["stage1"]["detail"]["global_step"],
+            "stage2": state["steps"]["stage2"]["detail"]["global_step"]}
+    cut = [line for s in ("prior", "stage1", "stage2")
+           for line in state["steps"][s]["detail"]["capped"]]
+    for fit in want:
+        if made[fit] != want[fit]:
+            name = f"prior/{fit}" if fit in ("vae", "unet") else fit
+            assert made[fit] < want[fit] and f"{name}: {made[fit]} of {want[fit]} steps" in cut
+    report = (out / "report.md").read_text()
+    assert ("Stopped at the time cap" in report) == bool(cut)
 
 
 def test_stages_logged_to_separate_wandb_offline_runs(runs):
@@ -205,6 +225,57 @@ def test_busy_cores_from_two_proc_stat_samples(monkeypatch):
     assert qs.pick_threads(None) == 2 and qs.pick_threads(3) == 3
     with pytest.raises(UserError, match="--threads"):
         qs.pick_threads(0)
+
+
+def test_prior_fits_anneal_over_their_steps_and_stop_at_their_cap(monkeypatch, tmp_path):
+    """Each prior fit makes exactly its steps, its learning rate on the cosine of step / steps
+    (closed form); with a cap already passed it makes one step and says it was capped."""
+    from degsr.quickstart import prior
+    from degsr.sr.components import load_components
+    from degsr.sr.config import ModelConfig
+    from degsr.sr.tiny_folder import save_tiny_pretrained
+
+    save_tiny_pretrained(tmp_path / "base", seed=0, **prior.PRIOR_ARCH)
+    comp = load_components(ModelConfig(pretrained=str(tmp_path / "base")))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(3)]
+    lrs = []
+    real_anneal = prior._anneal
+
+    def anneal(opt, base, progress):
+        real_anneal(opt, base, progress)
+        lrs.append(opt.param_groups[0]["lr"])
+    monkeypatch.setattr(prior, "_anneal", anneal)
+    s = prior.PriorSettings(vae_steps=4, unet_steps=3, vae_cap=1e6, unet_cap=1e6,
+                            vae_batch=2, unet_batch=1, unet_crop=32)
+    vae = prior.fit_vae(comp.vae, images, s)
+    assert (vae["steps"], vae["planned_steps"], vae["capped"]) == (4, 4, False)
+    np.testing.assert_allclose(lrs, [s.vae_lr * 0.5 * (1 + np.cos(np.pi * k / 4))
+                                     for k in range(4)], rtol=1e-6)
+    lrs.clear()
+    unet = prior.fit_unet(comp, images, s)
+    assert (unet["steps"], unet["capped"]) == (3, False)
+    np.testing.assert_allclose(lrs, [s.unet_lr * 0.5 * (1 + np.cos(np.pi * k / 3))
+                                     for k in range(3)], rtol=1e-6)
+    s.vae_cap = s.unet_cap = 1e-9   # the cap is passed before the first step ends
+    assert [prior.fit_vae(comp.vae, images, s)[k] for k in ("steps", "capped")] == [1, True]
+    assert [prior.fit_unet(comp, images, s)[k] for k in ("steps", "capped")] == [1, True]
+
+
+def test_a_capped_fit_is_warned_about_and_named_in_the_report(caplog):
+    from degsr.quickstart import run as qs
+    from degsr.quickstart.markdown import _capped
+
+    assert qs.capped("sr", 650, 650, 540.0) == []
+    with caplog.at_level("WARNING", logger="degsr"):
+        assert qs.capped("sr", 300, 650, 540.0) == ["sr: 300 of 650 steps"]
+    assert "stopped at its time cap (540 s) after 300 of 650 steps" in caplog.text
+    steps = {"prior": {"detail": {"capped": ["prior/unet: 9 of 10 steps"]}},
+             "stage1": {"status": "reused"}, "stage2": {"detail": {"capped": []}}}
+    text = "\n".join(_capped({"steps": steps}))
+    assert "**Stopped at the time cap**: prior/unet: 9 of 10 steps." in text
+    steps["prior"]["detail"]["capped"] = []
+    assert _capped({"steps": steps}) == []
 
 
 def test_a_stage_stopped_by_sigusr1_is_not_marked_done(tmp_path):

@@ -13,9 +13,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="quickstart", metavar="DIR",
                    help="output folder (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=10.0, metavar="M",
-                   help="time budget, shared out between the prior fit and the two training "
-                        "stages (default: %(default)s; the whole run takes about this long on "
-                        "2 CPU cores)")
+                   help="size of the run (default: %(default)s): the training steps that "
+                        "take about M minutes on 2 quiet CPU cores; a slower machine makes the "
+                        "same steps in more time (each fit stops at 3x its calibrated time)")
     p.add_argument("--pretrained", default=None, metavar="DIR",
                    help="a real SD-Turbo diffusers folder: skip fitting the tiny stand-in prior "
                         "and train stage 2 on it")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from degsr.quickstart.run import CLEAN_SHARE, STAGE1_PINNED
+from degsr.quickstart.run import CAP, CLEAN_SHARE, STAGE1_PINNED
 
 STEP_TEXT = {
     "photos": "skimage.data photos as PNG (photos/train, photos/heldout)",
@@ -56,6 +56,17 @@ def _prior(results: dict) -> list[str]:
     return out
 
 
+def _capped(results: dict) -> list[str]:
+    """The fits that a slow machine stopped at their time cap before their steps were done."""
+    cut = [line for name in ("prior", "stage1", "stage2")
+           for line in (results["steps"].get(name, {}).get("detail") or {}).get("capped", [])]
+    if not cut:
+        return []
+    return [f"**Stopped at the time cap**: {'; '.join(cut)}. This machine ran more than "
+            f"{CAP:g}x slower than the quiet 2-core CPU the step counts are calibrated on; the "
+            "result is weaker than docs/quickstart.md reports.", ""]
+
+
 def _metrics(results: dict) -> list[str]:
     lines = ["| photo | image | PSNR-Y (dB) | SSIM-Y | sharpness (var. of Laplacian) |",
              "|---|---|---|---|---|"]
@@ -101,7 +112,7 @@ def render(p, results: dict) -> str:
         f"thread(s) (torch {m['torch']}, "
         f"CUDA {'available' if m['cuda'] else 'not available'}), {m['when']}. Timings are wall "
         "clock and include whatever else ran on the machine.", "",
-        "## What ran", "", *_steps(results), "", *_prior(results), "",
+        "## What ran", "", *_steps(results), "", *_capped(results), *_prior(results), "",
         "## Held-out photos", "",
         "HR: each held-out photo (not in the shards) cut to a multiple of 4; LR: bicubic x1/4 of "
         "it. PSNR and SSIM on Y with 4 border pixels cropped (`degsr eval`); sharpness is the "

@@ -17,14 +17,15 @@ on, nothing more:
    magnified 1/sqrt(ᾱ) ≈ 14.6 times in x0; a minutes-fitted UNet then restores worse than doing
    nothing (latent MSE 0.32 vs 0.14 for the input as is); with v-prediction x0 = sqrt(ᾱ) z -
    sqrt(1-ᾱ) v̂ carries the error unmagnified (0.025).
-1. **VAE as an autoencoder** (``vae_share`` of the budget): L1 between random crops (flipped at
+1. **VAE as an autoencoder** (``vae_steps``): L1 between random crops (flipped at
    random; ``vae_soft`` of them softened as below, the kind of input stage 2 and ``degsr sr``
    encode) and their reconstruction through a posterior *sample*, as stage 2 encodes. The
    log-variance half of ``quant_conv`` starts at zero weight and bias ``LOGVAR_INIT`` (posterior
    std ``e^-4``), so samples stay close to the mean; a ``KL_WEIGHT`` KL term keeps it a VAE.
    Then ``scaling_factor = 1 / std(latents)``, the way SD's 0.18215 was chosen. Both fits decay
-   their learning rate along a cosine over their share of the time budget (:func:`_anneal`).
-2. **UNet as a one-step restorer** (the rest): at t = 999, through the same
+   their learning rate along a cosine over their steps, or over their time cap where that comes
+   first (:func:`_anneal`).
+2. **UNet as a one-step restorer** (``unet_steps``): at t = 999, through the same
    :func:`degsr.sr.onestep.denoise` stage 2 uses, the latent of a softened crop (bicubic down by a
    random factor in [1, 4] and back up, Gaussian noise of σ ≤ ``MAX_NOISE``) must map to the
    latent of the crop (MSE on x0); each sample takes the positive or the negative prompt at random,
@@ -71,10 +72,13 @@ LOG_EVERY_S = 15.0
 
 @dataclass
 class PriorSettings:
-    """How the tiny prior is fitted (the quickstart sets ``seconds`` from ``--minutes``)."""
+    """How the tiny prior is fitted (the quickstart sets the steps and caps from ``--minutes``).
+    Each fit makes its steps unless its time cap (seconds) comes first."""
 
-    seconds: float = 150.0     # wall-clock budget of both fits together
-    vae_share: float = 0.6     # part of it spent on the VAE
+    vae_steps: int = 1400
+    unet_steps: int = 600
+    vae_cap: float = 3600.0
+    unet_cap: float = 3600.0
     vae_crop: int = 32         # crop sides in pixels (multiples of 8): small VAE crops = more
     vae_batch: int = 8         # steps in the budget, which matters more than crop size here
     unet_crop: int = 64
@@ -83,7 +87,6 @@ class PriorSettings:
     vae_soft: float = 0.5      # share of the VAE's crops softened first (see soften)
     unet_lr: float = 5e-4
     seed: int = 0
-    max_steps: int = 100_000   # per fit; the time budget normally ends it first
 
 
 # --------------------------------------------------------------------------- data
@@ -124,35 +127,48 @@ def soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- fits
 
-class _Ticker:
-    """A progress line every LOG_EVERY_S seconds: ``prior/<what>: step N, <metric>, t / budget``."""
+class _Budget:
+    """``steps`` steps unless ``cap`` seconds come first, and a progress line every LOG_EVERY_S
+    seconds: ``prior/<what>: step N / steps, <metric>, t s (cap c s)``."""
 
-    def __init__(self, what: str, budget: float):
-        self.what, self.budget, self.t0, self.last = what, budget, time.monotonic(), 0.0
+    def __init__(self, what: str, steps: int, cap: float):
+        self.what, self.steps, self.cap = what, steps, cap
+        self.t0, self.last = time.monotonic(), 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    def running(self, step: int) -> bool:
+        return step < self.steps and (step == 0 or self.elapsed() < self.cap)
+
+    def progress(self, step: int) -> float:
+        """The share of the fit done: of its steps, or of its cap where that is further."""
+        return min(1.0, max(step / self.steps, self.elapsed() / self.cap))
 
     def __call__(self, step: int, text: str, force: bool = False) -> None:
         now = self.elapsed()
         if force or now - self.last >= LOG_EVERY_S:
             self.last = now
-            console.log.info(f"  prior/{self.what}: step {step}, {text}, "
-                             f"{now:.0f} s / {self.budget:.0f} s")
+            console.log.info(f"  prior/{self.what}: step {step} / {self.steps}, {text}, "
+                             f"{now:.0f} s (cap {self.cap:.0f} s)")
+
+    def result(self, step: int, **metrics) -> dict:
+        return {"steps": step, "planned_steps": self.steps, "capped": step < self.steps,
+                "seconds": round(self.elapsed(), 1), **metrics}
 
 
-def _anneal(opt, base: float, frac: float) -> None:
-    """Cosine decay of the learning rate over the time budget (``frac`` of it spent): a fit that
-    ends on a small step size lands nearer a minimum than one cut at the full rate."""
+def _anneal(opt, base: float, progress: float) -> None:
+    """Cosine decay of the learning rate over the fit (``progress`` in [0, 1]): a fit that ends
+    on a small step size lands nearer a minimum than one cut at the full rate."""
     for group in opt.param_groups:
-        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _psnr(mse: float) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))  # images in [-1, 1]: peak-to-peak 2
 
 
-def fit_vae(vae, images, s: PriorSettings, seconds: float) -> dict:
+def fit_vae(vae, images, s: PriorSettings) -> dict:
     """Autoencoder fit (see the module docstring); returns steps and reconstruction PSNR."""
     g = make_generator(s.seed, 11)
     with torch.no_grad():  # posterior std e^(LOGVAR_INIT/2): samples stay near the mean
@@ -161,9 +177,9 @@ def fit_vae(vae, images, s: PriorSettings, seconds: float) -> dict:
         vae.quant_conv.bias[lat:].fill_(LOGVAR_INIT)
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    tick, step, ema = _Ticker("vae", seconds), 0, None
-    while step < s.max_steps and (step == 0 or tick.elapsed() < seconds):
-        _anneal(opt, s.vae_lr, tick.elapsed() / seconds)
+    tick, step, ema = _Budget("vae", s.vae_steps, s.vae_cap), 0, None
+    while tick.running(step):
+        _anneal(opt, s.vae_lr, tick.progress(step))
         x = sample_crops(images, s.vae_batch, s.vae_crop, g)
         soft = (torch.rand(x.shape[0], generator=g) < s.vae_soft).view(-1, 1, 1, 1)
         x = torch.where(soft, soften(x, g), x)
@@ -179,7 +195,7 @@ def fit_vae(vae, images, s: PriorSettings, seconds: float) -> dict:
         tick(step, f"reconstruction PSNR {_psnr(ema):.1f} dB")
     tick(step, f"reconstruction PSNR {_psnr(ema):.1f} dB", force=True)
     vae.requires_grad_(False).eval()
-    return {"steps": step, "seconds": round(tick.elapsed(), 1), "train_psnr": round(_psnr(ema), 2)}
+    return tick.result(step, train_psnr=round(_psnr(ema), 2))
 
 
 @torch.no_grad()
@@ -189,16 +205,16 @@ def latent_scale(vae, images, s: PriorSettings, n: int = 32) -> float:
     return float(1.0 / vae.encode(x).latent_dist.mean.std().clamp_min(1e-6))
 
 
-def fit_unet(comp, images, s: PriorSettings, seconds: float) -> dict:
+def fit_unet(comp, images, s: PriorSettings) -> dict:
     """One-step restorer fit at ``comp.timestep`` (see the module docstring)."""
     from degsr.sr.onestep import denoise
 
     g = make_generator(s.seed, 13)
     comp.unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(comp.unet.parameters(), lr=s.unet_lr, weight_decay=0.0)
-    tick, step, ema = _Ticker("unet", seconds), 0, None
-    while step < s.max_steps and (step == 0 or tick.elapsed() < seconds):
-        _anneal(opt, s.unet_lr, tick.elapsed() / seconds)
+    tick, step, ema = _Budget("unet", s.unet_steps, s.unet_cap), 0, None
+    while tick.running(step):
+        _anneal(opt, s.unet_lr, tick.progress(step))
         x = sample_crops(images, s.unet_batch, s.unet_crop, g)
         with torch.no_grad():
             z_in = comp.vae.encode(soften(x, g)).latent_dist.sample(generator=g)
@@ -217,7 +233,7 @@ def fit_unet(comp, images, s: PriorSettings, seconds: float) -> dict:
         tick(step, f"latent MSE {ema:.3f} (input as is: {float(F.mse_loss(z_in, z_hr)):.3f})")
     tick(step, f"latent MSE {ema:.3f}", force=True)
     comp.unet.requires_grad_(False).eval()
-    return {"steps": step, "seconds": round(tick.elapsed(), 1), "latent_mse": round(ema, 4)}
+    return tick.result(step, latent_mse=round(ema, 4))
 
 
 # --------------------------------------------------------------------------- the folder
@@ -240,10 +256,9 @@ def build_prior(shards: str | Path, folder: str | Path, s: PriorSettings) -> dic
     images = shard_images(shards)
     save_tiny_pretrained(tmp, seed=s.seed, **PRIOR_ARCH)
     comp = load_components(ModelConfig(pretrained=str(tmp)))
-    vae_s = s.seconds * s.vae_share
-    vae = fit_vae(comp.vae, images, s, vae_s)
+    vae = fit_vae(comp.vae, images, s)
     comp.scaling_factor = latent_scale(comp.vae, images, s)
-    unet = fit_unet(comp, images, s, max(1.0, s.seconds - vae["seconds"]))
+    unet = fit_unet(comp, images, s)
     comp.vae.register_to_config(scaling_factor=comp.scaling_factor)
     comp.vae.save_pretrained(tmp / "vae")
     comp.unet.save_pretrained(tmp / "unet")

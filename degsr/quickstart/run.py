@@ -14,9 +14,12 @@ Steps (each skipped when its output is complete, so a rerun reuses what exists):
 7. ``eval``      ``degsr eval`` of both against the HR, plus sharpness (variance of the Laplacian)
 8. ``report``    ``report.md``, ``comparison.png`` and ``results.json``
 
-``--minutes`` is shared out by :data:`BUDGET` (fractions of the total for the three fits; the
-rest is start-up, validation and the quick steps). Timings of finished steps are kept in
-``quickstart.json`` so a rerun's report still shows them.
+``--minutes`` sizes the run in steps, not seconds (:func:`budget`): each of the four fits makes
+the steps it made in its share of the time on a quiet 2-core CPU (:data:`CALIBRATION`), so the
+result does not depend on how fast the machine is that day, only the run's duration does. Each
+fit also stops at :data:`CAP` times its calibrated time, so a much slower machine still ends
+(with a warning and a weaker result). Timings of finished steps are kept in ``quickstart.json``
+so a rerun's report still shows them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from degsr import console
 from degsr.errors import UserError
 from degsr.io import CONFIG_DIR, atomic_write_bytes
 
-BUDGET = {"prior": 0.40, "stage1": 0.15, "stage2": 0.30}
+# Per fit, for the default ``--minutes 10``: (steps, seconds they took on CPU-2, quiet, 2 torch
+# threads). The seconds are the fit's share of the 10 minutes (prior 40 %: VAE 60 % of it, UNet
+# the rest; stage 1 15 %; stage 2 30 %; the other 15 % is start-up, validation, sr and eval); the
+# steps are what each fit made in them on the days the quickstart met its targets (sessions 4-6,
+# docs/quickstart.md). ``--minutes M`` scales both by M / 10.
+CALIBRATION = {"vae": (2300, 144.0), "unet": (1300, 96.0), "stage1": (960, 90.0),
+               "stage2": (650, 180.0)}
+CAP = 3.0        # a fit stops at CAP x its calibrated seconds even if its steps are not done
 STATE = "quickstart.json"
 DONE = "quickstart_done.json"   # written into a training run once its export exists
 STEPS = ("photos", "shards", "prior", "stage1", "stage2", "sr", "eval", "report")
@@ -146,25 +156,53 @@ def make_shards(p: Paths) -> dict:
     return {"shards": len(s.shards), "samples": s.total, "skipped": len(s.skipped)}
 
 
-def make_prior(p: Paths, seconds: float, seed: int) -> dict:
+def budget(minutes: float) -> dict[str, tuple[int, float]]:
+    """Per fit: (steps, time cap in seconds) of a ``minutes``-long run (see :data:`CALIBRATION`)."""
+    f = minutes / 10.0
+    return {k: (max(1, round(n * f)), CAP * secs * f) for k, (n, secs) in CALIBRATION.items()}
+
+
+def capped(name: str, steps: int, planned: int, cap: float) -> list[str]:
+    """``["<name>: N of M steps"]`` (and a warning) for a fit its time cap stopped, else []."""
+    if steps >= planned:
+        return []
+    console.log.warning(
+        f"{name}: stopped at its time cap ({cap:.0f} s) after {steps} of {planned} steps: "
+        f"this machine ran more than {CAP:g}x slower than the quiet 2-core CPU the quickstart "
+        "is calibrated on, so expect a weaker result than docs/quickstart.md reports")
+    return [f"{name}: {steps} of {planned} steps"]
+
+
+def make_prior(p: Paths, b: dict, seed: int) -> dict:
     from degsr.quickstart.prior import PriorSettings, build_prior
 
-    stamp = build_prior(p.shards, p.prior, PriorSettings(seconds=seconds, seed=seed))
+    (vae_steps, vae_cap), (unet_steps, unet_cap) = b["vae"], b["unet"]
+    stamp = build_prior(p.shards, p.prior, PriorSettings(
+        vae_steps=vae_steps, vae_cap=vae_cap, unet_steps=unet_steps, unet_cap=unet_cap, seed=seed))
+    cut = [line for fit, cap in (("vae", vae_cap), ("unet", unet_cap))
+           for line in capped(f"prior/{fit}", stamp[fit]["steps"], b[fit][0], cap)]
     return {"vae_psnr": stamp["vae"]["train_psnr"], "vae_steps": stamp["vae"]["steps"],
-            "unet_steps": stamp["unet"]["steps"], "unet_latent_mse": stamp["unet"]["latent_mse"]}
+            "unet_steps": stamp["unet"]["steps"], "unet_latent_mse": stamp["unet"]["latent_mse"],
+            "capped": cut}
 
 
-def _fit(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def _fit(name: str, config: str, run_dir: Path, steps_cap: tuple[int, float],
+         overrides: list[str]) -> dict:
     from degsr.config import load_config
     from degsr.training.fit import fit
 
+    steps, cap = steps_cap
     cfg = load_config([CONFIG_DIR / config],
-                      [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
+                      [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+                       f"trainer.max_steps={steps}", f"trainer.max_minutes={cap / 60:.4f}",
+                       *overrides])
     result = fit(cfg)  # (fit closes its W&B run: the next stage gets its own)
+    cut = (capped(name, result["global_step"], steps, cap)
+           if result["status"] == "finished" else [])
     wandb = sorted(str(w) for w in (run_dir / "wandb").glob("offline-run-*"))
     return {"status": result["status"], "global_step": result["global_step"],
             "export": result["export"], "last_checkpoint": result["last_checkpoint"],
-            "metrics": result["metrics"], "wandb": wandb}
+            "metrics": result["metrics"], "wandb": wandb, "capped": cut}
 
 
 def _data(p: Paths) -> list[str]:
@@ -184,19 +222,16 @@ STAGE1_PINNED = ["data.crops_per_image=1", "data.shuffle_buffer=64", "estimator.
 CLEAN_SHARE = 0.3  # stage 2's share of clean (bicubic-downsampled) LRs: what step 6 evaluates
 
 
-def train_stage1(p: Paths, seconds: float, seed: int) -> dict:
-    return _fit("estimator_tiny.yaml", p.stage1, [
-        *_data(p), f"run.seed={seed}", f"trainer.max_minutes={seconds / 60:.4f}",
-        "trainer.max_steps=100000", "trainer.val_every_n_steps=50",
-        "trainer.checkpoint_every_n_steps=50", "data.val_crops=32",
-        *STAGE1_PINNED])
+def train_stage1(p: Paths, steps_cap: tuple[int, float], seed: int) -> dict:
+    return _fit("stage1", "estimator_tiny.yaml", p.stage1, steps_cap, [
+        *_data(p), f"run.seed={seed}", "trainer.val_every_n_steps=50",
+        "trainer.checkpoint_every_n_steps=50", "data.val_crops=32", *STAGE1_PINNED])
 
 
-def train_stage2(p: Paths, seconds: float, seed: int) -> dict:
-    return _fit("sr_tiny.yaml", p.stage2, [
+def train_stage2(p: Paths, steps_cap: tuple[int, float], seed: int) -> dict:
+    return _fit("stage2", "sr_tiny.yaml", p.stage2, steps_cap, [
         *_data(p), f"run.seed={seed}", f"model.pretrained={p.base}",
-        f"sr.estimator={p.stage1 / 'export'}", f"trainer.max_minutes={seconds / 60:.4f}",
-        "trainer.max_steps=100000", f"degradation.no_degradation_prob={CLEAN_SHARE}"])
+        f"sr.estimator={p.stage1 / 'export'}", f"degradation.no_degradation_prob={CLEAN_SHARE}"])
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -220,16 +255,16 @@ def quickstart(out: str | os.PathLike, minutes: float = 10.0, pretrained: str | 
     console.log.info(f"quickstart -> {p.out}: --minutes {minutes}, {threads} torch thread(s)")
     t_all = time.monotonic()
     ran: set[str] = set()
-    plan = _plan(p, bool(pretrained), minutes * 60, seed, ran, state)
+    plan = _plan(p, bool(pretrained), budget(minutes), seed, ran, state)
     for i, name in enumerate(STEPS, 1):
-        done, work, budget = plan[name]
+        done, work, note = plan[name]
         tag = f"[{i}/{len(STEPS)}] {name}"
         if done():
             state["steps"].setdefault(name, {})["status"] = (
                 "not needed (--pretrained)" if name == "prior" and pretrained else "reused")
             console.log.info(f"{tag}: already complete, reused")
             continue
-        note = f" (budget {budget:.0f} s of training)" if budget else ""
+        note = f" ({note})" if note else ""
         console.log.info(f"{tag}: running{note} ... [{time.monotonic() - t_all:.0f} s elapsed]")
         t0 = time.monotonic()
         detail = work()
@@ -256,14 +291,16 @@ def _checked_paths(out: Path, pretrained: str | None) -> Paths:
     return p
 
 
-def _plan(p: Paths, pretrained: bool, total: float, seed: int, ran: set, state: dict) -> dict:
-    """Per step: (is its output complete?, do it, training budget in seconds or None)."""
+def _plan(p: Paths, pretrained: bool, b: dict, seed: int, ran: set, state: dict) -> dict:
+    """Per step: (is its output complete?, do it, its training budget in words or None)."""
     from degsr.data.photos import HELD_OUT
     from degsr.quickstart.evaluate import run_eval, run_sr, sr_current
     from degsr.quickstart.prior import is_complete
     from degsr.quickstart.report import write_report
 
-    b = {k: v * total for k, v in BUDGET.items()}
+    def says(*fits: str) -> str:  # "2300 vae + 1300 unet steps, time cap 720 s"
+        names = [f"{b[f][0]} {f}" if len(fits) > 1 else str(b[f][0]) for f in fits]
+        return f"{' + '.join(names)} steps, time cap {sum(b[f][1] for f in fits):.0f} s"
 
     def sr_done() -> bool:
         return ("stage2" not in ran and sr_current(p)
@@ -272,11 +309,11 @@ def _plan(p: Paths, pretrained: bool, total: float, seed: int, ran: set, state: 
         "photos": (lambda: p.train.is_dir() and p.heldout.is_dir(), lambda: make_photos(p), None),
         "shards": (lambda: (p.shards / "index.json").is_file(), lambda: make_shards(p), None),
         "prior": (lambda: pretrained or is_complete(p.prior),
-                  lambda: make_prior(p, b["prior"], seed), b["prior"]),
+                  lambda: make_prior(p, b, seed), says("vae", "unet")),
         "stage1": (lambda: (p.stage1 / DONE).is_file(),
-                   lambda: _stage(p.stage1, train_stage1(p, b["stage1"], seed)), b["stage1"]),
+                   lambda: _stage(p.stage1, train_stage1(p, b["stage1"], seed)), says("stage1")),
         "stage2": (lambda: (p.stage2 / DONE).is_file(),
-                   lambda: _stage(p.stage2, train_stage2(p, b["stage2"], seed)), b["stage2"]),
+                   lambda: _stage(p.stage2, train_stage2(p, b["stage2"], seed)), says("stage2")),
         "sr": (sr_done, lambda: run_sr(p, overwrite="stage2" in ran), None),
         "eval": (lambda: False, lambda: run_eval(p), None),
         "report": (lambda: False, lambda: write_report(p, state), None),
