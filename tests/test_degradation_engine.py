@@ -295,3 +295,18 @@ def test_plan_matrices_equal_interpolate_for_steep_downscales(mode):
                 assert mf.shape == (lr[axis], plan["canvas2"][axis])
                 want = _interp_matrix(size2[b][axis], lr[axis], mode)
                 torch.testing.assert_close(mf[:, :size2[b][axis]], want, rtol=0, atol=1e-12)
+
+
+def test_an_empty_batch_is_named_before_any_draw():
+    """0 samples: one clear ValueError at the entry (it was a bare ``max()`` error deep in the
+    resize plan), with the generator untouched; ``apply`` on its own says the same."""
+    from degsr.config.schema import DegradationConfig
+
+    degrader, g = Degrader(DegradationConfig()), gen(0)
+    state = g.get_state()
+    msg = r"needs at least one image, got an empty batch of shape \(0, 3, 64, 48\)"
+    with pytest.raises(ValueError, match=msg):
+        degrader(torch.zeros(0, 3, 64, 48), g)
+    assert torch.equal(g.get_state(), state)
+    with pytest.raises(ValueError, match=msg):
+        degrader.apply(torch.zeros(0, 3, 64, 48), degrader.sample(0, gen(1)), gen(1))

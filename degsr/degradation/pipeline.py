@@ -209,9 +209,11 @@ class Degrader:
         return apply_resize(y, *group["r2"])
 
     def __call__(self, hr: Tensor, generator: torch.Generator) -> dict:
+        _not_empty(hr)
         return self.apply(hr, self.sample(hr.shape[0], generator), generator)
 
     def apply(self, hr: Tensor, draw: dict, generator: torch.Generator) -> dict:
+        _not_empty(hr)
         cfg, g, p = self.cfg, generator, draw["params"]
         b, c, h, w = hr.shape
         s = cfg.scale
@@ -300,6 +302,14 @@ class Degrader:
         if artefacts:
             x = ops.on_subset(~first, x, lambda i: jpeg(x[i], quality[i]), inplace=True)
         return quantize(x)
+
+
+def _not_empty(hr: Tensor) -> None:
+    """An empty batch is a caller's bug: named here, not as a ``max()`` of nothing deep in the
+    resize plan (and before any draw or work)."""
+    if hr.shape[0] == 0:
+        raise ValueError(f"degradation: the engine needs at least one image, got an empty batch "
+                         f"of shape {tuple(hr.shape)}")
 
 
 def clean_downsample(x: Tensor, scale: int) -> Tensor:
