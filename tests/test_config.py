@@ -74,8 +74,14 @@ def test_unknown_key_in_file_names_file(tmp_path):
     ("run.seed=[1]", "run.seed", ["expected int, got [1] (list)"]),
     ("run.seed=null", "run.seed", ["expected int, got None (null)"]),
     ("logger.tags={}", "logger.tags", ["expected list of str, got {} (mapping)"]),  # a TypeError
+    # a list or mapping inside a list of scalars: OmegaConf lets it in (a check then threw, or
+    # the run failed far from the key)
     ("degradation.first.blur_sigma=[[1],[2]]", "degradation.first.blur_sigma",
-     ["not a value of this key's kind: [[1], [2]]"]),  # OmegaConf let it in; the range check threw
+     ["expected list of float, got [1] (list) in the command line"]),
+    ("logger.tags=[[a]]", "logger.tags", ["expected list of str, got ['a'] (list)"]),
+    ("logger.tags=[b, {a: 1}]", "logger.tags", ["expected list of str, got {'a': 1} (mapping)"]),
+    ("sr.betas=[[0.9],0.99]", "sr.betas", ["expected list of float, got [0.9] (list)"]),
+    ("disc.levels=[[1]]", "disc.levels", ["expected list of int, got [1] (list)"]),
 ])
 def test_wrong_type_names_key_and_types(override, key, words):
     msg = problems(overrides=[override])[0]
@@ -342,6 +348,15 @@ def test_a_text_key_that_yaml_reads_as_a_number_or_bool_in_a_file_is_named(tmp_p
                                    "model:\n  pretrained: null\n")
     cfg = load_config([q])
     assert (cfg.run.name, cfg.logger.group, cfg.model.pretrained) == ("0123", "12:30", None)
+
+
+def test_a_list_or_mapping_inside_a_list_of_scalars_in_a_file_is_named(tmp_path):
+    """OmegaConf took logger.tags: [[a]] for a list of str (W&B then got a list as a tag)."""
+    f = write(tmp_path / "a.yaml", "logger:\n  tags:\n    - ok\n    - [a]\n"
+                                   "data:\n  scale_range: [{x: 1}, 2]\n")
+    assert sorted(problems([f])) == [
+        f"config error: data.scale_range: expected list of float, got {{'x': 1}} (mapping) in {f}",
+        f"config error: logger.tags: expected list of str, got ['a'] (list) in {f}"]
 
 
 # ------------------------------------------------------------------ boundaries of the checks

@@ -148,6 +148,26 @@ def _is_text(tp: Any) -> bool:
                          and set(typing.get_args(tp)) == {str, type(None)})
 
 
+def _item_type(tp: Any) -> Any:
+    """The item type of a list-of-scalars key (``List[str]``, ``List[float]``, ...), else None."""
+    args = typing.get_args(tp)
+    return args[0] if typing.get_origin(tp) in (list, typing.List) and args[0] in (
+        str, int, float, bool) else None
+
+
+def _nested_items(data: dict, schema: dict[str, Any], origin: str) -> list[str]:
+    """A list or mapping inside a list-of-scalars key: OmegaConf lets it in (``tags=[[a]]``),
+    and then a field check throws or the run fails on it far from the key."""
+    problems = []
+    for key, value in _flatten(data):
+        if key in schema and _item_type(schema[key]) and isinstance(value, list):
+            bad = [v for v in value if isinstance(v, (list, dict))]
+            if bad:  # the first one, as OmegaConf names the first item of a wrong type
+                problems.append(f"config error: {key}: expected {_type_name(schema[key])}, got "
+                                f"{bad[0]!r} ({_kind(bad[0])}) in {origin}")
+    return problems
+
+
 def _parse_overrides(overrides: list[str], schema: dict[str, Any]) -> dict:
     """``key=value`` items as a nested dict. Values are YAML (numbers, lists, null), except for
     text keys, which keep the text as typed (YAML would turn ``run.name=0123`` into 83, octal,
@@ -187,6 +207,7 @@ def _merge(cfg: DictConfig, data: dict, schema: dict[str, Any], origin: str) -> 
                  f"text: quote the value in {origin}" for key, value in _flatten(data)
                  if key in schema and _is_text(schema[key]) and value is not None
                  and not isinstance(value, str)]
+    problems += _nested_items(data, schema, origin)
     if problems:
         raise ConfigError(problems)
     try:
