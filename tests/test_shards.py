@@ -352,6 +352,38 @@ def test_expand_shard_pattern(tmp_path):
         expand_shard_pattern(str(tmp_path / "empty-dir-missing.tar"))
 
 
+def test_tars_beside_an_index_it_does_not_name_are_warned_about_once(photos, tmp_path,
+                                                                     monkeypatch):
+    """A folder with an index means its set: a tar copied in beside it was dropped without a
+    word. Now one line per folder and process names it (the pattern is expanded by every setup);
+    a set as `degsr shards` leaves it, rerun with fewer shards included, says nothing."""
+    from degsr import console
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    monkeypatch.setattr("degsr.data.shards._told_stray", set(), raising=False)
+    out = tmp_path / "shards"
+    write_shards([tmp_path / "src"], out, per_shard=2, min_side=16, min_bytes=0)
+    write_shards([photos["coffee"]], out, per_shard=2, min_side=16, min_bytes=0)  # 3 shards -> 1
+    assert expand_shard_pattern(str(out)) == [str(out / "train-000000.tar")] and said == []
+    for name in ("copied-in.tar", "b.tar", "old-000001.tar", "a.tar"):
+        (out / name).write_bytes(b"")
+    for _ in range(2):
+        assert expand_shard_pattern(str(out)) == [str(out / "train-000000.tar")]
+    assert said == [f"{out}: 4 .tar files beside its index.json are not in the set it names and "
+                    "are not read (a.tar, b.tar, copied-in.tar and 1 more); name them explicitly "
+                    "or rewrite the set with `degsr shards`"]
+    assert len(expand_shard_pattern(str(out / "*.tar"))) == 5 and len(said) == 1  # named: read
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "index.json").write_text(json.dumps({"shards": [{"file": "t-000000.tar"}]}))
+    (one / "t-000000.tar").write_bytes(b"")
+    (one / "x.tar").write_bytes(b"")
+    expand_shard_pattern(str(one))
+    assert said[1].startswith(f"{one}: 1 .tar file beside its index.json is not in the set it "
+                              "names and is not read (x.tar);")
+
+
 def test_sources_overlapping_resolves_links_and_whole_path_parts(photos, tmp_path):
     from degsr.data.shards import sources_overlapping
 

@@ -339,16 +339,42 @@ def sources_overlapping(urls, folder: str) -> list[str]:
     return found
 
 
+_told_stray: set[str] = set()  # folders whose stray tars were named (in this process)
+
+
+def _warn_stray_tars(pattern: str, folder: str, index: dict) -> None:
+    """Name the ``*.tar`` beside a set's index.json that it does not name: they are not read
+    (copied in, or another set's), which would otherwise go unseen. Once per folder and
+    process: every setup and validation set expands the pattern again (each DDP rank says it
+    once). A malformed index is left to the caller's error."""
+    try:
+        named = {os.path.normpath(os.path.join(folder, s["file"])) for s in index["shards"]}
+    except (KeyError, TypeError):
+        return
+    tars = glob.glob(os.path.join(glob.escape(folder), "*.tar"))
+    stray = sorted(os.path.basename(f) for f in tars if os.path.normpath(f) not in named)
+    real = os.path.realpath(folder)
+    if not stray or real in _told_stray:
+        return
+    _told_stray.add(real)
+    more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
+    files, are = ("file", "is") if len(stray) == 1 else ("files", "are")
+    console.log.warning(f"{pattern}: {len(stray)} .tar {files} beside its index.json {are} not in "
+                        f"the set it names and {are} not read ({', '.join(stray[:3])}{more}); "
+                        "name them explicitly or rewrite the set with `degsr shards`")
+
+
 def expand_shard_pattern(pattern: str) -> list[str]:
     """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
     directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
     the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
-    its ``*.tar``.
+    its ``*.tar`` (a tar beside the index that it does not name is not read: warned once).
     """
     from braceexpand import braceexpand
 
     path = os.path.expanduser(str(pattern))
-    if os.path.isdir(path) and _read_index(os.path.join(path, "index.json")) is not None:
+    if os.path.isdir(path) and (index := _read_index(os.path.join(path, "index.json"))):
+        _warn_stray_tars(pattern, path, index)
         path = os.path.join(path, "index.json")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
