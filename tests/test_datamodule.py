@@ -652,6 +652,54 @@ def test_a_val_folder_packed_into_the_training_shards_is_named(shards, photos, t
     assert len(said) == 2
 
 
+def test_val_shards_and_paired_hr_sharing_training_images_are_named(shards, photos, tmp_path,
+                                                                     monkeypatch):
+    """Like data.val_folder: validation shards that are training shard files, or whose sources
+    overlap the training sources, and a data.val_paired_hr among the training sources warn, a
+    line per overlap on rank 0 only; a set from other photos does not."""
+    from degsr import console
+
+    said = []
+    monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    sub, other = tmp_path / "photos" / "sub", tmp_path / "other"
+    sub.mkdir(parents=True)
+    other.mkdir()
+    _save(skimage.data.coffee(), other / "c.png")
+    for name in ("astronaut", "rocket"):  # a copy of two training photos, then links to it
+        (sub / f"{name}.png").write_bytes((photos / f"{name}.png").read_bytes())
+    lr = tmp_path / "lr"  # names paired with the training photos (sizes are not checked here)
+    lr.mkdir()
+    for p in photos.iterdir():
+        (lr / p.name).write_bytes(p.read_bytes())
+    link = tmp_path / "link"
+    link.symlink_to(photos, target_is_directory=True)
+    for src, out in ((link / "astronaut.png", "val-a"), (other, "val-b")):
+        assert degsr.cli.main(["shards", str(src), "--out", str(tmp_path / out), "--min-side",
+                               "16", "--min-bytes", "0"]) == 0
+
+    def setup(rank_zero=True, **kw):
+        dm = SRDataModule(data_cfg(train_shards=str(shards), **kw), DegradationConfig(), seed=0)
+        dm.trainer = None if rank_zero else SimpleNamespace(is_global_zero=False)
+        dm.setup("fit")
+
+    tail = ": validation would score images the model trains on"
+    setup(val_shards=str(shards / "*-000001.tar"))  # a training shard file itself
+    setup(val_shards=str(tmp_path / "val-a"))  # a photo of the training folder, by a link
+    setup(val_shards=str(tmp_path / "val-b"), val_paired_lr=str(lr), val_paired_hr=str(photos))
+    assert said == [
+        f"data.val_shards: 1 of its 1 shard files are training shards too "
+        f"({shards / 'train-000001.tar'}){tail}",
+        f"data.val_shards {link / 'astronaut.png'}, a source of the validation shards, overlaps "
+        f"{photos}, a source of the training shards{tail}",
+        f"data.val_paired_hr {photos} overlaps {photos}, a source of the training shards{tail}"]
+    said.clear()
+    setup(val_shards=str(tmp_path / "val-b"), val_paired_lr=str(sub), val_paired_hr=str(sub))
+    assert said == []  # copies of training photos elsewhere: not a shared path (not looked for)
+    setup(rank_zero=False, val_shards=str(shards), val_paired_lr=str(lr),
+          val_paired_hr=str(photos))
+    assert said == []
+
+
 def test_quality_counts_sync_across_ranks(bad_shards):
     """Under DDP the ceiling uses counts summed over ranks, checked at the same batch on all."""
     reduced = []

@@ -49,7 +49,7 @@ from degsr import console
 from degsr.config.fields import as_dataclass
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.shards import expand_shard_pattern, sources_overlapping
+from degsr.data.shards import expand_shard_pattern, shards_overlapping, sources_overlapping
 from degsr.data.stream import TrainStream
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.degradation.pipeline import Degrader
@@ -65,6 +65,23 @@ def expand_pattern(key: str, pattern: str) -> list[str]:
         return expand_shard_pattern(pattern)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
+
+
+def folder_overlaps(train_urls: list[str], key: str, folder: str) -> list[str]:
+    """Lines naming the training sources that are validation ``folder``, hold it or lie in it."""
+    return [f"{key} {folder} overlaps {src}, a source of the training shards"
+            for src in sources_overlapping(train_urls, folder)]
+
+
+def shards_overlap(train_urls: list[str], val_urls: list[str]) -> list[str]:
+    """Lines naming what ``data.val_shards`` shares with the training shards: the same shard
+    files (one line), sources of the two sets' index.json that overlap (a line each)."""
+    shared, pairs = shards_overlapping(train_urls, val_urls)
+    more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+    files = [f"data.val_shards: {len(shared)} of its {len(val_urls)} shard files are training "
+             f"shards too ({', '.join(shared[:3])}{more})"] if shared else []
+    return files + [f"data.val_shards {v}, a source of the validation shards, overlaps {t}, a "
+                    "source of the training shards" for v, t in pairs]
 
 
 def dihedral(out: dict, k: int) -> dict:
@@ -168,19 +185,26 @@ class SRDataModule(L.LightningDataModule):
                                 "`degsr shards`)")
             self.train_urls = expand_pattern("data.train_shards", d.train_shards)
         if stage in (None, "fit", "validate"):
+            train = self.train_urls or []  # none when only validating: nothing to compare
             if self.val_set is None and (d.val_shards or d.val_folder):
                 if d.val_shards:
-                    expand_pattern("data.val_shards", d.val_shards)
-                elif self.train_urls and (self.trainer is None or self.trainer.is_global_zero):
-                    for src in sources_overlapping(self.train_urls, d.val_folder):
-                        console.log.warning(f"data.val_folder {d.val_folder} overlaps {src}, a "
-                                            "source of the training shards: validation would "
-                                            "score images the model trains on")
+                    urls = expand_pattern("data.val_shards", d.val_shards)
+                    self._warn_overlaps(shards_overlap(train, urls))
+                else:
+                    self._warn_overlaps(folder_overlaps(train, "data.val_folder", d.val_folder))
                 self.val_set = SyntheticValSet.from_config(d, self.degradation)
             if self.paired_set is None and (d.val_paired_lr or d.val_paired_hr):
                 if not (d.val_paired_lr and d.val_paired_hr):
                     raise UserError("data.val_paired_lr and data.val_paired_hr: set both or neither")
                 self.paired_set = PairedFolders(d.val_paired_lr, d.val_paired_hr)
+                self._warn_overlaps(folder_overlaps(train, "data.val_paired_hr", d.val_paired_hr))
+
+    def _warn_overlaps(self, overlaps: list[str]) -> None:
+        """Each overlap of a validation set with the training shards, one line, on global rank
+        zero: scores on images the model trains on would flatter it."""
+        if self.trainer is None or self.trainer.is_global_zero:
+            for line in overlaps:
+                console.log.warning(f"{line}: validation would score images the model trains on")
 
     def _pin(self) -> bool:
         trainer = self.trainer

@@ -325,18 +325,41 @@ def _read_index(path: str) -> dict | None:
     return index if isinstance(index, dict) and isinstance(index.get("shards"), list) else None
 
 
+def _indexes(urls) -> list[str]:
+    """The index.json beside each of ``urls``, once each (whether it exists or not)."""
+    return sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls})
+
+
+def _sources(index_path: str) -> list[str]:
+    """The sources a degsr index.json records (none if it is missing or another tool's)."""
+    sources = (_read_index(index_path) or {}).get("sources")
+    return list(map(str, sources)) if isinstance(sources, list) else []
+
+
 def sources_overlapping(urls, folder: str) -> list[str]:
     """The sources recorded in the index.json of the shard sets of ``urls`` that are ``folder``,
     hold it or lie inside it: images of ``folder`` that were packed for training. Lists (.txt)
     are not opened; links are resolved."""
     real, found = os.path.realpath(os.path.expanduser(folder)), []
-    for path in sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls}):
-        sources = (_read_index(path) or {}).get("sources")
-        for src in map(str, sources if isinstance(sources, list) else []):
-            s = os.path.realpath(src)
-            if not s.lower().endswith(LIST_EXT) and os.path.commonpath([s, real]) in (s, real):
-                found.append(src)
+    for src in (s for path in _indexes(urls) for s in _sources(path)):
+        s = os.path.realpath(src)
+        if not s.lower().endswith(LIST_EXT) and os.path.commonpath([s, real]) in (s, real):
+            found.append(src)
     return found
+
+
+def shards_overlapping(train_urls, val_urls) -> tuple[list[str], list[tuple[str, str]]]:
+    """What validation shards share with the training ones: the ``val_urls`` that are training
+    shard files too (links resolved), and the (validation source, training source) pairs of
+    their index.json that overlap (:func:`sources_overlapping`). A validation set whose index is
+    a training one is named by its files alone (its sources would repeat it)."""
+    train_files = {os.path.realpath(u) for u in train_urls}
+    shared = [u for u in val_urls if os.path.realpath(u) in train_files]
+    train_indexes = {os.path.realpath(p) for p in _indexes(train_urls)}
+    pairs = [(v, t) for path in _indexes(val_urls) if os.path.realpath(path) not in train_indexes
+             for v in _sources(path) if not v.lower().endswith(LIST_EXT)
+             for t in sources_overlapping(train_urls, v)]
+    return shared, list(dict.fromkeys(pairs))
 
 
 _told_stray: set[str] = set()  # folders whose stray tars were named (in this process)
