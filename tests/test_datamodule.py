@@ -26,7 +26,7 @@ from degsr.config.loader import validate
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
 from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral, echo_position
-from degsr.data.shards import expand_shard_pattern
+from degsr.data.shard_sets import expand_shard_pattern
 from degsr.data.stream import TrainStream, read_shard, reflect_pad, rescale
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.errors import ConfigError, UserError

@@ -15,7 +15,8 @@ import skimage.data
 from PIL import Image
 
 import degsr.cli
-from degsr.data.shards import expand_shard_pattern, prepare_image, write_shards
+from degsr.data.shard_sets import expand_shard_pattern
+from degsr.data.shards import prepare_image, write_shards
 from degsr.errors import UserError
 
 SMALL = ["--min-bytes", "0", "--min-side", "16"]  # the skimage photos are small
@@ -361,7 +362,7 @@ def test_tars_beside_an_index_it_does_not_name_are_warned_about_once(photos, tmp
 
     said = []
     monkeypatch.setattr(console.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
-    monkeypatch.setattr("degsr.data.shards._told_stray", set(), raising=False)
+    monkeypatch.setattr("degsr.data.shard_sets._told_stray", set())
     out = tmp_path / "shards"
     write_shards([tmp_path / "src"], out, per_shard=2, min_side=16, min_bytes=0)
     write_shards([photos["coffee"]], out, per_shard=2, min_side=16, min_bytes=0)  # 3 shards -> 1
@@ -385,7 +386,7 @@ def test_tars_beside_an_index_it_does_not_name_are_warned_about_once(photos, tmp
 
 
 def test_sources_overlapping_resolves_links_and_whole_path_parts(photos, tmp_path):
-    from degsr.data.shards import sources_overlapping
+    from degsr.data.shard_sets import sources_overlapping
 
     src = tmp_path / "src"
     out = tmp_path / "shards"

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from degsr.bench import at_least
-from degsr.data.shards import expand_shard_pattern
+from degsr.data.shard_sets import expand_shard_pattern
 from degsr.data.stream import TrainStream, random_crop, reflect_pad
 from degsr.io import expand_inputs, read_image
 

@@ -49,7 +49,7 @@ from degsr import console
 from degsr.config.fields import as_dataclass
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.shards import expand_shard_pattern, shards_overlapping, sources_overlapping
+from degsr.data.shard_sets import expand_shard_pattern, shards_overlapping, sources_overlapping
 from degsr.data.stream import TrainStream
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.degradation.pipeline import Degrader

@@ -1,4 +1,5 @@
-"""Pack training images into WebDataset tar shards (``degsr shards``), and find shards again.
+"""Pack training images into WebDataset tar shards (``degsr shards``); reading a set back is
+:mod:`degsr.data.shard_sets`.
 
 A sample is one WHOLE image, never pre-cropped (the loader draws fresh crops every epoch), lossless:
 JPEG, PNG and WebP files are stored as their ORIGINAL FILE BYTES (no re-encoding: they read back
@@ -38,7 +39,6 @@ both sets at once; not for concurrent runs on one DIR. Same inputs give byte-ide
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import io
 import itertools
@@ -313,115 +313,3 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(out / "index.json", json.dumps(index, indent=2) + "\n")
     return summary
-
-
-def _read_index(path: str) -> dict | None:
-    """The index.json of a shard set written by :func:`write_shards` (it names its shards), or
-    None: missing, unreadable, or another tool's."""
-    try:
-        index = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return index if isinstance(index, dict) and isinstance(index.get("shards"), list) else None
-
-
-def _indexes(urls) -> list[str]:
-    """The index.json beside each of ``urls``, once each (whether it exists or not)."""
-    return sorted({os.path.join(os.path.dirname(u), "index.json") for u in urls})
-
-
-def _sources(index_path: str) -> list[str]:
-    """The sources a degsr index.json records (none if it is missing or another tool's)."""
-    sources = (_read_index(index_path) or {}).get("sources")
-    return list(map(str, sources)) if isinstance(sources, list) else []
-
-
-def sources_overlapping(urls, folder: str) -> list[str]:
-    """The sources recorded in the index.json of the shard sets of ``urls`` that are ``folder``,
-    hold it or lie inside it: images of ``folder`` that were packed for training. Lists (.txt)
-    are not opened; links are resolved."""
-    real, found = os.path.realpath(os.path.expanduser(folder)), []
-    for src in (s for path in _indexes(urls) for s in _sources(path)):
-        s = os.path.realpath(src)
-        if not s.lower().endswith(LIST_EXT) and os.path.commonpath([s, real]) in (s, real):
-            found.append(src)
-    return found
-
-
-def shards_overlapping(train_urls, val_urls) -> tuple[list[str], list[tuple[str, str]]]:
-    """What validation shards share with the training ones: the ``val_urls`` that are training
-    shard files too (links resolved), and the (validation source, training source) pairs of
-    their index.json that overlap (:func:`sources_overlapping`). A validation set whose index is
-    a training one is named by its files alone (its sources would repeat it)."""
-    train_files = {os.path.realpath(u) for u in train_urls}
-    shared = [u for u in val_urls if os.path.realpath(u) in train_files]
-    train_indexes = {os.path.realpath(p) for p in _indexes(train_urls)}
-    pairs = [(v, t) for path in _indexes(val_urls) if os.path.realpath(path) not in train_indexes
-             for v in _sources(path) if not v.lower().endswith(LIST_EXT)
-             for t in sources_overlapping(train_urls, v)]
-    return shared, list(dict.fromkeys(pairs))
-
-
-_told_stray: set[str] = set()  # folders whose stray tars were named (in this process)
-
-
-def _warn_stray_tars(pattern: str, folder: str, index: dict) -> None:
-    """Name the ``*.tar`` beside a set's index.json that it does not name: they are not read
-    (copied in, or another set's), which would otherwise go unseen. Once per folder and
-    process: every setup and validation set expands the pattern again (each DDP rank says it
-    once). A malformed index is left to the caller's error."""
-    try:
-        named = {os.path.normpath(os.path.join(folder, s["file"])) for s in index["shards"]}
-    except (KeyError, TypeError):
-        return
-    tars = glob.glob(os.path.join(glob.escape(folder), "*.tar"))
-    stray = sorted(os.path.basename(f) for f in tars if os.path.normpath(f) not in named)
-    real = os.path.realpath(folder)
-    if not stray or real in _told_stray:
-        return
-    _told_stray.add(real)
-    more = f" and {len(stray) - 3} more" if len(stray) > 3 else ""
-    files, are = ("file", "is") if len(stray) == 1 else ("files", "are")
-    console.log.warning(f"{pattern}: {len(stray)} .tar {files} beside its index.json {are} not in "
-                        f"the set it names and {are} not read ({', '.join(stray[:3])}{more}); "
-                        "name them explicitly or rewrite the set with `degsr shards`")
-
-
-def expand_shard_pattern(pattern: str) -> list[str]:
-    """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
-    directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
-    the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
-    its ``*.tar`` (a tar beside the index that it does not name is not read: warned once).
-    """
-    from braceexpand import braceexpand
-
-    path = os.path.expanduser(str(pattern))
-    if os.path.isdir(path) and (index := _read_index(os.path.join(path, "index.json"))):
-        _warn_stray_tars(pattern, path, index)
-        path = os.path.join(path, "index.json")
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
-    elif os.path.isfile(path) and path.endswith(".json"):
-        try:
-            index = json.loads(Path(path).read_text(encoding="utf-8"))
-            names = [s["file"] for s in index["shards"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{pattern}: not a degsr shard index ({e})") from None
-        files = [os.path.join(os.path.dirname(path), n) for n in names]
-    elif os.path.isfile(path):  # an existing file is itself, whatever [ or { its name holds
-        files = [path]
-    elif "{" in path:
-        files = list(braceexpand(path))
-    elif glob.has_magic(path):
-        files = glob.glob(path)
-    else:
-        files = [path]
-    files = sorted(set(files))
-    missing = [f for f in files if not os.path.isfile(f)]
-    if not files or files == missing == [path]:
-        raise UserError(f"no shard files match {pattern}")
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
-                        f"{', '.join(missing[:3])}{more}")
-    return files

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from degsr import console
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.shards import expand_shard_pattern
+from degsr.data.shard_sets import expand_shard_pattern
 from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
 from degsr.degradation.pipeline import Degrader
 from degsr.errors import UserError

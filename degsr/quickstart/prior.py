@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from degsr import console
-from degsr.data.shards import expand_shard_pattern
+from degsr.data.shard_sets import expand_shard_pattern
 from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
 from degsr.seeding import make_generator
 
