@@ -517,7 +517,7 @@ def test_validation_metrics_do_not_depend_on_the_number_of_ranks(shards, tmp_pat
 
 
 VAL_SIGNAL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import degsr.cli, degsr.training.fit as fitmod
     from lightning.pytorch.callbacks import Callback
 
@@ -533,7 +533,8 @@ VAL_SIGNAL_SCRIPT = textwrap.dedent("""
                 return
             os.write(1, f"VAL {trainer.global_rank} {trainer.global_step} {batch_idx}\\n".encode())
             if (trainer.global_rank, trainer.global_step, batch_idx) == SIGNAL_AT and STOP:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(DELAY)  # the other rank is then waiting in a collective
+                os.kill(os.getpid(), signal.SIGNAL)
 
         def on_validation_end(self, trainer, module):
             if not trainer.sanity_checking and trainer.global_rank == 0:
@@ -574,9 +575,11 @@ VAL_SIGNAL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _val_signal_script(stop: bool, at=(1, 4, 1), uneven: bool = False) -> str:
+def _val_signal_script(stop: bool, at=(1, 4, 1), uneven: bool = False,
+                       sig: str = "SIGUSR1", delay: float = 0.0) -> str:
     return (VAL_SIGNAL_SCRIPT.replace("SIGNAL_AT", repr(tuple(at))).replace("STOP", str(stop))
-            .replace("UNEVEN", str(uneven)))
+            .replace("UNEVEN", str(uneven)).replace("signal.SIGNAL", f"signal.{sig}")
+            .replace("DELAY", repr(delay)))
 
 
 def _val_batches_ran(stdout: str) -> list[tuple[int, int, int]]:
@@ -618,6 +621,31 @@ def test_a_signal_on_one_rank_during_validation_stops_every_rank_at_the_same_bat
     metrics = [line for line in straight.stdout.splitlines() if line.startswith("METRICS")]
     assert [line for line in r.stdout.splitlines() if line.startswith("METRICS")] == metrics
     assert len(metrics) == 2  # steps 4 and 8
+    assert json.loads((run / "final.json").read_text())["global_step"] == 8
+
+
+def test_sigterm_to_the_launcher_alone_during_validation_saves_on_every_rank(shards, tmp_path):
+    """DDP, 2 ranks: SIGTERM to rank 0 alone (the launching process: `kill PID`, `docker stop`,
+    a Kubernetes pod ending) while it validates. Lightning's handler broadcast inside the signal
+    handler and raised on one rank: the run crashed with nothing saved. Now the pass ends after
+    the same batch on both ranks, last.ckpt holds the step before it, status 143; the rerun
+    validates that step again and finishes."""
+    script = tmp_path / "val_signal.py"
+    args = _val_signal_args(shards, tmp_path)
+    script.write_text(_val_signal_script(stop=True, at=(0, 4, 1), sig="SIGTERM", delay=3.0))
+    r = _ddp_fit(script, [*args, "run.name=term"])
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    ran = _val_batches_ran(r.stdout)
+    for rank in (0, 1):
+        assert sorted(b for k, step, b in ran if step == 4 and k == rank) == [0, 1], ran
+    assert "METRICS 4" not in r.stdout
+    run = tmp_path / "runs" / "term"
+    assert _ckpt_steps(run) == {"last.ckpt": 4}
+    assert "SIGTERM: saved" in r.stderr
+    script.write_text(_val_signal_script(stop=False))
+    r = _ddp_fit(script, [*args, "run.name=term"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [line for line in r.stdout.splitlines() if line.startswith("VAL 0 ")][0] == "VAL 0 4 0"
     assert json.loads((run / "final.json").read_text())["global_step"] == 8
 
 
@@ -798,7 +826,8 @@ def test_sigterm_during_fit_saves_the_step_and_says_terminated(shards, tmp_path,
     exited with status 0, said nothing and saved nothing. Now: 'terminated', status 143, as the
     other commands; a SIGTERM that comes during a step (where a step's time goes) saves
     last.ckpt at its end first, as SIGUSR1 does. One that comes after the step's hooks ran
-    (a narrow window) saves nothing: a rerun resumes from the last periodic checkpoint."""
+    saved nothing while Lightning's handler raised at the end of that batch; since degsr owns
+    SIGTERM in training, it saves at the end of the next step instead."""
     script = tmp_path / "sigterm.py"
     text = CTRL_C_SCRIPT.replace("signal.SIGINT)", "signal.SIGTERM)")
     if when == "during_the_step":
@@ -810,14 +839,12 @@ def test_sigterm_during_fit_saves_the_step_and_says_terminated(shards, tmp_path,
     assert r.stderr.rstrip().endswith("terminated"), r.stderr[-2000:]
     run = tmp_path / "runs" / "estimator-tiny"
     ev = events(run)
-    assert ev[-1]["event"] == "error" and ev[-1]["step"] == 2
-    if when == "during_the_step":
-        assert [(e["event"], e["step"], e["signal"]) for e in ev if e["event"] == "preempt"] == [
-            ("preempt", 2, "SIGTERM")]
-        assert _ckpt_steps(run) == {"last.ckpt": 2}
-        assert "SIGTERM: saved" in r.stderr
-    else:
-        assert not [e for e in ev if e["event"] == "preempt"] and _ckpt_steps(run) == {}
+    step = 2 if when == "during_the_step" else 3
+    assert ev[-1]["event"] == "error" and ev[-1]["step"] == step
+    assert [(e["event"], e["step"], e["signal"]) for e in ev if e["event"] == "preempt"] == [
+        ("preempt", step, "SIGTERM")]
+    assert _ckpt_steps(run) == {"last.ckpt": step}
+    assert "SIGTERM: saved" in r.stderr
 
 
 @pytest.mark.parametrize("every", [100, 3])

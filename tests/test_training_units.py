@@ -84,6 +84,7 @@ class _FakeTrainer:
         self.checkpoint_callbacks = [SimpleNamespace(_last_global_step_saved=-1,
                                                      _last_checkpoint_saved="")]
         self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_should_check_val_fx=None))
+        self._signal_connector = SimpleNamespace(received_sigterm=False)  # Lightning's flag
 
     def save_checkpoint(self, path):
         self.saved.append(Path(path))
@@ -154,6 +155,9 @@ def test_every_rank_names_the_signal_any_rank_got(tmp_path, monkeypatch):
         t = _FakeTrainer(world_size=2, others=others)  # this rank saw nothing
         p.on_train_batch_end(t, _auto(), None, None, 0)
         assert p.preempted and calls == [(name == "SIGUSR1", name)], others
+        # SIGTERM: Lightning's own flag is set after the save, on every rank alike, so that it
+        # stops the run (status 143) at the same point on each
+        assert t._signal_connector.received_sigterm == (name == "SIGTERM")
 
 
 def _validating(world_size=1, others=(), step=8, max_steps=20, val_batches=(4,), accumulate=1,

@@ -11,6 +11,15 @@ does rank 0 run ``scontrol requeue`` (:func:`requeue`): Slurm sends SIGTERM to t
 at once, so nothing may be left to do by then. Outside Slurm SIGUSR1 saves and stops the same
 way (rerun the command to resume).
 
+SIGTERM (``kill``, ``docker stop``, a Kubernetes pod ending, a Slurm preemption without
+``--signal``) takes the same path once training runs: Lightning's own handler forwards the signal
+to the other ranks and broadcasts from inside the handler, which under DDP met another rank's
+collective (a hang, or a crash with nothing saved, when the signal came to the launching process
+alone during validation). From the sanity check on, :class:`Preemption` owns SIGTERM: its handler
+forwards it to the ranks this process launched and sets a flag, the flag is all-reduced like
+SIGUSR1's, the ranks save together, and only then is Lightning's flag set, on every rank at once,
+so that it stops the run (status 143) at the same point everywhere.
+
 A validation pass can outlast the warning window, so a signal that comes during one ends it at
 the next validation batch instead (the ranks all-reduce the flag after each batch but the last
 of the rank with the fewest); the pass logs nothing, and the checkpoint, saved when Lightning has
@@ -22,6 +31,7 @@ and logged, and not run again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -101,6 +111,8 @@ class Preemption(Callback):
     def __init__(self, ckpt_path: Path, on_preempt=None, signum: int = signal.SIGUSR1):
         self.ckpt_path, self.on_preempt, self.signum = Path(ckpt_path), on_preempt, signum
         self.requested = False
+        self.terminated = False  # SIGTERM came while we owned it (_own_sigterm)
+        self._children = []  # the ranks this process launched (rank 0 of Lightning's DDP)
         self.preempted = False
         self._previous, self._armed = None, False
         self._signal = "SIGTERM"  # the signal acted on (:meth:`_asked`)
@@ -109,6 +121,23 @@ class Preemption(Callback):
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+
+    def _term_handler(self, signum, frame) -> None:
+        """A flag and the signal passed on to the ranks launched here; no collective, no log:
+        the main thread may be inside either."""
+        if not self.terminated:
+            for proc in self._children:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+        self.terminated = True
+
+    def _own_sigterm(self, trainer) -> None:
+        """Replace Lightning's SIGTERM handler (registered just before the run stage, after
+        on_fit_start) with :meth:`_term_handler`; Lightning's teardown restores what it found."""
+        if (signal.getsignal(signal.SIGTERM) != self._term_handler
+                and threading.current_thread() is threading.main_thread()):
+            self._children = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+            signal.signal(signal.SIGTERM, self._term_handler)
 
     def arm(self) -> None:
         """Catch the signal from now on (``degsr fit`` arms before it builds the models: until
@@ -128,6 +157,12 @@ class Preemption(Callback):
 
     def on_fit_start(self, trainer, module) -> None:
         self.arm()
+
+    def on_sanity_check_start(self, trainer, module) -> None:
+        self._own_sigterm(trainer)
+
+    def on_train_start(self, trainer, module) -> None:
+        self._own_sigterm(trainer)
 
     def on_fit_end(self, trainer, module) -> None:
         self.disarm()
@@ -192,7 +227,8 @@ class Preemption(Callback):
     def _asked(self, trainer) -> bool:
         """Whether SIGUSR1 or SIGTERM came, on any rank (a collective when there are several).
         Every rank then names the same signal: SIGUSR1 (requeue) if any rank got it."""
-        flags = [float(self.requested), float(bool(getattr(trainer, "received_sigterm", False)))]
+        flags = [float(self.requested),
+                 float(self.terminated or bool(getattr(trainer, "received_sigterm", False)))]
         if trainer.world_size > 1:  # all ranks must agree; alone, the flags need no device sync
             both = torch.tensor(flags, device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(both, reduce_op="sum").tolist()
@@ -216,6 +252,8 @@ class Preemption(Callback):
         if self.on_preempt is not None:
             self.on_preempt(trainer, requeue, name)
         trainer.should_stop = True
+        if name == "SIGTERM":  # every rank at once: Lightning stops the run (SIGTERMException)
+            trainer._signal_connector.received_sigterm = True  # at the same point on each
         # Lightning validates when a run is stopped early; a preempted run must exit (and
         # requeue) within Slurm's warning window, so no validation pass runs after the save
         trainer.fit_loop.epoch_loop._should_check_val_fx = lambda *args, **kwargs: False
