@@ -171,10 +171,11 @@ def make_out_folder(out: Path) -> None:
 
 
 def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, sorted) and globs -> (image paths, problems). A folder's
-    images inside ``out`` (the command's output folder, the input folder or one inside it) that
-    degsr wrote (:func:`written_by_degsr`) are left out: a rerun must not take the first run's
-    outputs for inputs. Every other file there is an input."""
+    """Files, folders (their images, sorted) and globs -> (image paths, problems). The images a
+    folder or a glob finds inside ``out`` (the command's output folder, the input folder or one
+    inside it) that degsr wrote (:func:`written_by_degsr`) are left out: a rerun must not take
+    the first run's outputs for inputs. Every other file there is an input, and so is a file
+    named on its own."""
     paths, problems = [], []
     outdir = _resolved(out) if out is not None else None
 
@@ -194,6 +195,8 @@ def expand_inputs(items: list[str], out: Path | None = None) -> tuple[list[Path]
             found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
             if not found:
                 problems.append(f"{item}: pattern matches no file")
+            elif not (found := [q for q in found if not earlier_output(q)]):
+                problems.append(f"{item}: pattern matches only degsr's earlier outputs in {out}")
             paths.extend(found)
         else:
             paths.append(p)  # read_image reports a missing or undecodable file

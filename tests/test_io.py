@@ -293,6 +293,24 @@ def test_expand_inputs_leaves_out_only_degsrs_own_outputs_inside_out(tmp_path):
     assert paths == sorted([src / "made_elsewhere.png", out / "earlier.png", out / "photo.png"])
 
 
+def test_a_glob_rerun_leaves_out_the_first_runs_outputs(tmp_path):
+    """'in/**/*.png' --out in/sr run twice: the glob finds the first run's outputs too; they are
+    not inputs (as in a folder), a file named on its own still is."""
+    import torch
+
+    from degsr.io import expand_inputs, save_png
+
+    src, out = tmp_path / "in", tmp_path / "in" / "sr"
+    out.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(src / "a.png")
+    save_png(torch.rand(3, 16, 16), out / "a.png")  # the first run's output
+    assert expand_inputs([str(src / "**" / "*.png")], out) == ([src / "a.png"], [])
+    assert expand_inputs([str(out / "a.png")], out) == ([out / "a.png"], [])
+    paths, problems = expand_inputs([str(out / "*.png")], out)
+    assert paths == [] and problems == [f"{out / '*.png'}: pattern matches only degsr's earlier "
+                                        f"outputs in {out}"]
+
+
 def test_expand_inputs_globs_literal_names_and_problems(tmp_path):
     from degsr.io import expand_inputs
 
