@@ -83,6 +83,19 @@ def read_image(path: str | os.PathLike, alpha: bool = False):
     return rgb, None if a is None else torch.from_numpy(a.copy())[None]
 
 
+def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
+    """The ICC profile embedded in an image file when it describes RGB (a phone's Display P3, a
+    camera's Adobe RGB), else None (none, or a gray or CMYK one, which does not fit the RGB that
+    :func:`read_image` returns). An output made from the file's values needs it: untagged, a
+    viewer takes them for sRGB and a P3 photo looks washed out."""
+    try:
+        with any_pixel_count(), Image.open(path) as im:
+            icc = im.info.get("icc_profile")
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return None
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(C, H, W) float in [0, 1] (or uint8) -> (H, W, C) uint8 array (C 3: RGB, 4: RGBA)."""
     if img.is_floating_point():
@@ -125,9 +138,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
+def save_png(img: torch.Tensor, path: str | os.PathLike, icc_profile: bytes | None = None) -> None:
     """Write an image as PNG via a temporary file and a rename (never a half-written file),
-    marked as degsr's (:func:`written_by_degsr`)."""
+    marked as degsr's (:func:`written_by_degsr`), tagged with ``icc_profile`` when given (the
+    colour space of its values; untagged means sRGB)."""
     import io
 
     from PIL.PngImagePlugin import PngInfo
@@ -137,7 +151,8 @@ def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
     info = PngInfo()
     info.add_text("Software", f"degsr {__version__}")
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(img)).save(buf, format="PNG", pnginfo=info)
+    extra = {} if icc_profile is None else {"icc_profile": icc_profile}
+    Image.fromarray(to_uint8(img)).save(buf, format="PNG", pnginfo=info, **extra)
     atomic_write_bytes(path, buf.getvalue())
 
 

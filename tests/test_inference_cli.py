@@ -280,6 +280,23 @@ def test_sr_skips_and_replaces_only_files_it_wrote(trained, tmp_path, capsys):
     assert (other / "d.png").read_bytes() == theirs and (other / "b.png").is_dir()
 
 
+def test_sr_output_keeps_the_inputs_rgb_colour_profile(trained, tmp_path, capsys):
+    """The output's values are the input's colour space's: an RGB ICC profile (a phone's P3)
+    goes with them, or a viewer shows them as sRGB; a gray or CMYK one does not fit RGB."""
+    from PIL import ImageCms
+
+    rgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    gray_icc = rgb_icc[:16] + b"GRAY" + rgb_icc[20:]
+    _crop(0, 0).save(tmp_path / "p3.jpg", icc_profile=rgb_icc)
+    _crop(0, 0).convert("RGBA").save(tmp_path / "logo.png", icc_profile=rgb_icc)
+    _crop(0, 0).convert("L").save(tmp_path / "gray.png", icc_profile=gray_icc)
+    _crop(0, 0).save(tmp_path / "plain.png")
+    assert _sr(trained, *sorted(tmp_path.glob("*.*")), "--out", tmp_path / "out") == 0, \
+        capsys.readouterr().err
+    got = {p.stem: Image.open(p).info.get("icc_profile") for p in (tmp_path / "out").iterdir()}
+    assert got == {"p3": rgb_icc, "logo": rgb_icc, "gray": None, "plain": None}
+
+
 def test_sr_sigterm_mid_write_leaves_no_partial_file(trained, tmp_path, capsys, monkeypatch):
     """SIGTERM (kill, timeout, scancel) while an output is being written: the temporary file
     is removed as on Ctrl-C, degsr exits 143, and the caller's SIGTERM handler is back."""
