@@ -180,11 +180,13 @@ def rows_to_csv(rows: list[dict], perceptual: tuple[str, ...] = ()) -> str:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], perceptual: tuple[str, ...] = ()) -> Path:
-    """Write :func:`rows_to_csv` atomically (creating the parent folder); UserError if impossible."""
+    """Write :func:`rows_to_csv` atomically (creating the parent folder); UserError if impossible.
+    A file name that is not UTF-8 (a Latin-1 name from an old archive) is written as its bytes,
+    the name the file system has."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, rows_to_csv(rows, perceptual).encode())
+        atomic_write_bytes(path, rows_to_csv(rows, perceptual).encode("utf-8", "surrogateescape"))
     except OSError as e:
         raise UserError(f"--csv {path}: cannot write ({e.strerror or e})")
     return path
@@ -192,6 +194,12 @@ def write_csv(path: str | os.PathLike, rows: list[dict], perceptual: tuple[str, 
 
 def _fmt(v: float | None, digits: int) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with the bytes of a name that is not UTF-8 as ``\\udcXX`` escapes: a terminal
+    whose locale is strict UTF-8 refuses them (UnicodeEncodeError), after the scoring."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def format_table(summary: dict) -> str:
@@ -204,4 +212,4 @@ def format_table(summary: dict) -> str:
     if summary.get("psnr_inf"):
         note += f"  ({summary['psnr_inf']} identical pair(s): PSNR inf, left out of the PSNR mean)"
     lines.append(note)
-    return "\n".join(lines) + "\n"
+    return _printable("\n".join(lines) + "\n")

@@ -331,6 +331,22 @@ def test_size_mismatch_skipped_others_scored(tmp_path, photos, monkeypatch, caps
     assert summary["psnr_y"] == pytest.approx(ref_psnr(pred["astronaut"], gt["astronaut"], 0))
 
 
+def test_names_that_are_not_utf8_are_scored_and_written(tmp_path, photos, monkeypatch, capsys):
+    """A Latin-1 name on a UTF-8 system (an old archive): the CSV row holds the name's bytes,
+    the table escapes them (a strict UTF-8 stdout, as pytest's, refuses them raw)."""
+    import os
+
+    gt, pred = photos
+    name = os.fsdecode(b"caf\xe9")
+    (tmp_path / name).mkdir()
+    pdir, gdir = make_dirs(tmp_path / name, {name: gt["astronaut"]}, {name: pred["astronaut"]})
+    assert cli(["--pred", str(pdir), "--gt", str(gdir)], monkeypatch) == 0
+    assert "caf\\udce9/pred" in capsys.readouterr().out
+    assert (pdir / "metrics.csv").read_bytes().splitlines()[1].startswith(b"caf\xe9,")
+    assert cli(["--pred", str(pdir), "--gt", str(gdir), "--json"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1
+
+
 def test_bad_options_are_user_errors(folders, monkeypatch, capsys):
     pdir, gdir = folders
     assert cli(["--pred", str(pdir), "--gt", str(gdir), "--crop-border", "-1"], monkeypatch) == 2
