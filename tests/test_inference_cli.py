@@ -297,6 +297,31 @@ def test_sr_output_keeps_the_inputs_rgb_colour_profile(trained, tmp_path, capsys
     assert got == {"p3": rgb_icc, "logo": rgb_icc, "gray": None, "plain": None}
 
 
+def test_an_adapter_without_estimator_is_one_line_before_any_image(trained, tmp_path, capsys):
+    """No estimator recorded (stage 2 trained without one), none given, one score not dialled:
+    one line, exit 2, no image read; both scores dialled: it runs."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", adapter)
+    meta = json.loads((adapter / "adapter.json").read_text())
+    (adapter / "adapter.json").write_text(json.dumps({**meta, "estimator": None}))
+    for name in "abc":
+        _crop(0, 0).save(tmp_path / f"{name}.png")
+    images = sorted(tmp_path.glob("*.png"))
+    from degsr.cli import main
+
+    def sr(*dials) -> int:
+        return main([*map(str, ["sr", "--adapter", adapter, "--pretrained", trained / "base",
+                                *images, "--out", tmp_path / "o", *dials])])
+
+    assert sr("--noise", "0.3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no estimator recorded" in err, err
+    assert sr("--noise", "0.3", "--blur", "0.2") == 0
+
+
 def test_sr_sigterm_mid_write_leaves_no_partial_file(trained, tmp_path, capsys, monkeypatch):
     """SIGTERM (kill, timeout, scancel) while an output is being written: the temporary file
     is removed as on Ctrl-C, degsr exits 143, and the caller's SIGTERM handler is back."""

@@ -77,6 +77,7 @@ def run(args) -> int:
         raise UserError(f"--scale {args.scale} does not match the adapter's scale {up.scale}")
     opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
                           color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
+    up.check(opts)
     done = skipped = 0
     pending: dict[tuple, list] = {}  # image size -> [(path, target, lr, alpha)], up to --batch
 

@@ -68,15 +68,21 @@ class Upscaler:
             est = load_estimator(est, device=device)
         return cls(net, meta, est, compile)
 
+    def check(self, opts: UpscaleOptions) -> None:
+        """UserError when ``opts`` leave a score to an estimator this adapter lacks: ``sr`` says
+        so once, before it reads any image, not in one identical line per image."""
+        if self.net.modulation is not None and self.estimator is None and (
+                opts.blur is None or opts.noise is None):
+            raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "
+                            "both --blur and --noise")
+
     def degradation(self, lr: torch.Tensor, opts: UpscaleOptions) -> torch.Tensor:
         """(B, 2) [blur, noise]: the user's dial where given, the estimator's score otherwise."""
         zeros = torch.zeros(lr.shape[0], 2, device=lr.device)
         if self.net.modulation is None:  # a plain-LoRA adapter (ablation) ignores the degradation
             return zeros
+        self.check(opts)
         need = opts.blur is None or opts.noise is None
-        if need and self.estimator is None:
-            raise UserError("this adapter has no estimator recorded: pass --estimator EXPORT, or "
-                            "both --blur and --noise")
         try:
             est = self.estimator(lr.float()) if need else zeros
         except UserError as e:  # too small to estimate: the dial still works
