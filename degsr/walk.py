@@ -10,7 +10,10 @@ def files_under(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Files below ``root`` whose suffix (any case) is one of ``suffixes``, sorted. Symlinked
     folders are followed (a dataset assembled from links to other disks), each real folder
     once: a link loop or a folder reached twice is not read again (a real folder is read under
-    its own name rather than a link's, whatever the order the file system lists them in)."""
+    its own name rather than a link's, whatever the order the file system lists them in).
+    Hidden files and folders (a name starting with ``.``) are left out, as a glob's ``*`` and
+    ``degsr eval`` leave them: macOS's ``._x.jpg`` resource forks are no images, and a NAS's
+    ``.@__thumb/x.jpg`` thumbnail is not the photo ``x.jpg`` (it took the photo's output name)."""
     seen, found = set(), []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -22,6 +25,8 @@ def files_under(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
         # not decide the name a folder reached twice is read under: its own name first, then
         # links, each by name; so data.val_folder's first N images and shard sources are the same
         # on every machine
-        subfolders.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
-        found += [Path(folder, f) for f in files if os.path.splitext(f)[1].lower() in suffixes]
+        subfolders[:] = sorted((d for d in subfolders if not d.startswith(".")),
+                               key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
+        found += [Path(folder, f) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes]
     return sorted(found)

@@ -168,6 +168,21 @@ def test_symlinked_subfolders_are_followed_once_each(tmp_path, photo):
     assert find_images([str(data)]) == ([str(p) for p in found], [])
 
 
+def test_hidden_files_and_folders_are_not_inputs(tmp_path, photo):
+    """macOS's ._a.png resource fork and a NAS's .@__thumb/a.png thumbnail beside the photo
+    a.png: neither is an input (the thumbnail took a.png's output name), as for a glob."""
+    from degsr.data.shards import find_images
+    from degsr.io import expand_inputs
+
+    (tmp_path / ".@__thumb").mkdir()
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    Image.fromarray(photo[:8, :8]).save(tmp_path / ".@__thumb" / "a.png")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert expand_inputs([str(tmp_path)]) == ([tmp_path / "a.png"], [])
+    assert expand_inputs([str(tmp_path / "*.png")]) == ([tmp_path / "a.png"], [])
+    assert find_images([str(tmp_path)]) == ([str(tmp_path / "a.png")], [])
+
+
 def test_a_folder_reached_twice_is_named_the_same_whatever_the_listing_order(tmp_path, photo,
                                                                             monkeypatch):
     """files_under kept the alias os.walk met first, in the file system's listing order (hash
