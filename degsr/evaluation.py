@@ -57,6 +57,16 @@ def pair_images(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     return pair_folders(pred_dir, gt_dir, "--pred", "--gt", unmatched_b=missing)
 
 
+def _modcrop_hint(pred: torch.Tensor, gt: torch.Tensor) -> str:
+    """A hint when ``gt`` is larger by less than 8 pixels per side: what an LR made from ground
+    truth that is not a multiple of the SR scale upscales to (BSD100's 481x321 at x4: 480x320)."""
+    (ph, pw), (gh, gw) = pred.shape[-2:], gt.shape[-2:]
+    if not (0 <= gh - ph < 8 and 0 <= gw - pw < 8):
+        return ""
+    return (f" (ground truth not a multiple of the SR scale? crop it to {pw}x{ph} from the top "
+            "left, as the benchmarks' 'GTmod' sets are)")
+
+
 def _fidelity_device(device: torch.device) -> torch.device:
     # PSNR/SSIM run in float64, which MPS lacks.
     return torch.device("cpu") if device.type == "mps" else device
@@ -74,7 +84,8 @@ def score_pair(pred_path: Path, gt_path: Path, crop_border: int = 0, lpips=None,
     pred, gt = read_image(pred_path), read_image(gt_path)
     if pred.shape != gt.shape:
         raise UserError(f"{pred_path.name}: size {pred.shape[2]}x{pred.shape[1]} (WxH) differs from "
-                        f"{gt_path} {gt.shape[2]}x{gt.shape[1]}; pair skipped")
+                        f"{gt_path} {gt.shape[2]}x{gt.shape[1]}; pair skipped"
+                        + _modcrop_hint(pred, gt))
     h, w = pred.shape[-2:]
     if min(h, w) - 2 * crop_border < 11:
         raise UserError(f"{pred_path.name}: {w}x{h} image with --crop-border {crop_border} leaves "

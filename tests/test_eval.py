@@ -325,6 +325,8 @@ def test_size_mismatch_skipped_others_scored(tmp_path, photos, monkeypatch, caps
     cap = capsys.readouterr()
     errs = [line for line in cap.err.splitlines() if line.startswith("error:")]
     assert len(errs) == 1 and "chelsea" in errs[0] and "size" in errs[0]
+    assert errs[0].endswith("(ground truth not a multiple of the SR scale? crop it to 56x46 from "
+                            "the top left, as the benchmarks' 'GTmod' sets are)")
     summary = json.loads(cap.out)
     assert summary["n"] == 2
     assert [r["name"] for r in read_csv(pdir / "metrics.csv")] == ["astronaut", "same"]
