@@ -229,7 +229,9 @@ def test_busy_cores_from_two_proc_stat_samples(monkeypatch):
 
 def test_prior_fits_anneal_over_their_steps_and_stop_at_their_cap(monkeypatch, tmp_path):
     """Each prior fit makes exactly its steps, its learning rate on the cosine of step / steps
-    (closed form); with a cap already passed it makes one step and says it was capped."""
+    (closed form) however slow the machine (the VAE fit below sees 90 % of its cap gone at every
+    step: the time must not move the schedule, or a slow day gives another prior); with a cap
+    already passed it makes one step and says it was capped."""
     from degsr.quickstart import prior
     from degsr.sr.components import load_components
     from degsr.sr.config import ModelConfig
@@ -246,9 +248,16 @@ def test_prior_fits_anneal_over_their_steps_and_stop_at_their_cap(monkeypatch, t
         real_anneal(opt, base, progress)
         lrs.append(opt.param_groups[0]["lr"])
     monkeypatch.setattr(prior, "_anneal", anneal)
-    s = prior.PriorSettings(vae_steps=4, unet_steps=3, vae_cap=1e6, unet_cap=1e6,
+    s = prior.PriorSettings(vae_steps=4, unet_steps=3, vae_cap=100.0, unet_cap=1e6,
                             vae_batch=2, unet_batch=1, unet_crop=32)
-    vae = prior.fit_vae(comp.vae, images, s)
+    clock = [0.0]  # the fit's start, then 90 s later at every look
+
+    def slow():
+        t, clock[0] = clock[0], 90.0
+        return t
+    with monkeypatch.context() as m:
+        m.setattr(prior.time, "monotonic", slow)
+        vae = prior.fit_vae(comp.vae, images, s)
     assert (vae["steps"], vae["planned_steps"], vae["capped"]) == (4, 4, False)
     np.testing.assert_allclose(lrs, [s.vae_lr * 0.5 * (1 + np.cos(np.pi * k / 4))
                                      for k in range(4)], rtol=1e-6)

@@ -23,8 +23,8 @@ on, nothing more:
    log-variance half of ``quant_conv`` starts at zero weight and bias ``LOGVAR_INIT`` (posterior
    std ``e^-4``), so samples stay close to the mean; a ``KL_WEIGHT`` KL term keeps it a VAE.
    Then ``scaling_factor = 1 / std(latents)``, the way SD's 0.18215 was chosen. Both fits decay
-   their learning rate along a cosine over their steps, or over their time cap where that comes
-   first (:func:`_anneal`).
+   their learning rate along a cosine over their steps (:func:`_anneal`), never over time: the
+   same steps give the same prior on a slow machine (one its time cap stops ends un-annealed).
 2. **UNet as a one-step restorer** (``unet_steps``): at t = 999, through the same
    :func:`degsr.sr.onestep.denoise` stage 2 uses, the latent of a softened crop (bicubic down by a
    random factor in [1, 4] and back up, Gaussian noise of σ ≤ ``MAX_NOISE``) must map to the
@@ -141,10 +141,6 @@ class _Budget:
     def running(self, step: int) -> bool:
         return step < self.steps and (step == 0 or self.elapsed() < self.cap)
 
-    def progress(self, step: int) -> float:
-        """The share of the fit done: of its steps, or of its cap where that is further."""
-        return min(1.0, max(step / self.steps, self.elapsed() / self.cap))
-
     def __call__(self, step: int, text: str, force: bool = False) -> None:
         now = self.elapsed()
         if force or now - self.last >= LOG_EVERY_S:
@@ -179,7 +175,7 @@ def fit_vae(vae, images, s: PriorSettings) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     tick, step, ema = _Budget("vae", s.vae_steps, s.vae_cap), 0, None
     while tick.running(step):
-        _anneal(opt, s.vae_lr, tick.progress(step))
+        _anneal(opt, s.vae_lr, step / tick.steps)
         x = sample_crops(images, s.vae_batch, s.vae_crop, g)
         soft = (torch.rand(x.shape[0], generator=g) < s.vae_soft).view(-1, 1, 1, 1)
         x = torch.where(soft, soften(x, g), x)
@@ -214,7 +210,7 @@ def fit_unet(comp, images, s: PriorSettings) -> dict:
     opt = torch.optim.AdamW(comp.unet.parameters(), lr=s.unet_lr, weight_decay=0.0)
     tick, step, ema = _Budget("unet", s.unet_steps, s.unet_cap), 0, None
     while tick.running(step):
-        _anneal(opt, s.unet_lr, tick.progress(step))
+        _anneal(opt, s.unet_lr, step / tick.steps)
         x = sample_crops(images, s.unet_batch, s.unet_crop, g)
         with torch.no_grad():
             z_in = comp.vae.encode(soften(x, g)).latent_dist.sample(generator=g)
