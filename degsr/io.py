@@ -15,9 +15,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from degsr.errors import UserError
-from degsr.walk import files_under
+from degsr.walk import IMAGE_SUFFIXES, files_under
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The image files a folder holds, for every command and config key that takes a folder (sr,
+# degrade, estimate, shards, data.val_folder); PIL decodes them all (TIFF and BMP are re-encoded
+# as PNG when packed into shards).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def files_under(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Files below ``root`` whose suffix (any case) is one of ``suffixes``, sorted. Symlinked

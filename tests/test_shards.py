@@ -321,6 +321,25 @@ def test_very_large_images_are_named_with_the_memory_a_worker_needs(photos, tmp_
     assert said == []  # stored smaller: nothing to say
 
 
+def test_tiff_photos_in_a_folder_are_packed_pixel_exact(tmp_path):
+    """A folder of TIFFs (scans, exports of raw files) held no images for `degsr shards` while
+    `degsr sr` and data.val_folder read them: every folder reader takes the same suffixes now.
+    RGB and gray TIFFs are stored as PNG with the pixels PIL decodes from the file."""
+    src = tmp_path / "tiffs"
+    src.mkdir()
+    rgb = skimage.data.astronaut()[:96, :128]
+    Image.fromarray(rgb).save(src / "a.tif")
+    Image.fromarray(rgb[..., 0]).save(src / "b.TIFF")
+    summary = write_shards([src], tmp_path / "out", min_side=16, min_bytes=0)
+    assert summary.total == 2 and not summary.skipped
+    got = by_source(read_samples(sorted((tmp_path / "out").glob("*.tar"))))
+    for name, want in (("a.tif", rgb), ("b.TIFF", np.repeat(rgb[..., :1], 3, axis=2))):
+        sample = got[str(src / name)]
+        assert "png" in sample
+        stored = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        assert np.array_equal(stored, want), name
+
+
 def test_expand_shard_pattern(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()

@@ -4,7 +4,7 @@
 A sample is one WHOLE image, never pre-cropped (the loader draws fresh crops every epoch), lossless:
 JPEG, PNG and WebP files are stored as their ORIGINAL FILE BYTES (no re-encoding: they read back
 bit-identical) under ``jpg``/``png``/``webp`` as PIL detects the format (not as the name claims);
-other formats (BMP, ...) are re-encoded losslessly as RGB ``png``. With ``max_side``, an image whose
+other formats (BMP, TIFF) are re-encoded losslessly as RGB ``png``. With ``max_side``, an image whose
 longer side exceeds it is downscaled (LANCZOS, longer side = max_side) and stored as RGB ``png``.
 ``json`` holds ``{"source": absolute path, "width", "height"}`` of the stored image (plus
 ``"resized_from": [w, h]``). Originals keep their PIL mode and EXIF orientation: readers use
@@ -56,9 +56,8 @@ from pathlib import Path
 
 from degsr import console
 from degsr.errors import UserError
-from degsr.walk import files_under
+from degsr.walk import IMAGE_SUFFIXES, files_under
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIST_EXT = ".txt"
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: a JPEG with
 # more pictures appended (phones, cameras); decoders read its first picture
@@ -87,7 +86,7 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
     for src in map(str, sources):
         path = os.path.expanduser(src)
         if os.path.isdir(path):
-            images += map(str, files_under(path, IMAGE_EXTS))
+            images += map(str, files_under(path, IMAGE_SUFFIXES))
         elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
             base = os.path.dirname(os.path.abspath(path))
             try:
@@ -102,9 +101,9 @@ def find_images(sources) -> tuple[list[str], list[tuple[str, str]]]:
                     else:
                         skipped.append((os.path.abspath(p), f"not found (listed in {src})"))
         elif os.path.isfile(path):
-            if not path.lower().endswith(IMAGE_EXTS):
-                raise UserError(f"{src}: not an image ({' '.join(IMAGE_EXTS)}) nor a {LIST_EXT} "
-                                "list of images")
+            if not path.lower().endswith(IMAGE_SUFFIXES):
+                raise UserError(f"{src}: not an image ({' '.join(IMAGE_SUFFIXES)}) nor a "
+                                f"{LIST_EXT} list of images")
             images.append(path)
         else:
             raise UserError(f"{src}: no such file or directory")
@@ -293,7 +292,7 @@ def write_shards(sources, out, name: str = "train", per_shard: int = 1000, min_s
     if summary.total == 0:
         what = " ".join(map(str, sources))
         if not images and not summary.skipped:
-            raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) found in {what}")
+            raise UserError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in {what}")
         raise UserError(f"no usable images in {what} ({len(summary.skipped)} skipped, "
                         f"see {skipped_file})")
     (out / "skipped.failed.tsv").unlink(missing_ok=True)
