@@ -82,17 +82,23 @@ def read_image(path: str | os.PathLike, alpha: bool = False):
     return rgb, None if a is None else torch.from_numpy(a.copy())[None]
 
 
-def rgb_icc_profile(path: str | os.PathLike) -> bytes | None:
-    """The ICC profile embedded in an image file when it describes RGB (a phone's Display P3, a
-    camera's Adobe RGB), else None (none, or a gray or CMYK one, which does not fit the RGB that
-    :func:`read_image` returns). An output made from the file's values needs it: untagged, a
-    viewer takes them for sRGB and a P3 photo looks washed out."""
+GRAY_MODES = ("1", "L", "LA", *SIXTEEN_BIT_MODES)  # one gray channel (and perhaps alpha)
+
+
+def output_style(path: str | os.PathLike) -> tuple[bool, bytes | None]:
+    """How an output made from this file is written: ``(gray, icc)``. ``gray``: the file holds
+    one gray channel, so the output is written gray too (a black-and-white photo must not come
+    back tinted by the model's colour; Real-ESRGAN does the same). ``icc``: its ICC profile when
+    it describes that output (an RGB one for colour: a phone's Display P3, a camera's Adobe RGB;
+    a gray one for gray), else None (a CMYK one does not fit). Untagged, a viewer takes the
+    values for sRGB and a P3 photo looks washed out. (False, None) if the file does not open."""
     try:
         with any_pixel_count(), Image.open(path) as im:
-            icc = im.info.get("icc_profile")
+            gray, icc = im.mode in GRAY_MODES, im.info.get("icc_profile")
     except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
-        return None
-    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+        return False, None
+    fits = isinstance(icc, bytes) and icc[16:20] == (b"GRAY" if gray else b"RGB ")
+    return gray, icc if fits else None
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -137,10 +143,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def save_png(img: torch.Tensor, path: str | os.PathLike, icc_profile: bytes | None = None) -> None:
+def save_png(img: torch.Tensor, path: str | os.PathLike, icc_profile: bytes | None = None,
+             gray: bool = False) -> None:
     """Write an image as PNG via a temporary file and a rename (never a half-written file),
     marked as degsr's (:func:`written_by_degsr`), tagged with ``icc_profile`` when given (the
-    colour space of its values; untagged means sRGB)."""
+    colour space of its values; untagged means sRGB). ``gray``: written as one gray channel
+    (and its alpha), the luma of the RGB (PIL's ITU-R 601-2 weights)."""
     import io
 
     from PIL.PngImagePlugin import PngInfo
@@ -151,7 +159,10 @@ def save_png(img: torch.Tensor, path: str | os.PathLike, icc_profile: bytes | No
     info.add_text("Software", f"degsr {__version__}")
     buf = io.BytesIO()
     extra = {} if icc_profile is None else {"icc_profile": icc_profile}
-    Image.fromarray(to_uint8(img)).save(buf, format="PNG", pnginfo=info, **extra)
+    pil = Image.fromarray(to_uint8(img))
+    if gray:
+        pil = pil.convert("LA" if pil.mode == "RGBA" else "L")
+    pil.save(buf, format="PNG", pnginfo=info, **extra)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -280,9 +280,10 @@ def test_sr_skips_and_replaces_only_files_it_wrote(trained, tmp_path, capsys):
     assert (other / "d.png").read_bytes() == theirs and (other / "b.png").is_dir()
 
 
-def test_sr_output_keeps_the_inputs_rgb_colour_profile(trained, tmp_path, capsys):
+def test_sr_output_keeps_the_inputs_colour_profile(trained, tmp_path, capsys):
     """The output's values are the input's colour space's: an RGB ICC profile (a phone's P3)
-    goes with them, or a viewer shows them as sRGB; a gray or CMYK one does not fit RGB."""
+    goes with them, or a viewer shows them as sRGB; a gray one with a gray input's gray output;
+    a gray one in an RGB file does not fit it."""
     from PIL import ImageCms
 
     rgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -290,11 +291,31 @@ def test_sr_output_keeps_the_inputs_rgb_colour_profile(trained, tmp_path, capsys
     _crop(0, 0).save(tmp_path / "p3.jpg", icc_profile=rgb_icc)
     _crop(0, 0).convert("RGBA").save(tmp_path / "logo.png", icc_profile=rgb_icc)
     _crop(0, 0).convert("L").save(tmp_path / "gray.png", icc_profile=gray_icc)
+    _crop(0, 0).save(tmp_path / "mismatch.png", icc_profile=gray_icc)
     _crop(0, 0).save(tmp_path / "plain.png")
     assert _sr(trained, *sorted(tmp_path.glob("*.*")), "--out", tmp_path / "out") == 0, \
         capsys.readouterr().err
     got = {p.stem: Image.open(p).info.get("icc_profile") for p in (tmp_path / "out").iterdir()}
-    assert got == {"p3": rgb_icc, "logo": rgb_icc, "gray": None, "plain": None}
+    assert got == {"p3": rgb_icc, "logo": rgb_icc, "gray": gray_icc, "mismatch": None,
+                   "plain": None}
+
+
+def test_a_gray_input_gives_a_gray_output_the_luma_of_the_colour_one(trained, tmp_path, capsys):
+    """A black-and-white photo comes back gray (L; LA with its alpha), not tinted by the
+    model's colour: the luma (ITU-R 601-2, computed here in numpy) of what the same pixels as
+    RGB give, to the rounding of PIL's fixed-point conversion."""
+    gray = np.asarray(_crop(0, 0).convert("L"))
+    Image.fromarray(gray).save(tmp_path / "bw.png")
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([gray, np.full_like(gray, 200)])).save(tmp_path / "bwa.png")
+    assert _sr(trained, *sorted(tmp_path.glob("*.png")), "--out", tmp_path / "out") == 0, \
+        capsys.readouterr().err
+    out = {p.stem: Image.open(p) for p in (tmp_path / "out").iterdir()}
+    assert {k: im.mode for k, im in out.items()} == {"bw": "L", "bwa": "LA", "rgb": "RGB"}
+    rgb = np.asarray(out["rgb"]).astype(np.float64)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    assert np.abs(np.asarray(out["bw"]).astype(np.float64) - luma).max() <= 1.0
+    assert np.array_equal(np.asarray(out["bwa"])[..., 0], np.asarray(out["bw"]))
 
 
 def test_an_adapter_without_estimator_is_one_line_before_any_image(trained, tmp_path, capsys):

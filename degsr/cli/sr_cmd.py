@@ -60,8 +60,8 @@ def _check(args) -> None:
 
 def run(args) -> int:
     from degsr.inference.upscale import Upscaler, UpscaleOptions
-    from degsr.io import (expand_inputs, make_out_folder, output_targets, read_image,
-                          rgb_icc_profile, save_png, written_by_degsr)
+    from degsr.io import (expand_inputs, make_out_folder, output_style, output_targets,
+                          read_image, save_png, written_by_degsr)
 
     _check(args)
     out = Path(args.out)
@@ -93,7 +93,8 @@ def run(args) -> int:
                 alpha = F.interpolate(alpha, size=img.shape[-2:], mode="bicubic", align_corners=False)
                 img = torch.cat([img, alpha[0].clamp(0, 1).to(img)])
             try:
-                save_png(img, target, rgb_icc_profile(path))  # the input's colour space
+                gray, icc = output_style(path)  # the input's channels and colour space
+                save_png(img, target, icc, gray=gray)
             except OSError as e:  # the folder is broken for every output: stop here
                 raise UserError(f"--out {out}: cannot write {target.name} ({e.strerror or e})")
             done += 1
