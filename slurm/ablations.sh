@@ -44,6 +44,10 @@ shift
 [ -f "$suite" ] || die "ablation list $suite: no such file"
 
 mapfile -t names < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$suite" | grep -v '^$' || true)
+[ "${#names[@]}" -gt 0 ] || die "$suite lists no ablations (one name of experiments/ablations/<name>.yaml per line)"
+# a name listed twice gives two tasks one run.name: one run directory, trained in twice at once
+dup=$(printf '%s\n' "${names[@]}" | sort | uniq -d)  # (no `| head`: SIGPIPE under pipefail)
+[ -z "$dup" ] || die "$suite lists ${dup%%$'\n'*} twice: its tasks would share one run directory; list each ablation once"
 task=${SLURM_ARRAY_TASK_ID:-0}
 [ "$task" -lt "${#names[@]}" ] || \
     die "array task $task, but $suite lists ${#names[@]} ablations: submit with --array=0-$(( ${#names[@]} - 1 ))"

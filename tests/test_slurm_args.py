@@ -1,0 +1,63 @@
+"""The Slurm templates' argument handling, run by bash with fake SLURM_* variables and a stand-in
+srun/degsr (no cluster): what makes two array tasks share a run directory, suites found from
+another directory, one-line errors before anything is started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+
+
+def stand_ins(tmp_path: Path, *names: str) -> dict[str, str]:
+    """An environment whose PATH starts with executables that print their name and argv (one
+    JSON line) instead of running; no SLURM_*/DEGSR_* variables of this process."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        exe = bin_dir / name
+        exe.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                       f"print(json.dumps([{name!r}, *sys.argv[1:]]))\n")
+        exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DEGSR_"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run(script: str, env: dict, *args: str, cwd: Path = ROOT, **slurm: str):
+    job = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": f"degsr-{script[:-3]}", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "4"}
+    return subprocess.run(["bash", str(SLURM / script), *args], capture_output=True, text=True,
+                          env={**env, **job, **slurm}, cwd=cwd, timeout=30)
+
+
+def argv_of(r) -> list[str]:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def one_error(r, script: str) -> str:
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"{script}: error:"), r.stderr
+    return r.stderr
+
+
+# ---------------------------------------------------------------------------- ablations.sh
+def test_ablations_sh_refuses_a_suite_listing_an_ablation_twice(tmp_path):
+    """Task i and task j of the same name would get the same run.name, train in one run
+    directory at once and resume each other's checkpoints."""
+    env = stand_ins(tmp_path, "srun", "degsr")
+    suite = tmp_path / "dup.txt"
+    suite.write_text("no_gan\nbaseline  # the reference\n no_gan\r\n")
+    for task in ("0", "1", "2"):
+        r = run("ablations.sh", env, str(suite), "configs/sr_tiny.yaml",
+                SLURM_ARRAY_JOB_ID="40", SLURM_ARRAY_TASK_ID=task)
+        assert "no_gan" in one_error(r, "ablations.sh") and "twice" in r.stderr
+    suite.write_text("# nothing yet\n\n")
+    r = run("ablations.sh", env, str(suite), "configs/sr_tiny.yaml", SLURM_ARRAY_TASK_ID="0")
+    assert "lists no ablations" in one_error(r, "ablations.sh")
