@@ -19,7 +19,8 @@
 # when your key=value arguments have none (it wins over a run.name in a config file); it is keyed
 # on the job id (array: <array job id>_<task id>), never on a time, so a requeued job (same id)
 # resumes <run.dir>/<run.name>/checkpoints/last.ckpt. Set DEGSR_RUN_NAME (or pass run.name=...)
-# to choose the name yourself, e.g. to continue an earlier job's run.
+# to choose the name yourself, e.g. to continue an earlier job's run; in an array job it must hold
+# ${oc.env:SLURM_ARRAY_TASK_ID} (resolved by degsr fit), or all tasks would share one run directory.
 #
 # Preemption/time limit: Slurm sends SIGUSR1 90 s before the end (--signal); degsr saves
 # last.ckpt and requeues the job (--requeue), which restarts under the same job id and resumes.
@@ -61,9 +62,15 @@ command -v degsr >/dev/null || die "degsr is not on the PATH; activate its venv 
 
 args=("trainer.num_nodes=$SLURM_JOB_NUM_NODES" "trainer.devices=$SLURM_NTASKS_PER_NODE")
 name="${DEGSR_RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}"
+mine=${DEGSR_RUN_NAME:+DEGSR_RUN_NAME=$DEGSR_RUN_NAME}
 for a in "$@"; do
-  case "$a" in run.name=*) name="" ;; esac
+  case "$a" in run.name=*|+run.name=*) name="" mine=$a ;; esac
 done
+# every task of an array gets the same arguments and environment: a fixed name would put them all
+# in one run directory at once (a name with ${oc.env:SLURM_ARRAY_TASK_ID} is one per task)
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -n "$mine" ] && [[ "$mine" != *SLURM_ARRAY_TASK_ID* ]]; then
+  die "array task $SLURM_ARRAY_TASK_ID: $mine would be every task's run directory; leave it out (<job name>-<array job id>_<task id>) or put \${oc.env:SLURM_ARRAY_TASK_ID} in it"
+fi
 if [ -n "$name" ]; then args+=("run.name=$name"); fi
 
 echo "train.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:" \

@@ -61,3 +61,26 @@ def test_ablations_sh_refuses_a_suite_listing_an_ablation_twice(tmp_path):
     suite.write_text("# nothing yet\n\n")
     r = run("ablations.sh", env, str(suite), "configs/sr_tiny.yaml", SLURM_ARRAY_TASK_ID="0")
     assert "lists no ablations" in one_error(r, "ablations.sh")
+
+
+# ---------------------------------------------------------------------------- train.sh
+def test_train_sh_array_refuses_a_run_name_shared_by_its_tasks(tmp_path):
+    """In an array every task gets the same arguments and environment: a fixed name (run.name=,
+    +run.name=, DEGSR_RUN_NAME) would be one run directory for all of them at once."""
+    env = stand_ins(tmp_path, "srun", "degsr")
+    array = {"SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}
+    for args, extra in [(["run.name=mine"], {}), (["+run.name=mine"], {}),
+                        ([], {"DEGSR_RUN_NAME": "est-v1"})]:
+        r = run("train.sh", {**env, **extra}, "configs/estimator_tiny.yaml", *args, **array)
+        assert "SLURM_ARRAY_TASK_ID" in one_error(r, "train.sh"), (args, extra)
+    # a name with the task id in it (resolved by degsr fit per task), or the job's own name
+    task = "run.name=mine-${oc.env:SLURM_ARRAY_TASK_ID}"
+    assert task in argv_of(run("train.sh", env, "configs/estimator_tiny.yaml", task, **array))
+    argv = argv_of(run("train.sh", {**env, "DEGSR_RUN_NAME": "degsr-train-40_${oc.env:"
+                                    "SLURM_ARRAY_TASK_ID}"}, "configs/estimator_tiny.yaml", **array))
+    assert "run.name=degsr-train-40_${oc.env:SLURM_ARRAY_TASK_ID}" in argv
+    assert "run.name=degsr-train-40_3" in argv_of(run("train.sh", env, "configs/estimator_tiny.yaml",
+                                                      **array))
+    # not an array: a fixed name is the way to continue an earlier run
+    assert "run.name=mine" in argv_of(run("train.sh", env, "configs/estimator_tiny.yaml",
+                                          "run.name=mine"))
