@@ -11,14 +11,16 @@
 #   degsr collect runs --out ablations.md          # when they are done: one markdown table
 #
 # SUITE lists one name of experiments/ablations/<name>.yaml per line (comments and blanks
-# skipped): --array=0-(lines - 1). Task i runs, with slurm/train.sh's conventions,
+# skipped; the file is looked up next to SUITE, then in experiments/ablations/ of the submit
+# folder): --array=0-(lines - 1). Task i runs, with slurm/train.sh's conventions,
 #   srun degsr fit trainer.num_nodes=<nodes> trainer.devices=<tasks per node> BASE... \
 #       [key=value ...] experiments/ablations/<name>.yaml \
 #       run.name=ablation-<suite>-<name>-<array job id>
 # The run name holds the array job id, never a time: a requeued task (SIGUSR1 90 s before the
 # time limit, --requeue) gets the same name and resumes its checkpoints. key=value overrides win
-# over every file: don't override a key an ablation sets. Submit from the repository root; edit
-# the #SBATCH lines or override them on the sbatch line (partition/account: your cluster's).
+# over every file: don't override a key an ablation sets. Submit from the repository root (or
+# give every path, SUITE's included, from the folder you submit in: runs/ and the logs go there);
+# edit the #SBATCH lines or override them on the sbatch line (partition/account: your cluster's).
 # Environment: DEGSR_VENV=/path/to/venv is activated when set; otherwise `degsr` must be on the
 # PATH (sbatch passes on the submitting shell's environment).
 #SBATCH --job-name=degsr-ablation
@@ -52,8 +54,11 @@ task=${SLURM_ARRAY_TASK_ID:-0}
 [ "$task" -lt "${#names[@]}" ] || \
     die "array task $task, but $suite lists ${#names[@]} ablations: submit with --array=0-$(( ${#names[@]} - 1 ))"
 name=${names[$task]}
-file="experiments/ablations/$name.yaml"
-[ -f "$file" ] || die "$suite entry $task is $name, but $file does not exist"
+# next to the suite first: a suite given by its path from any folder works (the yaml's include:
+# paths are relative to the yaml); else experiments/ablations/ here, for a suite of one's own
+file="$(dirname "$suite")/$name.yaml"
+[ -f "$file" ] || file="experiments/ablations/$name.yaml"
+[ -f "$file" ] || die "$suite entry $task is $name, but neither $(dirname "$suite")/$name.yaml nor $file exists"
 
 if [ -n "${DEGSR_VENV:-}" ]; then
   [ -f "$DEGSR_VENV/bin/activate" ] || die "DEGSR_VENV=$DEGSR_VENV has no bin/activate"

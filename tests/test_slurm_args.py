@@ -84,3 +84,23 @@ def test_train_sh_array_refuses_a_run_name_shared_by_its_tasks(tmp_path):
     # not an array: a fixed name is the way to continue an earlier run
     assert "run.name=mine" in argv_of(run("train.sh", env, "configs/estimator_tiny.yaml",
                                           "run.name=mine"))
+
+
+def test_ablations_sh_submitted_from_another_folder_finds_the_files_next_to_its_suite(tmp_path):
+    """`cd /scratch && sbatch /repo/slurm/ablations.sh /repo/experiments/ablations/sr.txt ...`:
+    the ablation files are those next to the suite (their include: paths are relative to them)."""
+    env = stand_ins(tmp_path, "srun", "degsr")
+    work = tmp_path / "scratch"
+    work.mkdir()
+    argv = argv_of(run("ablations.sh", env, str(ROOT / "experiments/ablations/sr.txt"),
+                       str(ROOT / "configs/sr.yaml"), cwd=work, SLURM_ARRAY_JOB_ID="40",
+                       SLURM_ARRAY_TASK_ID="3"))
+    assert argv[-2:] == [str(ROOT / "experiments/ablations/no_gan.yaml"), "run.name=ablation-sr-no_gan-40"]
+    # a suite of one's own elsewhere may list the shipped files (from the repository root)
+    (tmp_path / "mine.txt").write_text("no_gan\n")
+    argv = argv_of(run("ablations.sh", env, str(tmp_path / "mine.txt"), "configs/sr_tiny.yaml",
+                       SLURM_ARRAY_TASK_ID="0"))
+    assert argv[-2:] == ["experiments/ablations/no_gan.yaml", "run.name=ablation-mine-no_gan-41"]
+    r = run("ablations.sh", env, str(tmp_path / "mine.txt"), "configs/sr.yaml", cwd=work,
+            SLURM_ARRAY_TASK_ID="0")
+    assert "no_gan.yaml" in one_error(r, "ablations.sh")
