@@ -65,6 +65,7 @@ if [ -n "${DEGSR_VENV:-}" ]; then
   # shellcheck disable=SC1091
   . "$DEGSR_VENV/bin/activate"
 fi
+command -v degsr >/dev/null || die "degsr is not on the PATH; activate its venv before sbatch or set DEGSR_VENV"
 
 run_name="ablation-$(basename "$suite" .txt)-$name-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}"
 echo "ablations.sh: task $task of $suite: $file, run.name=$run_name," \

@@ -144,6 +144,7 @@ def test_slurm_ablations_script_runs_each_line_of_a_suite(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "#SBATCH --signal=SIGUSR1@90" in script.read_text()
     _fake_exe(tmp_path / "bin", "srun")
+    _fake_exe(tmp_path / "bin", "degsr")  # the script wants it on the PATH (srun runs it)
     out = tmp_path / "argv.json"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "ARGV_OUT": str(out),
            "SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1",

@@ -104,3 +104,13 @@ def test_ablations_sh_submitted_from_another_folder_finds_the_files_next_to_its_
     r = run("ablations.sh", env, str(tmp_path / "mine.txt"), "configs/sr.yaml", cwd=work,
             SLURM_ARRAY_TASK_ID="0")
     assert "no_gan.yaml" in one_error(r, "ablations.sh")
+
+
+def test_ablations_sh_without_degsr_on_the_path_is_one_error_line(tmp_path):
+    """As train.sh: said once by the batch shell, not by every task srun starts (execve failed)."""
+    env = stand_ins(tmp_path, "srun")
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if not (Path(p) / "degsr").exists())
+    r = run("ablations.sh", env, "experiments/ablations/sr.txt", "configs/sr.yaml",
+            SLURM_ARRAY_TASK_ID="0")
+    assert "degsr is not on the PATH" in one_error(r, "ablations.sh")
