@@ -18,6 +18,8 @@
 # SIGUSR1 on to the agent's run only (not to the agent, which would die of it), the run saves its
 # checkpoint, marks itself preempting (W&B hands it to a later agent, which resumes it from its
 # run directory) and requeues this task. Send it by hand with `scancel --batch --signal=USR1 JOB`.
+# SIGTERM is how the agent stops a run the sweep's early termination (hyperband) dropped: the run
+# saves its checkpoint and ends, not marked preempting, so the sweep does not hand it out again.
 #
 # Environment: DEGSR_VENV=/path/to/venv is activated when set; otherwise `degsr` and `wandb`
 # must be on the PATH (sbatch passes on the submitting shell's environment).

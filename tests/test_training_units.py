@@ -525,3 +525,24 @@ def test_data_quality_is_logged_every_n_steps():
     assert logged == [{"data/read": 10.0, "data/corrupt": 1.0}] * 3  # steps 0, 5, 10
     cb.on_train_batch_end(SimpleNamespace(datamodule=None, global_step=0), module, None, None, 0)
     assert len(logged) == 3
+
+
+def test_only_sigusr1_marks_a_wandb_run_preempting(tmp_path, monkeypatch):
+    """A sweep re-queues a run marked preempting. SIGUSR1 (the time-limit warning) must mark
+    it; SIGTERM must not: a sweep agent stops the runs its early termination drops with
+    SIGTERM, and marked, they came back to be resumed."""
+    from degsr.training import fit as fitmod
+
+    marked = []
+    monkeypatch.setattr(fitmod, "is_wandb", lambda logger: True)
+    logger = SimpleNamespace(experiment=SimpleNamespace(mark_preempting=lambda: marked.append(1)))
+    trainer = SimpleNamespace(is_global_zero=True, global_step=7, logger=logger)
+    log = fitmod.RunLog.__new__(fitmod.RunLog)
+    log.root = tmp_path
+    log.preempted(trainer, False, "SIGTERM")
+    assert marked == []
+    log.preempted(trainer, True, "SIGUSR1")
+    assert marked == [1]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["signal"], e["step"]) for e in events] == [
+        ("preempt", "SIGTERM", 7), ("preempt", "SIGUSR1", 7)]

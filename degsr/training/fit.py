@@ -85,8 +85,13 @@ class RunLog(Callback):
     def preempted(self, trainer, will_requeue: bool, signame: str = "SIGUSR1") -> None:
         self.event(trainer, "preempt", signal=signame, requeue=will_requeue)
         logger = trainer.logger
-        if trainer.is_global_zero and hasattr(logger, "experiment") and is_wandb(logger):
-            try:  # a W&B sweep re-queues a run marked as preempting
+        # A W&B sweep hands a run marked preempting out again, to be resumed: right for SIGUSR1
+        # (Slurm's time-limit warning, which slurm/sweep.sh passes on to the run), wrong for
+        # SIGTERM, which is how a sweep agent stops a run its early termination (hyperband)
+        # dropped: marked, every dropped run came back. A SIGTERM run is saved, not marked.
+        if (signame == "SIGUSR1" and trainer.is_global_zero and hasattr(logger, "experiment")
+                and is_wandb(logger)):
+            try:
                 logger.experiment.mark_preempting()
             except Exception as e:  # noqa: BLE001 - logging must not break the save
                 console.log.debug(f"wandb mark_preempting: {e}")
