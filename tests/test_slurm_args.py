@@ -7,26 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SLURM = ROOT / "slurm"
-
-
-def stand_ins(tmp_path: Path, *names: str) -> dict[str, str]:
-    """An environment whose PATH starts with executables that print their name and argv (one
-    JSON line) instead of running; no SLURM_*/DEGSR_* variables of this process."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name in names:
-        exe = bin_dir / name
-        exe.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                       f"print(json.dumps([{name!r}, *sys.argv[1:]]))\n")
-        exe.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DEGSR_"))}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    return env
+from tests.test_slurm import ROOT, SLURM, stand_ins
 
 
 def run(script: str, env: dict, *args: str, cwd: Path = ROOT, **slurm: str):
