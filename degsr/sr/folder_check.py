@@ -35,12 +35,33 @@ def _bad(path: Path, key: str, value: Any, want: str) -> UserError:
                      f"(is this an SD-Turbo / SD 2.1 folder?)")
 
 
+def hub_cache_snapshot(root: Path) -> Path | None:
+    """For a Hugging Face cache folder (``models--org--name/`` with ``snapshots/``, which users
+    point at for the model it caches), the snapshot to use instead: the one ``refs/main`` names,
+    else the only one (otherwise the ``snapshots/`` folder to pick from); None for other folders."""
+    snaps = root / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = root / "refs" / "main"
+    main = snaps / ref.read_text().strip() if ref.is_file() else None
+    if main is not None and main.is_dir():
+        return main
+    found = sorted(p for p in snaps.iterdir() if p.is_dir())
+    return found[0] if len(found) == 1 else snaps
+
+
 def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str, dict]:
     """Check that ``folder`` is one SD-Turbo-like diffusers model; return the subfolders' configs
     (``unet``, ``vae``, ``text_encoder``, ``scheduler``). Raises a one-line :class:`UserError`."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"model.pretrained: folder not found: {folder}")
+    snapshot = hub_cache_snapshot(root)
+    if snapshot is not None and not (root / "unet").is_dir():
+        use = (f"one of its snapshots in {snapshot}" if snapshot.name == "snapshots"
+               else f"its snapshot {snapshot}")
+        raise UserError(f"model.pretrained: {root} is a Hugging Face cache folder, not a model "
+                        f"folder: use {use}")
     expected = ", ".join(s + "/" for s in SUBFOLDERS)
     for sub in SUBFOLDERS:
         if not (root / sub).is_dir():
