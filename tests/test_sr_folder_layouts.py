@@ -47,3 +47,36 @@ def test_a_hub_cache_snapshot_loads_and_its_top_folder_names_it(tiny_folder, tmp
     shutil.copytree(snap, top / "snapshots" / "def456", symlinks=True)
     with pytest.raises(UserError, match="use one of its snapshots in .*snapshots$"):
         load_components(ModelConfig(pretrained=str(top)))
+
+
+POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+           "text_encoder": "model"}
+
+
+def _add_fp16_variant(folder):
+    """Beside each ``<name>.safetensors``, its half-precision ``<name>.fp16.safetensors`` (the
+    hub's sd-turbo layout); returns the fp16 UNet tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for sub, stem in WEIGHTS.items():
+        full = load_file(folder / sub / f"{stem}.safetensors")
+        half = {k: v.to(torch.float16) for k, v in full.items()}
+        save_file(half, folder / sub / f"{stem}.fp16.safetensors", metadata={"format": "pt"})
+    return load_file(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+
+
+def test_fp16_variant_beside_git_lfs_pointers_loads_the_variant(tiny_folder, tmp_path):
+    """A clone then `git lfs pull --include "*fp16*"`: the full-precision files are pointers,
+    the fp16 ones real; the fp16 variant loads (as float32)."""
+    import torch
+
+    folder = tmp_path / "sd-turbo"
+    shutil.copytree(tiny_folder, folder)
+    half = _add_fp16_variant(folder)
+    for sub, stem in WEIGHTS.items():
+        (folder / sub / f"{stem}.safetensors").write_text(POINTER)
+    comp = load_components(ModelConfig(pretrained=str(folder)))
+    assert comp.unet.conv_in.weight.dtype == torch.float32
+    assert torch.equal(comp.unet.conv_in.weight, half["conv_in.weight"].float())

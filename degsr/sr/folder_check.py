@@ -176,15 +176,27 @@ def check_weights_file(path: Path, key: str = "model.pretrained") -> None:
                         "incomplete download")
 
 
+def is_lfs_pointer(path: Path) -> bool:
+    """Whether ``path`` is a git-lfs pointer (unreadable: False, :func:`check_weights_file` says
+    why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
+
 def check_weights(folder: Path, key: str = "model.pretrained") -> bool:
     """Check the weights files a library will read from ``folder`` (:func:`check_weights_file`);
-    return whether that is the fp16 variant (``*.fp16.*`` files only, as a hub download with
-    ``variant="fp16"`` leaves). Safetensors are read when there are any: a ``.bin`` beside them
-    may be a git-lfs pointer left by ``git lfs pull --include "*.safetensors"``."""
+    return whether that is the fp16 variant: ``*.fp16.*`` files beside none or only git-lfs
+    pointers (a hub download with ``variant="fp16"``, or a clone then ``git lfs pull --include
+    "*fp16*"``). Safetensors are read when there are any: a ``.bin`` beside them may be a
+    git-lfs pointer left by ``git lfs pull --include "*.safetensors"``."""
     files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise UserError(f"{key}: {folder} has no weights file (*.safetensors or *.bin)")
-    fp16 = all(".fp16." in p.name for p in files)
+    full = [p for p in files if ".fp16." not in p.name]
+    fp16 = len(full) < len(files) and all(is_lfs_pointer(p) for p in full)
     variant = [p for p in files if (".fp16." in p.name) == fp16]
     for path in [p for p in variant if p.suffix == ".safetensors"] or variant:
         check_weights_file(path, key)
