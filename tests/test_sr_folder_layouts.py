@@ -1,6 +1,7 @@
 """Stage-2 base folders as users have them on disk: the Hugging Face hub's files and cache."""
 
 import hashlib
+import logging
 import os
 import shutil
 
@@ -80,3 +81,32 @@ def test_fp16_variant_beside_git_lfs_pointers_loads_the_variant(tiny_folder, tmp
     comp = load_components(ModelConfig(pretrained=str(folder)))
     assert comp.unet.conv_in.weight.dtype == torch.float32
     assert torch.equal(comp.unet.conv_in.weight, half["conv_in.weight"].float())
+
+
+@pytest.mark.parametrize("variant", ["", ".fp16"])
+def test_legacy_bin_weights_load_without_error_lines(tiny_folder, tmp_path, variant):
+    """Older downloads (SD 2.1's hub folder) hold ``diffusion_pytorch_model.bin`` /
+    ``pytorch_model.bin`` (or their fp16 variants) only: they load, and nothing printed reads
+    like a failure (diffusers logs a missing safetensors file as an error before the .bin)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "sd-bin"
+    shutil.copytree(tiny_folder, folder)
+    bins = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+            "text_encoder": "pytorch_model"}
+    for sub, stem in WEIGHTS.items():
+        path = folder / sub / f"{stem}.safetensors"
+        torch.save(load_file(path), folder / sub / f"{bins[sub]}{variant}.bin")
+        path.unlink()
+    said = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        comp = load_components(ModelConfig(pretrained=str(folder)))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert said == []
+    saved = torch.load(folder / "unet" / f"diffusion_pytorch_model{variant}.bin")
+    assert torch.equal(comp.unet.conv_in.weight, saved["conv_in.weight"])

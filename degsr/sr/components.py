@@ -153,12 +153,17 @@ def load_local(what: str, root: Path, fn, weights: bool = False, key: str = "mod
     folder: a truncated or git-lfs-pointer weights file, a corrupt tokenizer, a bad config.
     ``weights``: a model whose weights file lacks tensors is an error too (diffusers and
     transformers load it anyway, the missing ones random or left on the meta device); a folder
-    whose only weights are the fp16 variant (``*.fp16.safetensors``) loads that variant."""
+    whose only weights are the fp16 variant (``*.fp16.safetensors``) loads that variant, one of
+    only ``.bin`` files loads them without a safetensors look-up (whose miss diffusers logs as
+    "An error occurred while trying to fetch")."""
     folder = root / what
     if weights:
         kw["output_loading_info"] = True
-        if check_weights(folder, key):
+        fp16 = check_weights(folder, key)
+        if fp16:
             kw["variant"] = "fp16"
+        if not any((".fp16." in p.name) == fp16 for p in folder.glob("*.safetensors")):
+            kw["use_safetensors"] = False  # .bin only: diffusers logs its safetensors miss as an error
     try:
         with _quiet_libraries():  # their load reports and warnings: we say what matters once
             out = fn(str(root), subfolder=what, local_files_only=True, **kw)
