@@ -110,3 +110,15 @@ def test_legacy_bin_weights_load_without_error_lines(tiny_folder, tmp_path, vari
     assert said == []
     saved = torch.load(folder / "unet" / f"diffusion_pytorch_model{variant}.bin")
     assert torch.equal(comp.unet.conv_in.weight, saved["conv_in.weight"])
+
+
+def test_a_single_file_checkpoint_is_named_as_a_file(tmp_path):
+    """sd-turbo's hub repo also holds sd_turbo.safetensors (what UIs load): given as
+    model.pretrained it is a file, not a missing folder."""
+    ckpt = tmp_path / "sd_turbo.safetensors"
+    ckpt.write_bytes(b"\0" * 16)
+    with pytest.raises(UserError) as err:
+        load_components(ModelConfig(pretrained=str(ckpt)))
+    assert str(err.value) == (f"model.pretrained: {ckpt} is a file, not a folder: give the "
+                              "diffusers folder (unet/ vae/ text_encoder/ ...), not a single-file "
+                              "checkpoint")

@@ -54,6 +54,9 @@ def check_pretrained_folder(folder: str | Path, timestep: int = 999) -> dict[str
     """Check that ``folder`` is one SD-Turbo-like diffusers model; return the subfolders' configs
     (``unet``, ``vae``, ``text_encoder``, ``scheduler``). Raises a one-line :class:`UserError`."""
     root = Path(folder).expanduser()
+    if root.is_file():  # sd-turbo's hub repo also ships sd_turbo.safetensors, what UIs load
+        raise UserError(f"model.pretrained: {folder} is a file, not a folder: give the diffusers "
+                        f"folder (unet/ vae/ text_encoder/ ...), not a single-file checkpoint")
     if not root.is_dir():
         raise UserError(f"model.pretrained: folder not found: {folder}")
     snapshot = hub_cache_snapshot(root)
