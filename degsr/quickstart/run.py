@@ -39,7 +39,9 @@ from degsr.io import CONFIG_DIR, atomic_write_bytes
 # threads). The seconds are the fit's share of the 10 minutes (prior 40 %: VAE 60 % of it, UNet
 # the rest; stage 1 15 %; stage 2 30 %; the other 15 % is start-up, validation, sr and eval); the
 # steps are what each fit made in them on the days the quickstart met its targets (sessions 4-6,
-# docs/quickstart.md). ``--minutes M`` scales both by M / 10.
+# docs/quickstart.md): measured for the VAE (2174-2389) and stage 1 (961); for the UNet and stage
+# 2, the counts of session 15's slower CPU-2 (784, 207-404) scaled up by the VAE's speed ratio and
+# rounded up. ``--minutes M`` scales both by M / 10.
 CALIBRATION = {"vae": (2300, 144.0), "unet": (1300, 96.0), "stage1": (960, 90.0),
                "stage2": (650, 180.0)}
 CAP = 3.0        # a fit stops at CAP x its calibrated seconds even if its steps are not done
