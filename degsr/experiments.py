@@ -82,6 +82,16 @@ def find_run_dirs(paths: list[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+def _text(path: Path) -> str:
+    """A file's text, "" when it cannot be read. Bytes that are not UTF-8 (a line cut inside a
+    character by a kill, a file overwritten with garbage) become U+FFFD: such a file is one
+    row's problem, not a traceback that loses the whole table."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def _json(text: str) -> dict | None:
     try:
         doc = json.loads(text)
@@ -105,21 +115,22 @@ def read_run(path: Path) -> Run:
               step=None, config=flat)
     final = path / "final.json"
     if final.is_file():
-        doc = _json(final.read_text())
+        doc = _json(_text(final))
         if doc is not None:
             run.name = str(doc.get("run_name") or run.name)
             run.status, run.step = str(doc.get("status") or "finished"), doc.get("global_step")
-            run.metrics = _numbers(doc.get("metrics") or {})
+            metrics = doc.get("metrics")
+            run.metrics = _numbers(metrics) if isinstance(metrics, dict) else {}
             return run
         console.log.warning(f"warning: {final}: not a JSON object; listed as unfinished")
     log = path / "events.jsonl"  # start / preempt / end / error lines, each with the step
-    events = log.read_text().splitlines() if log.is_file() else []
+    events = _text(log).splitlines() if log.is_file() else []
     event = next((e for e in map(_json, reversed(events)) if e is not None), {})
     run.status = "failed" if event.get("event") == "error" else run.status
     run.step = event.get("step") if isinstance(event.get("step"), int) else None
     summaries = sorted((path / "wandb").glob("*run-*/files/wandb-summary.json"),
                        key=lambda p: p.stat().st_mtime)
-    summary = _json(summaries[-1].read_text()) if summaries else None
+    summary = _json(_text(summaries[-1])) if summaries else None
     if summary:
         step = summary.get("trainer/global_step", summary.get("_step"))
         run.step = int(step) if isinstance(step, (int, float)) else run.step

@@ -494,3 +494,20 @@ def test_collect_sort_with_a_nan_metric_keeps_the_others_in_order(tmp_path):
     for descending, want in ((False, ["c", "a", "d", "b"]), (True, ["d", "a", "c", "b"])):
         table, _ = collect([tmp_path], sort="val/psnr", descending=descending)
         assert [ln.split("|")[1].strip() for ln in table.splitlines()[2:]] == want, table
+
+
+def test_collect_lists_runs_whose_files_are_not_utf8_or_odd(tmp_path, caplog):
+    """A final.json overwritten with binary garbage, an events.jsonl cut inside a multi-byte
+    character and a final.json whose metrics are not a mapping were tracebacks that lost the
+    whole table; each is now one row (unfinished, or finished without metrics)."""
+    bad = _mini(tmp_path, "garbage")
+    (bad / "final.json").write_bytes(b'{"run_name": "\xff\xfe')
+    cut = _mini(tmp_path, "cut")
+    (cut / "events.jsonl").write_bytes(b'{"event": "start", "step": 4}\n{"event": "error", "m": "caf\xc3')
+    _mini(tmp_path, "odd", {"run_name": "odd", "global_step": 2, "metrics": [1, 2]})
+    with caplog.at_level("WARNING", logger="degsr"):
+        _, found = collect([tmp_path])
+    by = {r.name: r for r in found}
+    assert (by["garbage"].status, by["cut"].status, by["cut"].step) == ("unfinished",) * 2 + (4,)
+    assert (by["odd"].status, by["odd"].metrics) == ("finished", {})
+    assert f"{bad / 'final.json'}: not a JSON object" in caplog.text
