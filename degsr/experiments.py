@@ -4,7 +4,8 @@ A **run directory** is a folder holding ``config.yaml`` (the resolved config ``d
 at start; a YAML mapping with ``stage`` and ``run`` keys) and, once ``degsr fit`` has ended,
 ``final.json``: ``{"run_name", "stage", "global_step", "status", "metrics": {name: float}}``.
 A path that is not a run directory is searched **recursively** for run directories (the search
-does not descend into a run directory, nor into hidden, ``wandb`` or ``checkpoints`` folders).
+does not descend into a run directory, nor into hidden, ``wandb`` or ``checkpoints`` folders;
+it follows symbolic links to folders, each folder walked once).
 
 A run without ``final.json`` is **listed**, with status ``unfinished`` (``failed`` when the last
 line of its ``events.jsonl`` is an ``error`` event) and the step of that last event; its metrics
@@ -61,14 +62,20 @@ def _read_config(path: Path) -> dict | None:
 def find_run_dirs(paths: list[str | os.PathLike]) -> list[Path]:
     """Run directories given directly or found (recursively) under the given folders."""
     found: list[Path] = []
+    seen: set[Path] = set()  # folders walked, resolved: a link back up is not a loop forever
     for item in paths:
         root = Path(item).expanduser()
         if not root.exists():
             raise UserError(f"{item}: no such folder")
         if not root.is_dir():
             raise UserError(f"{item}: not a folder (give a run directory or a folder of runs)")
-        for dirpath, dirnames, _ in os.walk(root):
+        # Links followed: a folder of symlinks to run directories elsewhere (scratch) is common.
+        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
             here = Path(dirpath)
+            if here.resolve() in seen:
+                dirnames[:] = []
+                continue
+            seen.add(here.resolve())
             if _read_config(here) is not None:
                 found.append(here)
                 dirnames[:] = []

@@ -511,3 +511,15 @@ def test_collect_lists_runs_whose_files_are_not_utf8_or_odd(tmp_path, caplog):
     assert (by["garbage"].status, by["cut"].status, by["cut"].step) == ("unfinished",) * 2 + (4,)
     assert (by["odd"].status, by["odd"].metrics) == ("finished", {})
     assert f"{bad / 'final.json'}: not a JSON object" in caplog.text
+
+
+def test_collect_follows_symlinked_run_dirs_once(tmp_path):
+    """A folder of symlinks to run directories elsewhere listed no run ('no run directories'):
+    os.walk does not follow links unless told. A link back up does not loop."""
+    real = _mini(tmp_path / "scratch", "linked", _final("linked", 9, {"val/a": 5.0}))
+    runs = tmp_path / "runs"
+    _mini(runs, "local", _final("local", 1, {}))
+    (runs / "linked").symlink_to(real, target_is_directory=True)
+    (runs / "loop").symlink_to(runs, target_is_directory=True)
+    _, found = collect([runs])
+    assert sorted(r.name for r in found) == ["linked", "local"]
