@@ -156,7 +156,9 @@ def _fmt(value: object) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text as one table cell: '|' escaped; a line break (``\\n``, ``\\r\\n`` or a lone ``\\r``, all
+    of which end a markdown line) a space, or the row would break in two."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 def differing_keys(runs: list[Run], max_keys_per_section: int = 6) -> list[tuple[str, list[str]]]:

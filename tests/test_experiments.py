@@ -523,3 +523,12 @@ def test_collect_follows_symlinked_run_dirs_once(tmp_path):
     (runs / "loop").symlink_to(runs, target_is_directory=True)
     _, found = collect([runs])
     assert sorted(r.name for r in found) == ["linked", "local"]
+
+
+def test_collect_cells_keep_a_carriage_return_off_the_table(tmp_path):
+    """A '\\r' (a run_name, a config string written on Windows) ended the markdown row there."""
+    _mini(tmp_path, "r1", _final("a\rb", 1, {}), sr={"note": "dos\r\nline"})
+    _mini(tmp_path, "r2", _final("r2", 1, {}), sr={"note": "n"})
+    table, _ = collect([tmp_path])
+    assert "\r" not in table and "| a b |" in table and "| dos line |" in table
+    _parse(table)
