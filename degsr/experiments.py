@@ -234,4 +234,6 @@ def collect(paths: list[str | os.PathLike], sort: str | None = None,
 
 
 def _header(table: str) -> list[str]:
-    return [c.strip() for c in table.split("\n")[0].strip("| ").split(" | ")]
+    """The column names of a table as given to ``--sort`` (a '|' in a name unescaped)."""
+    return [c.strip().replace("\\|", "|")
+            for c in table.split("\n")[0].strip("| ").split(" | ")]

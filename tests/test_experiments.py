@@ -532,3 +532,11 @@ def test_collect_cells_keep_a_carriage_return_off_the_table(tmp_path):
     table, _ = collect([tmp_path])
     assert "\r" not in table and "| a b |" in table and "| dos line |" in table
     _parse(table)
+
+
+def test_collect_sorts_by_a_metric_whose_name_holds_a_pipe(tmp_path):
+    """The header is escaped for markdown ('val/x\\|y'); --sort val/x|y was 'not a column'."""
+    for name, v in (("p", 2.0), ("q", 1.0)):
+        _mini(tmp_path, name, _final(name, 1, {"val/x|y": v}))
+    table, _ = collect([tmp_path], sort="val/x|y")
+    assert [ln.split(" | ")[0].strip("| ") for ln in table.splitlines()[2:]] == ["q", "p"]
