@@ -342,3 +342,20 @@ def test_forward_matches_the_tiny_layout_written_out_in_float64():
         torch.testing.assert_close(got[:, b], want, rtol=0, atol=1e-6)
     assert SCORES == ("blur", "noise")
     assert (got[:, 0] - got[:, 1]).abs().min() > 1e-3  # a swap of the branches would show
+
+
+def test_a_checkpoint_file_or_a_stage2_export_is_named_for_what_it_is(tmp_path):
+    """`--ckpt last.ckpt` said 'estimator config not found: last.ckpt/estimator.json' (a file
+    taken for a folder); a stage-2 export folder said its estimator.json was missing."""
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"\0" * 16)
+    with pytest.raises(UserError, match=r"last\.ckpt: a file, not an estimator export \(a folder"):
+        load_estimator(ckpt)
+    sr = tmp_path / "sr_export"
+    sr.mkdir()
+    (sr / "adapter.safetensors").write_bytes(b"")
+    (sr / "adapter.json").write_text(json.dumps({"estimator": "/runs/est/export"}))
+    with pytest.raises(UserError) as exc:
+        load_estimator(sr)
+    assert str(exc.value) == (f"{sr}: a stage-2 (SR adapter) export, not a stage-1 estimator "
+                              "export; its estimator: /runs/est/export")

@@ -86,10 +86,28 @@ def _read_config(config: Path) -> EstimatorNetConfig:
     return cfg
 
 
+def _check_kind(path: str | os.PathLike) -> None:
+    """A one-line UserError for the two likely mix-ups, which read 'estimator config not found:
+    <path>/estimator.json' before, a path that names a file as if it were a folder: a file that
+    is no export (a Lightning ``.ckpt``), and a stage-2 (SR adapter) export."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix not in (".safetensors", ".json"):
+        raise UserError(f"{path}: a file, not an estimator export (a folder with "
+                        f"{STEM}.safetensors + {STEM}.json, or either file)")
+    if p.is_dir() and not (p / f"{STEM}.json").exists() and (p / "adapter.json").is_file():
+        try:
+            used = json.loads((p / "adapter.json").read_text()).get("estimator")
+        except (OSError, ValueError, AttributeError):
+            used = None
+        raise UserError(f"{path}: a stage-2 (SR adapter) export, not a stage-1 estimator export"
+                        + (f"; its estimator: {used}" if isinstance(used, str) else ""))
+
+
 def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") -> DegradationEstimator:
     """The exported estimator at ``path`` (directory or either file), frozen, in eval mode."""
     from safetensors.torch import load_file
 
+    _check_kind(path)
     weights, config = _pair(path)
     cfg = _read_config(config)
     if not weights.is_file():
