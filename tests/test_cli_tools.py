@@ -144,3 +144,18 @@ def test_a_reader_that_leaves_early_is_no_traceback(degsr_cmd):
     p.stdout.close()  # long before the child has imported torch and printed
     err = p.stderr.read().decode()
     assert p.wait() == 141 and err == "", err
+
+
+def test_degrade_at_scale_3(tmp_path, capsys):
+    """--scale 3 (a scale the config allows) failed on every --crop: the config's cross-check
+    compared it with the default data.crop_size 512, which degrade does not use."""
+    import skimage.data
+
+    from degsr.cli import main
+
+    Image.fromarray(skimage.data.astronaut()[:100, :100]).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    rc = main(["degrade", str(tmp_path / "a.png"), "--scale", "3", "--crop", "48", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out / "a_0_hr.png").size == (48, 48)
+    assert Image.open(out / "a_0_lq.png").size == (16, 16)

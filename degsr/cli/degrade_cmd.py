@@ -80,8 +80,11 @@ def run(args) -> int:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.crop < args.scale or args.crop % args.scale:
         raise UserError(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
+    # Only the degradation section is used; the data crop sizes are set to a multiple of the
+    # scale because the config's cross-check wants one (the default 512 made --scale 3 fail).
+    sizes = [f"data.{k}={128 * args.scale}" for k in ("crop_size", "val_crop_size")]
     cfg = load_config([preset_path(args.preset)],
-                      [f"degradation.scale={args.scale}", *overrides]).degradation
+                      [f"degradation.scale={args.scale}", *sizes, *overrides]).degradation
     out = Path(args.out)
     make_out_folder(out)
     device = user_device(args.device)
