@@ -159,3 +159,28 @@ def test_degrade_at_scale_3(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert Image.open(out / "a_0_hr.png").size == (48, 48)
     assert Image.open(out / "a_0_lq.png").size == (16, 16)
+
+
+def test_degrade_rerun_replaces_the_earlier_pairs(tmp_path, capsys):
+    """A rerun into the same --out with a smaller --n-per-image left the earlier a_1, a_2 pairs
+    beside a params.jsonl that no longer listed them; they go now (only pairs the old
+    params.jsonl names and degsr wrote). A rerun that writes nothing leaves the earlier run."""
+    import skimage.data
+
+    from degsr.cli import main
+
+    Image.fromarray(skimage.data.astronaut()[:80, :80]).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes_1_hr.png").write_bytes(b"mine")  # not degsr's, not in params.jsonl: kept
+    base = ["degrade", str(tmp_path / "a.png"), "--crop", "32", "--out", str(out)]
+    assert main([*base, "--n-per-image", "3"]) == 0
+    assert main([*base, "--n-per-image", "1", "--seed", "1"]) == 0
+    stems = [json.loads(x)["stem"] for x in (out / "params.jsonl").read_text().splitlines()]
+    assert stems == ["a_0"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_0_hr.png", "a_0_lq.png", "notes_1_hr.png",
+                                                     "params.jsonl"]
+    before = (out / "params.jsonl").read_bytes()
+    assert main(["degrade", str(tmp_path / "missing.png"), "--crop", "32", "--out", str(out)]) == 1
+    assert (out / "params.jsonl").read_bytes() == before and (out / "a_0_lq.png").is_file()
+    capsys.readouterr()

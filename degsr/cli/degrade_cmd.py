@@ -63,6 +63,40 @@ def params_record(stem: str, scores: torch.Tensor, params: dict, i: int) -> dict
                                      "noise": round(float(scores[i, 1]), 6)}, "params": vals}
 
 
+def earlier_stems(out: Path) -> list[str]:
+    """The pair stems an earlier run's ``out/params.jsonl`` lists ([] when none is readable)."""
+    try:
+        lines = (out / "params.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    stems = []
+    for line in lines:
+        try:
+            stem = json.loads(line).get("stem")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(stem, str) and stem and "/" not in stem and stem not in (".", ".."):
+            stems.append(stem)
+    return stems
+
+
+def remove_stale_pairs(out: Path, stems: list[str], kept: set[str]) -> int:
+    """Delete the pairs of an earlier run into ``out`` that this run did not rewrite (a rerun
+    with fewer images or a smaller --n-per-image): params.jsonl lists only this run's pairs, and
+    a consumer globbing ``*_lq.png`` must not find pairs it describes no more. Only files the
+    earlier params.jsonl names and that degsr wrote go. Returns the pairs removed."""
+    from degsr.io import written_by_degsr
+
+    removed = 0
+    for stem in dict.fromkeys(s for s in stems if s not in kept):
+        files = [f for f in (out / f"{stem}_hr.png", out / f"{stem}_lq.png")
+                 if f.is_file() and written_by_degsr(f)]
+        for f in files:
+            f.unlink()
+        removed += bool(files)
+    return removed
+
+
 def run(args) -> int:
     from degsr.config import load_config
     from degsr.degradation.pipeline import Degrader
@@ -95,6 +129,7 @@ def run(args) -> int:
     degrader = Degrader(cfg)
     crop_gen = make_generator(args.seed, 0)
     deg_gen = make_generator(args.seed, 1, device=device)
+    earlier = earlier_stems(out)
     records = []
     for path, _ in console.progress(jobs, desc="degrade", unit="img"):
         try:
@@ -105,12 +140,19 @@ def run(args) -> int:
         crops = random_crops(img, args.n_per_image, args.crop, crop_gen)
         with torch.no_grad():
             batch = degrader(crops.to(device).float() / 255.0, deg_gen)
+        if not records:  # the old params.jsonl describes pairs this run starts to replace
+            (out / "params.jsonl").unlink(missing_ok=True)
         for k in range(args.n_per_image):
             stem = f"{path.stem}_{k}"
             save_png(batch["hr"][k], out / f"{stem}_hr.png")
             save_png(batch["lr"][k], out / f"{stem}_lq.png")
             records.append(params_record(stem, batch["scores"], batch["params"], k))
-    atomic_write_bytes(out / "params.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    if records or not earlier:  # a rerun that wrote nothing leaves the earlier run whole
+        atomic_write_bytes(out / "params.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in records).encode())
+        stale = remove_stale_pairs(out, earlier, {r["stem"] for r in records})
+        if stale:
+            console.log.info(f"removed {stale} pair(s) of an earlier run not written this time")
     for msg in problems:
         print(f"error: {msg}", file=sys.stderr)
     console.log.info(f"wrote {len(records)} pairs to {out}"
