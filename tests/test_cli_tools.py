@@ -184,3 +184,11 @@ def test_degrade_rerun_replaces_the_earlier_pairs(tmp_path, capsys):
     assert main(["degrade", str(tmp_path / "missing.png"), "--crop", "32", "--out", str(out)]) == 1
     assert (out / "params.jsonl").read_bytes() == before and (out / "a_0_lq.png").is_file()
     capsys.readouterr()
+
+
+def test_degrade_on_a_missing_device_creates_no_folder(tmp_path, capsys):
+    from degsr.cli import main
+
+    out = tmp_path / "out"
+    assert main(["degrade", "x.png", "--device", "nodevice", "--out", str(out)]) == 2
+    assert "--device nodevice: not available" in capsys.readouterr().err and not out.exists()

@@ -119,9 +119,9 @@ def run(args) -> int:
     sizes = [f"data.{k}={128 * args.scale}" for k in ("crop_size", "val_crop_size")]
     cfg = load_config([preset_path(args.preset)],
                       [f"degradation.scale={args.scale}", *sizes, *overrides]).degradation
+    device = user_device(args.device)  # before the folder: a bad --device leaves no empty --out
     out = Path(args.out)
     make_out_folder(out)
-    device = user_device(args.device)
 
     paths, problems = expand_inputs(images, out)
     jobs, clashes = output_targets(paths, out, suffix="")  # outputs: <stem>_<k>_{hr,lq}.png
