@@ -192,3 +192,17 @@ def test_degrade_on_a_missing_device_creates_no_folder(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["degrade", "x.png", "--device", "nodevice", "--out", str(out)]) == 2
     assert "--device nodevice: not available" in capsys.readouterr().err and not out.exists()
+
+
+def test_bench_infer_refuses_a_negative_memory_cap(capsys):
+    """--mem-cap-gib -1 parsed, and on a GPU became set_per_process_memory_fraction's
+    ValueError traceback after the model was built; it is argparse's one line now."""
+    import pytest
+
+    from degsr.cli import build_parser
+
+    for bad in ("-1", "nan", "lots"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["bench", "infer", "--mem-cap-gib", bad])
+        assert e.value.code == 2 and "--mem-cap-gib" in capsys.readouterr().err
+    assert build_parser().parse_args(["bench", "infer", "--mem-cap-gib", "24"]).mem_cap_gib == 24

@@ -24,6 +24,21 @@ def at_least(low: int):
     return parse
 
 
+def gib(text: str) -> float:
+    """An argparse ``type``: a finite number of GiB >= 0. A negative cap reached
+    ``torch.cuda.set_per_process_memory_fraction`` as a traceback after the model was built."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from degsr.bench import at_least, device_name, time_calls, time_rounds
+from degsr.bench import at_least, device_name, gib, time_calls, time_rounds
 from degsr.errors import UserError
 
 
@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
                    help="torch.compile the UNet, VAE encoder and decoder (both paths)")
     p.add_argument("--tiled", type=at_least(0), default=0,
                    help="also time one output of this size with the default tiling (0: skip)")
-    p.add_argument("--mem-cap-gib", type=float, default=0,
+    p.add_argument("--mem-cap-gib", type=gib, default=0,
                    help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
     p.add_argument("--iters", type=at_least(1), default=7, help="timed rounds (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
