@@ -242,6 +242,24 @@ def test_estimate_cli_bad_image_among_good(photo_setup, degsr_cmd):
     assert len(err) == 1 and str(bad) in err[0]
 
 
+def test_estimate_takes_folders_and_globs_as_sr_does(photo_setup, capsys):
+    """A folder (its images, sorted) and a glob are expanded as `degsr sr` expands them; one
+    that finds no image is one error line, the rest are scored, exit 1. It read a folder as one
+    unreadable image."""
+    import degsr.cli
+
+    tmp_path, photo, small = photo_setup
+    (tmp_path / "empty").mkdir()
+    rc = degsr.cli.main(["estimate", "--ckpt", str(tmp_path / "export"), str(tmp_path),
+                         str(tmp_path / "sm*.png"), str(tmp_path / "empty"), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert [json.loads(line)["path"] for line in out.out.splitlines()] == [
+        str(photo), str(small), str(small)]
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'empty'}: folder holds no images")
+
+
 def test_estimate_out_of_memory_is_one_line_for_the_image_that_does_not_fit(
         photo_setup, monkeypatch, capsys):
     import degsr.cli

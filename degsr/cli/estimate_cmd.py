@@ -1,7 +1,8 @@
 """``degsr estimate --ckpt EXPORT IMAGE...``: blur and noise scores of LR images, one JSON line each.
 
-Each whole image is scored at its own size (no crop, no resize). Consecutive images of the same size
-are batched (up to ``--batch``). An image that cannot be read or is smaller than the estimator's
+Each whole image is scored at its own size (no crop, no resize). IMAGE may be a file, a folder (its
+images, as ``degsr sr`` finds them) or a glob. Consecutive images of the same size are batched
+(up to ``--batch``). An image that cannot be read or is smaller than the estimator's
 minimum side is reported on stderr, the others are still scored, and the exit status is 1.
 """
 
@@ -18,7 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, metavar="EXPORT",
                    help="exported estimator: a directory with estimator.safetensors + estimator.json, "
                         "or either file of such a pair")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="LR images (any format PIL reads)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="LR images (any format PIL reads), folders of them or globs")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda if available, else cpu)")
     p.add_argument("--batch", type=int, default=8, metavar="N",
@@ -60,7 +62,11 @@ def run(args) -> int:
             each_fitting(list(pending), score, fail)
             pending.clear()
 
-    for path in args.images:
+    for path in _images(args.images):
+        if path.startswith("error: "):  # a folder without images, a glob matching nothing
+            failed += 1
+            print(path, file=sys.stderr, flush=True)
+            continue
         try:
             img = read_image(path).float() / 255.0
             h, w = img.shape[-2:]
@@ -76,3 +82,16 @@ def run(args) -> int:
         pending.append((path, img))
     flush()
     return 1 if failed else 0
+
+
+def _images(items: list[str]):
+    """Each IMAGE argument's files, as ``degsr sr`` expands them (a file is printed as typed),
+    or an ``error: ...`` line where a folder or glob finds none."""
+    from pathlib import Path
+
+    from degsr.io import expand_inputs
+
+    for item in items:
+        found, problems = expand_inputs([item])
+        yield from (f"error: {msg}" for msg in problems)
+        yield from ([item] if found == [Path(item)] else map(str, found))
