@@ -181,8 +181,8 @@ def make_prior(p: Paths, b: dict, seed: int) -> dict:
     (vae_steps, vae_cap), (unet_steps, unet_cap) = b["vae"], b["unet"]
     stamp = build_prior(p.shards, p.prior, PriorSettings(
         vae_steps=vae_steps, vae_cap=vae_cap, unet_steps=unet_steps, unet_cap=unet_cap, seed=seed))
-    cut = [line for fit, cap in (("vae", vae_cap), ("unet", unet_cap))
-           for line in capped(f"prior/{fit}", stamp[fit]["steps"], b[fit][0], cap)]
+    cut = [line for fit in ("vae", "unet")
+           for line in capped(f"prior/{fit}", stamp[fit]["steps"], *b[fit])]
     return {"vae_psnr": stamp["vae"]["train_psnr"], "vae_steps": stamp["vae"]["steps"],
             "unet_steps": stamp["unet"]["steps"], "unet_latent_mse": stamp["unet"]["latent_mse"],
             "capped": cut}
