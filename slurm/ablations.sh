@@ -22,7 +22,8 @@
 # give every path, SUITE's included, from the folder you submit in: runs/ and the logs go there);
 # edit the #SBATCH lines or override them on the sbatch line (partition/account: your cluster's).
 # Environment: DEGSR_VENV=/path/to/venv is activated when set; otherwise `degsr` must be on the
-# PATH (sbatch passes on the submitting shell's environment).
+# PATH (sbatch passes on the submitting shell's environment, but not its MASTER_ADDR/MASTER_PORT:
+# the job's first node is the rendezvous unless DEGSR_MASTER_ADDR/DEGSR_MASTER_PORT are set).
 #SBATCH --job-name=degsr-ablation
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
@@ -66,6 +67,15 @@ if [ -n "${DEGSR_VENV:-}" ]; then
   . "$DEGSR_VENV/bin/activate"
 fi
 command -v degsr >/dev/null || die "degsr is not on the PATH; activate its venv before sbatch or set DEGSR_VENV"
+# A MASTER_ADDR/MASTER_PORT in the submitting shell (left by torchrun or an earlier job) reaches
+# every task through sbatch's environment, and Lightning would rendezvous there instead of on the
+# job's first node: drop them. DEGSR_MASTER_ADDR/DEGSR_MASTER_PORT choose them on purpose.
+for v in MASTER_ADDR MASTER_PORT; do
+  own=DEGSR_$v
+  if [ -n "${!own:-}" ]; then export "$v=${!own}"; continue; fi
+  [ -z "${!v:-}" ] || echo "ablations.sh: ignoring $v=${!v} from the submitting shell (set DEGSR_$v to choose it)"
+  unset "$v"
+done
 
 run_name="ablation-$(basename "$suite" .txt)-$name-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}"
 echo "ablations.sh: task $task of $suite: $file, run.name=$run_name," \

@@ -64,5 +64,7 @@ degsr eval --pred "$out" --gt "$gt" --json --allow-missing ${eval_opts[@]+"${eva
 if [ -s "$out/summary.json.tmp" ]; then
   mv "$out/summary.json.tmp" "$out/summary.json"
   cat "$out/summary.json"
+else
+  rm -f "$out/summary.json.tmp"  # eval printed nothing (its error line is in the .err log)
 fi
 exit $(( status > sr_status ? status : sr_status ))

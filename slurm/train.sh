@@ -27,7 +27,9 @@
 # Send it by hand with `scancel --signal=USR1 JOBID` (all tasks of the job's steps get it).
 #
 # Environment: DEGSR_VENV=/path/to/venv is activated when set; otherwise `degsr` must be on the
-# PATH (sbatch passes on the submitting shell's environment, so an activated venv works).
+# PATH (sbatch passes on the submitting shell's environment, so an activated venv works; not its
+# MASTER_ADDR/MASTER_PORT: the job's first node is the rendezvous unless DEGSR_MASTER_ADDR/
+# DEGSR_MASTER_PORT are set).
 # W&B logs offline into the run directory unless logger.mode=online (or WANDB_MODE) says otherwise.
 #
 # Without GPUs (the CI cluster of .ci/slurm/up.sh):
@@ -59,6 +61,15 @@ if [ -n "${DEGSR_VENV:-}" ]; then
   . "$DEGSR_VENV/bin/activate"
 fi
 command -v degsr >/dev/null || die "degsr is not on the PATH; activate its venv before sbatch or set DEGSR_VENV"
+# A MASTER_ADDR/MASTER_PORT in the submitting shell (left by torchrun or an earlier job) reaches
+# every task through sbatch's environment, and Lightning would rendezvous there instead of on the
+# job's first node: drop them. DEGSR_MASTER_ADDR/DEGSR_MASTER_PORT choose them on purpose.
+for v in MASTER_ADDR MASTER_PORT; do
+  own=DEGSR_$v
+  if [ -n "${!own:-}" ]; then export "$v=${!own}"; continue; fi
+  [ -z "${!v:-}" ] || echo "train.sh: ignoring $v=${!v} from the submitting shell (set DEGSR_$v to choose it)"
+  unset "$v"
+done
 
 args=("trainer.num_nodes=$SLURM_JOB_NUM_NODES" "trainer.devices=$SLURM_NTASKS_PER_NODE")
 name="${DEGSR_RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}"

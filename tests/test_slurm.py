@@ -148,6 +148,11 @@ def test_eval_sh_runs_sr_then_eval_with_their_own_options(tmp_path):
     (out / "summary.json").unlink()
     r = subprocess.run(args, capture_output=True, text=True, env={**env, "SR_EXIT": "2"}, timeout=30)
     assert r.returncode == 2 and not (out / "summary.json").exists()
+    # degsr eval failing before it prints (bad --gt contents: exit 2, its line on stderr): no
+    # summary, and no empty summary.json.tmp left in the output folder
+    degsr.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(2 if sys.argv[1] == 'eval' else 0)\n")
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 2 and sorted(p.name for p in out.iterdir()) == []
 
 
 # --- the real cluster -------------------------------------------------------------------------

@@ -97,3 +97,22 @@ def test_ablations_sh_without_degsr_on_the_path_is_one_error_line(tmp_path):
     r = run("ablations.sh", env, "experiments/ablations/sr.txt", "configs/sr.yaml",
             SLURM_ARRAY_TASK_ID="0")
     assert "degsr is not on the PATH" in one_error(r, "ablations.sh")
+
+
+def test_a_master_addr_of_the_submitting_shell_does_not_reach_the_tasks(tmp_path):
+    """sbatch passes on the submitting shell's environment: a MASTER_ADDR left there (by torchrun,
+    or `export`ed for an earlier job) would be where Lightning's SLURMEnvironment rendezvouses,
+    instead of the job's first node. DEGSR_MASTER_ADDR/PORT set them on purpose."""
+    env = stand_ins(tmp_path, "degsr")
+    srun = tmp_path / "bin/srun"  # prints what the tasks would see
+    srun.write_text("#!/bin/sh\necho \"[\\\"${MASTER_ADDR-unset}\\\", \\\"${MASTER_PORT-unset}\\\"]\"\n")
+    srun.chmod(0o755)
+    leaked = {**env, "MASTER_ADDR": "login-node.invalid", "MASTER_PORT": "29500"}
+    for script, args in (("train.sh", ["configs/estimator_tiny.yaml"]),
+                         ("ablations.sh", ["experiments/ablations/sr.txt", "configs/sr.yaml"])):
+        r = run(script, leaked, *args, SLURM_ARRAY_TASK_ID="0")
+        assert argv_of(r) == ["unset", "unset"], r.stdout
+        assert f"{script}: ignoring MASTER_ADDR=login-node.invalid from the submitting shell" in r.stdout
+        r = run(script, {**leaked, "DEGSR_MASTER_ADDR": "10.0.0.7", "DEGSR_MASTER_PORT": "12345"},
+                *args, SLURM_ARRAY_TASK_ID="0")
+        assert argv_of(r) == ["10.0.0.7", "12345"] and "ignoring" not in r.stdout
