@@ -49,7 +49,7 @@ from degsr import console
 from degsr.config.fields import as_dataclass
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
-from degsr.data.shard_sets import expand_shard_pattern, shards_overlapping, sources_overlapping
+from degsr.data.shard_sets import expand_pattern, folder_overlaps, shards_overlap
 from degsr.data.stream import TrainStream
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.degradation.pipeline import Degrader
@@ -57,31 +57,6 @@ from degsr.errors import UserError
 from degsr.seeding import make_generator
 
 QUALITY_SYNC_EVERY = 25  # batches between all-reduces of the quality counts under DDP
-
-
-def expand_pattern(key: str, pattern: str) -> list[str]:
-    """``expand_shard_pattern`` whose UserError names the config key."""
-    try:
-        return expand_shard_pattern(pattern)
-    except UserError as e:
-        raise UserError(f"{key}: {e}") from None
-
-
-def folder_overlaps(train_urls: list[str], key: str, folder: str) -> list[str]:
-    """Lines naming the training sources that are validation ``folder``, hold it or lie in it."""
-    return [f"{key} {folder} overlaps {src}, a source of the training shards"
-            for src in sources_overlapping(train_urls, folder)]
-
-
-def shards_overlap(train_urls: list[str], val_urls: list[str]) -> list[str]:
-    """Lines naming what ``data.val_shards`` shares with the training shards: the same shard
-    files (one line), sources of the two sets' index.json that overlap (a line each)."""
-    shared, pairs = shards_overlapping(train_urls, val_urls)
-    more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
-    files = [f"data.val_shards: {len(shared)} of its {len(val_urls)} shard files are training "
-             f"shards too ({', '.join(shared[:3])}{more})"] if shared else []
-    return files + [f"data.val_shards {v}, a source of the validation shards, overlaps {t}, a "
-                    "source of the training shards" for v, t in pairs]
 
 
 def dihedral(out: dict, k: int) -> dict:

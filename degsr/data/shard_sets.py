@@ -2,7 +2,8 @@
 (:func:`expand_shard_pattern`), and what a set's ``index.json`` (written by
 :func:`degsr.data.shards.write_shards`) tells about it: the sources packed into it, so that a
 validation set overlapping the training images can be named (:func:`sources_overlapping`,
-:func:`shards_overlapping`)."""
+:func:`shards_overlapping`), and those findings as the lines the DataModule warns with, each
+naming its config key (:func:`expand_pattern`, :func:`folder_overlaps`, :func:`shards_overlap`)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,28 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
                         f"{', '.join(missing[:3])}{more}")
     return files
+
+
+def expand_pattern(key: str, pattern: str) -> list[str]:
+    """``expand_shard_pattern`` whose UserError names the config key."""
+    try:
+        return expand_shard_pattern(pattern)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+def folder_overlaps(train_urls: list[str], key: str, folder: str) -> list[str]:
+    """Lines naming the training sources that are validation ``folder``, hold it or lie in it."""
+    return [f"{key} {folder} overlaps {src}, a source of the training shards"
+            for src in sources_overlapping(train_urls, folder)]
+
+
+def shards_overlap(train_urls: list[str], val_urls: list[str]) -> list[str]:
+    """Lines naming what ``data.val_shards`` shares with the training shards: the same shard
+    files (one line), sources of the two sets' index.json that overlap (a line each)."""
+    shared, pairs = shards_overlapping(train_urls, val_urls)
+    more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+    files = [f"data.val_shards: {len(shared)} of its {len(val_urls)} shard files are training "
+             f"shards too ({', '.join(shared[:3])}{more})"] if shared else []
+    return files + [f"data.val_shards {v}, a source of the validation shards, overlaps {t}, a "
+                    "source of the training shards" for v, t in pairs]
