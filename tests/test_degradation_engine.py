@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from scipy import stats
 
 from degsr.degradation import ops, poisson
-from degsr.degradation.pipeline import Degrader, upsample
+from degsr.degradation.pipeline import Degrader
+from degsr.degradation.resize import upsample
 from degsr.degradation.resize import RESIZE_MODES, resize_taps
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from degsr.config.fields import as_dataclass
 from torch import Tensor
 
@@ -28,8 +27,8 @@ from degsr.degradation import ops
 from degsr.degradation.jpeg import jpeg
 from degsr.degradation.filtering import filter_per_sample
 from degsr.degradation.kernels import blur_kernels, draw_blur_params, sample_sinc_kernels
-from degsr.degradation.resize import (RESIZE_MODES, apply_resize, resize_matrices, resize_taps,
-                                      scatter_taps, tap_bound)
+from degsr.degradation.resize import (RESIZE_MODES, apply_resize, clean_downsample, resize_taps,
+                                      scatter_taps, tap_bound, upsample)
 from degsr.degradation.scores import degradation_scores
 from degsr.errors import UserError
 
@@ -310,22 +309,3 @@ def _not_empty(hr: Tensor) -> None:
     if hr.shape[0] == 0:
         raise ValueError(f"degradation: the engine needs at least one image, got an empty batch "
                          f"of shape {tuple(hr.shape)}")
-
-
-def clean_downsample(x: Tensor, scale: int) -> Tensor:
-    """The clean LR of ``x`` (not quantised): antialiased bicubic to 1/scale, as the
-    no-degradation samples and the stage-1 anchor at 0."""
-    size = (x.shape[-2] // scale, x.shape[-1] // scale)
-    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-
-
-def upsample(lr: Tensor, size: tuple[int, int], mode: str) -> Tensor:
-    """``F.interpolate(lr, size, mode, align_corners=False)`` clamped to [0, 1]; the modes
-    :func:`resize_matrices` covers run as two matrix products (faster than the bicubic kernel)."""
-    if mode not in RESIZE_MODES:
-        return F.interpolate(lr, size=size, mode=mode).clamp(0, 1)
-    mode_id = ops.constant([RESIZE_MODES.index(mode)], torch.long, lr.device)
-    rh, rw = (resize_matrices(ops.constant([n_in], torch.long, lr.device),
-                              ops.constant([n_out], torch.long, lr.device), mode_id, n_in, n_out,
-                              lr.dtype)[0] for n_in, n_out in zip(lr.shape[-2:], size))
-    return torch.matmul(rh, torch.matmul(lr, rw.T)).clamp_(0, 1)

@@ -13,7 +13,10 @@ encoder does).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from degsr.degradation import ops
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient
@@ -109,3 +112,22 @@ def resize_batch(x: Tensor, in_h: Tensor, in_w: Tensor, out_h: Tensor, out_w: Te
     rh = resize_matrices(in_h, out_h, modes, x.shape[-2], canvas[0], x.dtype)
     rw = resize_matrices(in_w, out_w, modes, x.shape[-1], canvas[1], x.dtype)
     return apply_resize(x, rh, rw)
+
+
+def clean_downsample(x: Tensor, scale: int) -> Tensor:
+    """The clean LR of ``x`` (not quantised): antialiased bicubic to 1/scale, as the
+    no-degradation samples and the stage-1 anchor at 0."""
+    size = (x.shape[-2] // scale, x.shape[-1] // scale)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def upsample(lr: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """``F.interpolate(lr, size, mode, align_corners=False)`` clamped to [0, 1]; the modes
+    :func:`resize_matrices` covers run as two matrix products (faster than the bicubic kernel)."""
+    if mode not in RESIZE_MODES:
+        return F.interpolate(lr, size=size, mode=mode).clamp(0, 1)
+    mode_id = ops.constant([RESIZE_MODES.index(mode)], torch.long, lr.device)
+    rh, rw = (resize_matrices(ops.constant([n_in], torch.long, lr.device),
+                              ops.constant([n_out], torch.long, lr.device), mode_id, n_in, n_out,
+                              lr.dtype)[0] for n_in, n_out in zip(lr.shape[-2:], size))
+    return torch.matmul(rh, torch.matmul(lr, rw.T)).clamp_(0, 1)

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from degsr.degradation.kernels import circular_sinc_kernels, gaussian_family_kernels, kernel_std
-from degsr.degradation.pipeline import Degrader, clean_downsample, quantize
+from degsr.degradation.pipeline import Degrader, quantize
+from degsr.degradation.resize import clean_downsample
 from degsr.degradation.scores import POISSON_SIGMA_PER_SCALE
 
 BLUR_GROUP = ("blur1_", "blur2_", "final_sinc", "final_kernel_size", "final_omega_c")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from degsr.config.fields import as_dataclass
 
 from degsr.degradation.negatives import online_negatives
-from degsr.degradation.pipeline import upsample
+from degsr.degradation.resize import upsample
 from degsr.metrics.fidelity import psnr_y, ssim_y
 from degsr.seeding import batch_generator
 from degsr.sr.config import DiscConfig, LoraConfig, ModelConfig, SRConfig
