@@ -39,9 +39,24 @@ def test_margin_ranking_matches_formula_on_hand_built_pairs():
 
 def test_anchor_loss_formula():
     c, w = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.7, 1.0]])
-    assert anchor_loss(c, w).item() == pytest.approx((0.01 + 0.04) / 2 + (0.09 + 0) / 2)
+    assert anchor_loss(c, w).item() == pytest.approx((0.01 + 0.04) + (0.09 + 0))
     t = torch.tensor([[0.9, 0.4]])
-    assert anchor_loss(c, w, t).item() == pytest.approx((0.01 + 0.04) / 2 + (0.04 + 0.36) / 2)
+    assert anchor_loss(c, w, t).item() == pytest.approx((0.01 + 0.04) + (0.04 + 0.36))
+
+
+def test_anchor_loss_is_mm_realsr_per_score_mse_summed_over_scores():
+    """MM-RealSR (mmrealsrnet_model.optimize_parameters): l_anchor_min = (mean((blur - 0)^2) +
+    mean((noise - 0)^2)) * w, l_anchor_max the same toward 1; the ranking term likewise sums the
+    blur and the noise pair. So with anchor_weight / ranking_weight = 1e-4 / 0.01 the anchors
+    weigh what they weigh there only if each score's MSE counts in full (summed, not averaged
+    over the two scores)."""
+    g = torch.Generator().manual_seed(0)
+    c, w, t = (torch.rand(5, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    mm_min = sum(float(((c[:, s] - 0.0) ** 2).mean()) for s in range(2))
+    mm_max = sum(float(((w[:, s] - 1.0) ** 2).mean()) for s in range(2))
+    assert anchor_loss(c, w).item() == pytest.approx(mm_min + mm_max, rel=1e-12)
+    mm_max_t = sum(float(((w[:, s] - t[:, s]) ** 2).mean()) for s in range(2))
+    assert anchor_loss(c, w, t).item() == pytest.approx(mm_min + mm_max_t, rel=1e-12)
 
 
 @pytest.mark.parametrize("labels", ["params", "measured"])
@@ -320,8 +335,8 @@ def test_objective_terms_and_weights_by_hand(monkeypatch):
     clean = Degrader(load_config([TINY], ["degradation.no_degradation_prob=1"]).degradation)(
         hr, torch.Generator().manual_seed(0))["lr"]
     torch.testing.assert_close(clean_pred.detach().double(), net(clean), rtol=0, atol=1e-6)
-    anchor = (clean_pred.detach().double() ** 2).mean() + (
-        (worst_pred.detach().double() - worst_target.double()) ** 2).mean()
+    anchor = (clean_pred.detach().double() ** 2).mean(0).sum() + (
+        (worst_pred.detach().double() - worst_target.double()) ** 2).mean(0).sum()
     torch.testing.assert_close(terms["supervised"].detach().double(), sup, rtol=1e-5, atol=1e-7)
     assert float(terms["ranking"]) == pytest.approx(rank, rel=1e-5, abs=1e-7) and rank > 0
     torch.testing.assert_close(terms["anchor"].detach().double(), anchor, rtol=1e-5, atol=1e-7)
