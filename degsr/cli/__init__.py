@@ -62,8 +62,28 @@ def _terminate(signum, frame):
 TRAINING = ("fit", "quickstart")  # Lightning and degsr.training handle SIGTERM themselves
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``degsr``'s command line; a subcommand's positionals may also follow its options, as the
+    README writes them (``degsr degrade IMAGE... --out DIR key=value``, ``degsr fit CONFIG -v
+    key=value``): argparse's plain parse ends a ``nargs='+'`` positional at the first option and
+    calls what follows unrecognized."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub = subs.choices[args.command]
+        if sub._subparsers is None:  # parse_intermixed_args refuses nested subcommands (bench)
+            for key, value in vars(sub.parse_intermixed_args(
+                    argv[argv.index(args.command) + 1:])).items():
+                setattr(args, key, value)
+            return args
+        parser.parse_args(argv)  # argparse's own error for what is left over
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     console.setup(args.verbose)
     previous = signal.getsignal(signal.SIGTERM)
     if args.command not in TRAINING and threading.current_thread() is threading.main_thread():
