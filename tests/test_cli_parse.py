@@ -31,3 +31,16 @@ def test_main_takes_overrides_after_an_option(capsys):
     rc = main(["config", str(ROOT / "configs" / "sr_tiny.yaml"), "-v", "run.seed=3"])
     assert rc == 0
     assert "  seed: 3\n" in capsys.readouterr().out
+
+
+def test_quickstart_bad_pretrained_leaves_no_out_folder(tmp_path, capsys):
+    """docs/quickstart.md: a bad `--pretrained` is one line, exit 2; the check runs before `--out`
+    is created (it left an empty folder)."""
+    from degsr.cli import main
+
+    out = tmp_path / "qs"
+    rc = main(["quickstart", "--out", str(out), "--threads", "1",
+               "--pretrained", str(tmp_path / "missing")])
+    assert rc == 2
+    assert "model.pretrained" in capsys.readouterr().err
+    assert not out.exists()

@@ -245,6 +245,9 @@ def quickstart(out: str | os.PathLike, minutes: float = 10.0, pretrained: str | 
 
     minutes = check_minutes(minutes)
     threads = pick_threads(threads)
+    if pretrained:  # before --out is made: a failed start leaves no empty folder behind
+        from degsr.sr.folder_check import check_pretrained_folder
+        check_pretrained_folder(pretrained)
     p = _checked_paths(prepare_out(out), pretrained)
     state = load_state(p.out)
     if state.get("minutes") not in (None, minutes):
@@ -283,9 +286,6 @@ def quickstart(out: str | os.PathLike, minutes: float = 10.0, pretrained: str | 
 def _checked_paths(out: Path, pretrained: str | None) -> Paths:
     from degsr.quickstart.prior import STAMP, is_complete
 
-    if pretrained:
-        from degsr.sr.folder_check import check_pretrained_folder
-        check_pretrained_folder(pretrained)
     p = Paths(out, pretrained)
     if not pretrained and p.prior.exists() and not is_complete(p.prior):
         raise UserError(f"{p.prior} exists but is not a finished quickstart prior (no {STAMP}); "
