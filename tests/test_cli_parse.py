@@ -44,3 +44,19 @@ def test_quickstart_bad_pretrained_leaves_no_out_folder(tmp_path, capsys):
     assert rc == 2
     assert "model.pretrained" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_help_gives_the_defaults_the_readme_relies_on():
+    """README: `degsr COMMAND --help` documents every option; degrade's and sr's defaults were
+    missing (--crop 512, --scale 4, --guidance 1.07, --tile 96 --tile-overlap 32, ...)."""
+    from degsr.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if hasattr(a, "choices") and
+                isinstance(a.choices, dict))
+    degrade = " ".join(subs.choices["degrade"].format_help().split())
+    for text in ("default: s3diff", "(default: 0)", "(default: 1)", "default: 512)",
+                 "(default: 4)", "default: cpu)"):
+        assert text in degrade, text
+    sr = " ".join(subs.choices["sr"].format_help().split())
+    for text in ("default: 1.07)", "(default: wavelet)", "default: 96)", "(default: 32)"):
+        assert text in sr, text

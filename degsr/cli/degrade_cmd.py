@@ -22,14 +22,14 @@ def add_arguments(p) -> None:
                    help="image files, folders or globs; items with '=' are config overrides, "
                         "e.g. degradation.final_sinc_prob=0")
     p.add_argument("--preset", choices=["s3diff", "realesrgan"], default="s3diff",
-                   help="degradation preset (configs/degradation/<preset>.yaml)")
-    p.add_argument("--seed", type=int, default=0, help="seed of crops and degradations")
-    p.add_argument("--n-per-image", type=int, default=1, metavar="K", help="crops per image")
+                   help="degradation preset (configs/degradation/<preset>.yaml; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of crops and degradations (default: %(default)s)")
+    p.add_argument("--n-per-image", type=int, default=1, metavar="K", help="crops per image (default: %(default)s)")
     p.add_argument("--crop", type=int, default=512, help="HR crop size (smaller images are "
-                   "reflect-padded)")
-    p.add_argument("--scale", type=int, default=4, help="HR size / LR size")
+                   "reflect-padded; default: %(default)s)")
+    p.add_argument("--scale", type=int, default=4, help="HR size / LR size (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...; default: %(default)s)")
 
 
 def random_crops(img: torch.Tensor, k: int, size: int, g: torch.Generator) -> torch.Tensor:

@@ -26,13 +26,14 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder: <stem>.png per input")
     p.add_argument("--estimator", default=None, help="stage-1 export (default: the adapter's)")
     p.add_argument("--scale", type=int, default=None, help="must match the adapter's (default)")
-    p.add_argument("--guidance", type=float, default=1.07, help="CFG scale (1 = positive only)")
+    p.add_argument("--guidance", type=float, default=1.07, help="CFG scale (1 = positive only; default: %(default)s)")
     p.add_argument("--blur", type=float, default=None, help="override the estimated blur score "
                    "(0..1): the fidelity <-> generation dial")
     p.add_argument("--noise", type=float, default=None, help="override the estimated noise score")
-    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
-    p.add_argument("--tile", type=int, default=96, help="latent tile size (latent pixels)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap")
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
+                   help="colour correction of the output towards the LR (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=96, help="latent tile size (latent pixels; default: %(default)s)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1,
                    help="images of the same size per call (default 1: the LoRA merged per image; "
                         "B > 1 runs it unmerged with per-sample modulation unless --blur and "
@@ -40,7 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
 
 
