@@ -60,3 +60,16 @@ def test_help_gives_the_defaults_the_readme_relies_on():
     sr = " ".join(subs.choices["sr"].format_help().split())
     for text in ("default: 1.07)", "(default: wavelet)", "default: 96)", "(default: 32)"):
         assert text in sr, text
+
+
+def test_eval_vgg_that_is_not_a_torch_file_says_so(tmp_path):
+    """`degsr eval --vgg junk.pth` said `not a readable VGG16 weights file (174812789)`: torch.load's
+    KeyError, whose text is a bare number."""
+    from degsr.errors import UserError
+    from degsr.metrics.lpips import _load_state_dict
+
+    junk = tmp_path / "junk.pth"
+    junk.write_text("junk\n")
+    with pytest.raises(UserError) as e:
+        _load_state_dict(junk, "VGG16 weights")
+    assert "not one torch.save wrote" in str(e.value) and "Error" in str(e.value)

@@ -253,7 +253,8 @@ def _load_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt / not a torch file / pickled code
-        raise UserError(f"{path}: not a readable {what} file ({_one_line(e)})") from None
+        raise UserError(f"{path}: not a readable {what} file, not one torch.save wrote "
+                        f"({type(e).__name__}: {_one_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
