@@ -45,6 +45,17 @@ def test_tiny_folder_layout(tiny_folder):
     assert (tiny_folder / "tokenizer" / "merges.txt").is_file()
 
 
+def test_writing_a_tiny_folder_draws_no_progress_bar(tmp_path, capfd):
+    """transformers' save draws "Writing model shards" even into a log file (the quickstart's
+    stderr redirected); degsr's own bars show only on a terminal or with -v."""
+    from transformers.utils import logging as tlog
+
+    assert tlog.is_progress_bar_enabled()
+    save_tiny_pretrained(tmp_path / "sd", seed=1)
+    assert capfd.readouterr().err == ""
+    assert tlog.is_progress_bar_enabled()  # put back as it was
+
+
 def test_load_pretrained_embeddings_match_direct_encoding(tiny_folder, comp):
     from transformers import CLIPTextModel, CLIPTokenizer
     from safetensors.torch import load_file

@@ -123,7 +123,7 @@ def render(p, results: dict) -> str:
         "The Laplacian variance rewards every edge, including blocks on the latent grid and "
         "exaggerated texture that a briefly fitted base and estimator draw: look at "
         "comparison.png before reading \"sharper\" as \"better\". `degsr sr` modulates the LoRA "
-        "with the stage-1 estimate of each LR's (blur, noise); a quickstart's 90 s of stage 1 "
+        "with the stage-1 estimate of each LR's (blur, noise); a quickstart's short stage 1 "
         "learn the blur score, not yet the noise score (see `degsr estimate`), so a clean "
         "bicubic LR gets a restoration meant for a degraded one. `degsr sr --blur B --noise N` "
         "sets the vector by hand.", "",

@@ -127,7 +127,7 @@ def build_scheduler(config: dict) -> Any:
 # --------------------------------------------------------------------------- loading
 
 @contextlib.contextmanager
-def _quiet_libraries():
+def quiet_libraries():
     """transformers' and diffusers' loggers at error level and their progress bars off for the
     body (load reports, the "unsafe serialization" notes of .bin files, "Loading weights" bars)."""
     from diffusers.utils import logging as dlog
@@ -165,7 +165,7 @@ def load_local(what: str, root: Path, fn, weights: bool = False, key: str = "mod
         if not any((".fp16." in p.name) == fp16 for p in folder.glob("*.safetensors")):
             kw["use_safetensors"] = False  # .bin only: diffusers logs its safetensors miss as an error
     try:
-        with _quiet_libraries():  # their load reports and warnings: we say what matters once
+        with quiet_libraries():  # their load reports and warnings: we say what matters once
             out = fn(str(root), subfolder=what, local_files_only=True, **kw)
     except Exception as e:  # noqa: BLE001 - safetensors, tokenizers and hub errors have own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

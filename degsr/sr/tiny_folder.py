@@ -12,7 +12,7 @@ from typing import Sequence
 
 from degsr.sr.arch import arch_configs
 from degsr.sr.components import (_seeded, build_scheduler, build_text_encoder, build_unet,
-                                 build_vae)
+                                 build_vae, quiet_libraries)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -90,9 +90,10 @@ def save_tiny_pretrained(folder: str | Path, seed: int = 0, *, unet: dict | None
     with _seeded(seed):
         unet, vae = build_unet(cfg["unet"]), build_vae(cfg["vae"])
         text_encoder = build_text_encoder(cfg["text"])
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
+    with quiet_libraries():  # transformers' "Writing model shards" bar, even into a log file
+        unet.save_pretrained(folder / "unet")
+        vae.save_pretrained(folder / "vae")
+        text_encoder.save_pretrained(folder / "text_encoder")
     write_tiny_tokenizer(folder / "tokenizer", cfg["text"]["max_position_embeddings"])
     build_scheduler(cfg["scheduler"]).save_pretrained(folder / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
