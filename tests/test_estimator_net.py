@@ -377,3 +377,5 @@ def test_a_checkpoint_file_or_a_stage2_export_is_named_for_what_it_is(tmp_path):
         load_estimator(sr)
     assert str(exc.value) == (f"{sr}: a stage-2 (SR adapter) export, not a stage-1 estimator "
                               "export; its estimator: /runs/est/export")
+    with pytest.raises(UserError, match=rf"^{tmp_path}/nope: no such file or folder \(an estimator"):
+        load_estimator(tmp_path / "nope")  # said 'estimator config not found: .../nope/estimator.json'

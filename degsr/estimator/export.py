@@ -87,10 +87,14 @@ def _read_config(config: Path) -> EstimatorNetConfig:
 
 
 def _check_kind(path: str | os.PathLike) -> None:
-    """A one-line UserError for the two likely mix-ups, which read 'estimator config not found:
-    <path>/estimator.json' before, a path that names a file as if it were a folder: a file that
-    is no export (a Lightning ``.ckpt``), and a stage-2 (SR adapter) export."""
+    """A one-line UserError for a path that is not there and the two likely mix-ups, which read
+    'estimator config not found: <path>/estimator.json' before, a path that names a file as if it
+    were a folder: a file that is no export (a Lightning ``.ckpt``), and a stage-2 (SR adapter)
+    export."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder (an estimator export: a folder with "
+                        f"{STEM}.safetensors + {STEM}.json, as `degsr fit` writes into <run>/export)")
     if p.is_file() and p.suffix not in (".safetensors", ".json"):
         raise UserError(f"{path}: a file, not an estimator export (a folder with "
                         f"{STEM}.safetensors + {STEM}.json, or either file)")
