@@ -206,3 +206,13 @@ def test_bench_infer_refuses_a_negative_memory_cap(capsys):
             build_parser().parse_args(["bench", "infer", "--mem-cap-gib", bad])
         assert e.value.code == 2 and "--mem-cap-gib" in capsys.readouterr().err
     assert build_parser().parse_args(["bench", "infer", "--mem-cap-gib", "24"]).mem_cap_gib == 24
+
+
+def test_bench_infer_refuses_a_memory_cap_it_cannot_apply(capsys):
+    """On the CPU the cap was ignored without a word, and the timings read as a capped run's."""
+    from degsr.cli import main
+
+    assert main(["bench", "infer", "--arch", "tiny", "--device", "cpu", "--sizes", "64",
+                 "--mem-cap-gib", "24"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--mem-cap-gib caps CUDA memory; on --device cpu" in err

@@ -43,7 +43,10 @@ def run(args) -> dict:
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[precision]
-    if args.mem_cap_gib and device.type == "cuda":
+    if args.mem_cap_gib and device.type != "cuda":  # it would be ignored, and the JSON look capped
+        raise UserError(f"--mem-cap-gib caps CUDA memory; on --device {args.device} it has no "
+                        "effect: leave it out")
+    if args.mem_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2 ** 30 / total),
                                                    torch.cuda.current_device())
