@@ -442,6 +442,18 @@ def test_existing_path_expands_the_home_folder(tmp_path, monkeypatch):
     assert problems(overrides=["sr.lpips_vgg=~/nope.pth"])[0].startswith("config error: sr.lpips_vgg:")
 
 
+def test_a_tilde_that_names_no_user_is_one_line_naming_the_key_or_file():
+    """``~nouser/x`` (or Hydra's ``~key`` deletion, read as a file): pathlib's expanduser raised
+    RuntimeError, a traceback from the loader or later from fit."""
+    got = problems(overrides=["run.dir=~nosuchuser_degsr/runs", "sr.estimator=~nosuchuser_degsr/e",
+                              "data.val_folder=~nosuchuser_degsr/val"])
+    assert got[0].startswith("config error: sr.estimator: path does not exist")
+    assert sorted(p.split(":")[1].strip() for p in got[1:]) == ["data.val_folder", "run.dir"]
+    assert all("~nosuchuser_degsr" in p for p in got)
+    got = problems(["~trainer.max_steps"])
+    assert len(got) == 1 and "config file not found: ~trainer.max_steps" in got[0]
+
+
 def test_override_forms_and_conflicts(tmp_path):
     assert load_config([], ["+run.seed=3"]).run.seed == 3
     # null is None only for an optional text key; a plain text key keeps the word

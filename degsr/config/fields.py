@@ -39,6 +39,19 @@ def problems_of(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def unexpandable(flat: dict[str, Any], reported: list[str]) -> list[str]:
+    """``"key: problem"`` for each path value of a flattened config whose ``~user`` names no user
+    (pathlib's expanduser, where the path is used, would raise); keys ``reported`` already (a
+    path that does not exist) are left out."""
+    import os
+
+    return [f"{key}: cannot expand '{value.split('/', 1)[0]}' in {value!r} (no such user, or no "
+            "home folder): write the path in full" for key, value in flat.items()
+            if isinstance(value, str) and value.startswith("~") and key != "run.name"
+            and not key.startswith("logger.") and os.path.expanduser(value) == value
+            and not any(f" {key}: " in f" {p}" for p in reported)]
+
+
 def as_dataclass(cfg: Any, default: Any = None) -> Any:
     """A config section as its dataclass: an OmegaConf node is converted, a dataclass (or None,
     then ``default``) passes through."""
@@ -153,8 +166,8 @@ def odd_sizes(default: Sequence[int], doc: str = "", *, most: int = 21) -> Any:
 def existing_path(default: Any = None, doc: str = "") -> Any:
     """A filesystem path that must exist when set (None = not used)."""
     def check(v):
-        from pathlib import Path
+        import os
         if v is None or v == "":
-            return None
-        return None if Path(v).expanduser().exists() else f"path does not exist: {v}"
+            return None  # os.path's expanduser: Path's raises for a ~user that does not exist
+        return None if os.path.exists(os.path.expanduser(v)) else f"path does not exist: {v}"
     return _field(default, check, doc)

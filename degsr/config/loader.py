@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from degsr.config.fields import problems_of
+from degsr.config.fields import problems_of, unexpandable
 from degsr.config.schema import Config
 from degsr.errors import ConfigError
 
@@ -53,6 +53,10 @@ def _type_name(tp: Any) -> str:
 
 def _read_yaml(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     """A YAML file as a dict, with its ``include`` list resolved (depth first)."""
+    if os.path.expanduser(path) == str(path) and str(path).startswith("~"):  # Path's would raise
+        raise ConfigError([f"config error: config file not found: {path} (there is no user "
+                           f"'{path.parts[0][1:]}' for '~' to name; an override is key=value, "
+                           "and a key cannot be removed, only set)"])
     path = path.expanduser().resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
@@ -249,6 +253,8 @@ def validate(cfg: DictConfig, schema_cls: type = Config) -> None:
         if problems:
             raise ConfigError(problems)
         problems.extend(f"config error: {p}" for p in problems_of(OmegaConf.to_object(cfg)))
+        problems.extend(f"config error: {p}" for p in unexpandable(
+            flatten(OmegaConf.to_container(cfg, resolve=True)), problems))
     except OmegaConfBaseException as e:  # a ${...} interpolation that does not resolve
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError([f"config error: {e.full_key or 'a value'}: {first}"]) from None
