@@ -420,6 +420,43 @@ def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ fit's helpers
+def test_a_second_fit_of_a_run_being_trained_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+    """Two `degsr fit` of one run at once (the same job submitted twice) both trained, writing
+    the same checkpoints, export, events and W&B run. The second is now one line; the lock is
+    rank 0's only (a launcher's ranks 1.. run the same fit) and leaves no file behind."""
+    import fcntl
+
+    import degsr.training.fit as fitmod
+    from degsr.config import load_config
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config([], [f"run.dir={tmp_path}", "run.name=r", "trainer.accelerator=cpu"])
+    root = tmp_path / "r"
+    root.mkdir()
+    with open(root / ".fit.lock", "w") as held:  # what the first fit holds
+        held.write("pid 12345 on node7\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match=r"run .*r is being trained by another degsr fit "
+                                            r"\(pid 12345 on node7\)"):
+            fitmod.fit(cfg)
+        assert sorted(p.name for p in root.iterdir()) == [".fit.lock"]
+    from degsr.training.tracking import RunLock
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: takes no lock
+    with RunLock(root) as a, RunLock(root) as b:
+        assert a.file is None and b.file is None
+    monkeypatch.delenv("LOCAL_RANK")
+    with RunLock(root) as lock:
+        assert lock.file is not None and f"pid {os.getpid()}" in (root / ".fit.lock").read_text()
+        with pytest.raises(UserError, match="being trained by another degsr fit"):
+            RunLock(root).__enter__()
+    assert not (root / ".fit.lock").exists()
+    with RunLock(root):  # given back: the next fit takes it
+        pass
+
+
 def test_check_same_stage(tmp_path):
     import degsr.training.fit as fitmod
     from degsr.config import load_config, save_config

@@ -7,6 +7,8 @@ from the newest complete checkpoint in ``checkpoints/`` (damaged ones are skippe
 and logs into the same W&B run. Resuming is exact: model, optimisers, step counters, data stream
 position and every random draw continue as if the run had not stopped (see
 :mod:`degsr.data.module`, :func:`degsr.seeding.batch_generator`).
+One fit at a time trains a run directory (:class:`degsr.training.tracking.RunLock`): a second one
+started meanwhile is a one-line error.
 
 Besides checkpoints, logs and the export, rank 0 writes ``events.jsonl`` (one JSON line per start,
 preemption and end, with the global step) and, when training ends, ``final.json``
@@ -37,8 +39,8 @@ from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, find_resume,
                                        is_lightning)
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
-from degsr.training.tracking import (finish_wandb, is_wandb, log_export_artifact, make_logger,
-                                     run_dir)
+from degsr.training.tracking import (RunLock, finish_wandb, is_wandb, log_export_artifact,
+                                     make_logger, run_dir)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
@@ -268,13 +270,18 @@ def _check_same_run(root: Path, cfg: DictConfig) -> None:
 
 def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
-    from degsr.data.module import SRDataModule
-
     if "SLURM_JOB_ID" not in os.environ:  # Slurm installed here but not in a job: nothing to say
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
     check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
+    with RunLock(root):  # before anything is read: another fit of this run may be writing it
+        return _fit(cfg, root)
+
+
+def _fit(cfg: DictConfig, root: Path) -> dict:
+    from degsr.data.module import SRDataModule
+
     resume = find_resume(root / "checkpoints")
     if resume is None and (root / "final.json").is_file():
         raise UserError(f"run {root} has ended (final.json) but checkpoints/ holds no usable "
