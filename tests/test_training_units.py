@@ -420,6 +420,25 @@ def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ fit's helpers
+def test_a_save_that_was_cut_off_is_removed_by_the_next_fit_of_the_run(tmp_path, monkeypatch):
+    """A job killed mid-save left ``.last.ckpt.<pid>.tmp`` (a whole checkpoint's size) in the run
+    for good: the next fit, holding the run's lock, removes it."""
+    import degsr.training.fit as fitmod
+    from degsr.config import load_config
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    ckpts = tmp_path / "r" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".last.ckpt.4242.tmp").write_bytes(b"PK\x03\x04 cut off")
+    (ckpts / "notes.tmp").write_text("not a save: left alone")
+    cfg = load_config([], [f"run.dir={tmp_path}", "run.name=r", "trainer.accelerator=cpu",
+                           "logger.wandb=false"])
+    with pytest.raises(UserError, match="data.train_shards"):  # no data: it stops there
+        fitmod.fit(cfg)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["notes.tmp"]
+
+
 def test_a_second_fit_of_a_run_being_trained_is_refused_and_writes_nothing(tmp_path, monkeypatch):
     """Two `degsr fit` of one run at once (the same job submitted twice) both trained, writing
     the same checkpoints, export, events and W&B run. The second is now one line; the lock is

@@ -63,6 +63,15 @@ def find_resume(folder: Path) -> Path | None:
     return None
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the ``.NAME.ckpt.<pid>.tmp`` files of saves that were cut off (a job killed mid-save
+    by SIGKILL or a node failure): nothing ever reads or removes them, and each is a whole
+    checkpoint's size. Only while holding the run's lock: then no other fit is saving."""
+    for path in Path(folder).glob(".*.ckpt.*.tmp"):
+        console.log.info(f"removing {path}: a checkpoint save that was cut off")
+        path.unlink(missing_ok=True)
+
+
 def is_lightning(path: Path) -> bool:
     """Whether a complete torch checkpoint is one Lightning wrote (its pickle names the key
     ``pytorch-lightning_version``; the tensors are separate members, so this reads little)."""

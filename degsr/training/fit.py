@@ -37,7 +37,7 @@ from degsr.config import flatten, save_config
 from degsr.errors import UserError
 from degsr.io import atomic_write_bytes
 from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, find_resume,
-                                       is_lightning)
+                                       is_lightning, remove_stale_temps)
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 from degsr.training.tracking import (RunLock, finish_wandb, is_wandb, log_export_artifact,
                                      make_logger, run_dir)
@@ -275,7 +275,9 @@ def fit(cfg: DictConfig) -> dict:
     check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    with RunLock(root):  # before anything is read: another fit of this run may be writing it
+    with RunLock(root) as lock:  # before anything is read: another fit may be writing the run
+        if lock.file is not None:  # no other fit writes it: an earlier one's cut-off saves go
+            remove_stale_temps(root / "checkpoints")
         return _fit(cfg, root)
 
 
