@@ -906,3 +906,18 @@ def test_memory_only_keys_may_change_on_resume_and_training_keys_may_not(tmp_pat
                                                         "data.val_batch_size=1"]))
     with pytest.raises(UserError, match=r"sr\.lr: "):
         fitmod._check_same_run(tmp_path, load_config([SR], ["sr.lr=0.5"]))
+
+
+def test_a_rerun_with_fewer_steps_than_its_checkpoint_says_so(shards, tmp_path, caplog):
+    """trainer.max_steps below the step of the run's checkpoint 'finished' at once, silently,
+    reporting the checkpoint's step: it now says that nothing was trained, and why."""
+    args = _est_args(shards, tmp_path, "data.val_crops=2", "data.val_batch_size=2")
+    fitmod.fit(load_config([EST], [*args, "trainer.max_steps=2"]))
+    with caplog.at_level("WARNING", logger="degsr"):
+        out = fitmod.fit(load_config([EST], [*args, "trainer.max_steps=1"]))
+    assert out["global_step"] == 2 and out["status"] == "finished"
+    assert "at step 2, past trainer.max_steps=1: nothing trained" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="degsr"):
+        fitmod.fit(load_config([EST], [*args, "trainer.max_steps=2"]))  # the same run: quiet
+    assert "nothing trained" not in caplog.text

@@ -317,6 +317,10 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
         if resume is not None:
             runlog.end_skipped(trainer, module)
+        if resume is not None and trainer.global_step > cfg.trainer.max_steps:
+            console.log.warning(f"run {root}: its checkpoint is at step {trainer.global_step}, past "
+                                f"trainer.max_steps={cfg.trainer.max_steps}: nothing trained (a "
+                                "run cannot go back; give another run.name for a shorter one)")
         failed = False
     except BaseException as e:
         # the ranks this process started (Lightning's subprocess launcher) must not outlive the
