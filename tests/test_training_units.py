@@ -420,6 +420,20 @@ def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ fit's helpers
+def test_a_run_directory_that_cannot_be_made_is_one_line_naming_run_dir(tmp_path):
+    """run.dir (or the run directory) a file: 'File exists: ...' / 'Not a directory: ...', an
+    OSError that named neither key."""
+    import degsr.training.fit as fitmod
+    from degsr.config import load_config
+
+    (tmp_path / "f").write_text("")
+    for run_dir, name in ((tmp_path, "f"), (tmp_path / "f", "r")):
+        cfg = load_config([], [f"run.dir={run_dir}", f"run.name={name}", "trainer.accelerator=cpu"])
+        with pytest.raises(UserError, match=r"^run\.dir/run\.name: .* is a file, not a folder"):
+            fitmod.fit(cfg)
+    assert (tmp_path / "f").read_text() == ""
+
+
 def test_a_save_that_was_cut_off_is_removed_by_the_next_fit_of_the_run(tmp_path, monkeypatch):
     """A job killed mid-save left ``.last.ckpt.<pid>.tmp`` (a whole checkpoint's size) in the run
     for good: the next fit, holding the run's lock, removes it."""

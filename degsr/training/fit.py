@@ -274,7 +274,13 @@ def fit(cfg: DictConfig) -> dict:
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
     check_allocation(cfg)  # before any model is built or device touched
     root = run_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"run.dir/run.name: {root} or a folder above it is a file, not a folder: "
+                        "give another run.dir or run.name") from None
+    except OSError as e:
+        raise UserError(f"run.dir: cannot create the run directory {root} ({e.strerror or e})") from None
     with RunLock(root) as lock:  # before anything is read: another fit may be writing the run
         if lock.file is not None:  # no other fit writes it: an earlier one's cut-off saves go
             remove_stale_temps(root / "checkpoints")
