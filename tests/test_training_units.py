@@ -505,6 +505,28 @@ def test_check_same_stage(tmp_path):
         check(tmp_path, sr)
 
 
+def test_a_resume_that_moves_a_cosine_schedules_end_says_the_rate_jumps(tmp_path, caplog):
+    """The cosine decays to 0 at trainer.max_steps, which a resume may change: the rest of the
+    run then follows the new cosine (an ended run's rate back from 0 to half of lr), unsaid."""
+    import degsr.training.fit as fitmod
+    from degsr.config import load_config, save_config
+
+    base = [f"run.dir={tmp_path}", "estimator.lr_schedule=cosine"]
+    save_config(load_config([], [*base, "trainer.max_steps=100"]), tmp_path)
+    for steps, schedule, said in ((100, "cosine", False), (200, "cosine", True),
+                                  (200, "constant", False)):
+        caplog.clear()
+        cfg = load_config([], [*base, f"trainer.max_steps={steps}",
+                               f"estimator.lr_schedule={schedule}"])
+        with caplog.at_level("WARNING", logger="degsr"):
+            try:
+                fitmod._check_same_run(tmp_path, cfg)
+            except UserError:  # another schedule: refused, as any other training key
+                assert schedule == "constant"
+        assert ("trainer.max_steps 100 -> 200 with estimator.lr_schedule=cosine: the learning "
+                "rate jumps" in caplog.text) == said, (steps, schedule)
+
+
 def test_final_metrics_keeps_scalars_rounded():
     from degsr.training.fit import final_metrics
 

@@ -266,6 +266,12 @@ def _check_same_run(root: Path, cfg: DictConfig) -> None:
         raise UserError(f"run {root} was trained with another config (its config.yaml): {shown}"
                         f"{more}; resume it with the same values, or give another run.name to "
                         "start a new run")
+    steps = old.get("trainer.max_steps")
+    if cfg.stage == "estimator" and cfg.estimator.lr_schedule == "cosine" and steps not in (
+            None, cfg.trainer.max_steps):  # LambdaLR keeps the step, the factor is recomputed
+        console.log.warning(f"run {root}: trainer.max_steps {steps} -> {cfg.trainer.max_steps} "
+                            "with estimator.lr_schedule=cosine: the learning rate jumps to the new "
+                            "cosine's value at the checkpoint's step (from ~0, resuming an ended run)")
 
 
 def fit(cfg: DictConfig) -> dict:
