@@ -921,3 +921,19 @@ def test_a_rerun_with_fewer_steps_than_its_checkpoint_says_so(shards, tmp_path, 
     with caplog.at_level("WARNING", logger="degsr"):
         fitmod.fit(load_config([EST], [*args, "trainer.max_steps=2"]))  # the same run: quiet
     assert "nothing trained" not in caplog.text
+
+
+def test_a_moved_run_keeps_only_its_last_n_checkpoints(shards, tmp_path):
+    """run.dir may change on resume (a run moved from scratch space): Lightning then dropped the
+    list of periodic checkpoints ("The dirpath has changed ...") and never removed those."""
+    import shutil
+
+    args = _est_args(shards, tmp_path, "trainer.checkpoint_every_n_steps=1", "trainer.keep_last_n=2")
+    fitmod.fit(load_config([EST], [*args, "trainer.max_steps=3"]))
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "r", tmp_path / "moved" / "r")
+    out = fitmod.fit(load_config([EST], [*args, "trainer.max_steps=5", f"run.dir={tmp_path / 'moved'}"]))
+    assert out["global_step"] == 5 and Path(out["run_dir"]) == tmp_path / "moved" / "r"
+    assert events(out["run_dir"])[-2]["resumed_from"].endswith("moved/r/checkpoints/last.ckpt")
+    assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 5, "step0000004.ckpt": 4,
+                                           "step0000005.ckpt": 5}

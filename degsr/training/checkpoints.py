@@ -8,7 +8,7 @@
   (torch's zip container, every member's CRC checked), and says which damaged ones it skipped.
 - :class:`RunCheckpoint` is Lightning's ModelCheckpoint as ``degsr fit`` uses it (``step*.ckpt``
   every N steps, the newest ``keep_last_n`` kept, ``last.ckpt``), made safe to resume with another
-  ``checkpoint_every_n_steps``/``keep_last_n`` and saving the step a run ends on.
+  ``checkpoint_every_n_steps``/``keep_last_n``, in another place and saving the step a run ends on.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint(monitor="step", mode="max"): the newest ``save_top_k`` periodic checkpoints
     and ``last.ckpt``, with three changes that matter when a run is resumed:
 
-    - its ``state_key`` does not name ``every_n_train_steps``: Lightning's key does, so a run
+    - a run directory moved or copied (``run.dir``/``run.name`` changed) keeps managing its
+  checkpoints, found by name in the new place (Lightning forgot them with a warning).
+- its ``state_key`` does not name ``every_n_train_steps``: Lightning's key does, so a run
       resumed with another ``trainer.checkpoint_every_n_steps`` dropped the saved list of periodic
       checkpoints (with the warning "callbacks used to create the checkpoint need to be provided")
       and never removed the earlier attempt's ``step*.ckpt`` files. Checkpoints written under
@@ -112,6 +114,20 @@ class RunCheckpoint(ModelCheckpoint):
                 "ModelCheckpoint{'monitor': 'step', 'mode': 'max',")]
             if len(old) == 1:
                 states[self.state_key] = states[old[0]]  # load_state_dict runs after this hook
+
+    def load_state_dict(self, state_dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:  # the run directory was moved or copied
+            # (run.dir, run.name may change): Lightning then forgot the periodic checkpoints,
+            # which were never removed; they are the files of the same names here
+            def here(p):
+                return os.path.join(self.dirpath, os.path.basename(p)) if p else p
+
+            state_dict = {**state_dict, "dirpath": self.dirpath, "best_k_models": {
+                here(p): v for p, v in (state_dict.get("best_k_models") or {}).items()}, **{
+                k: here(state_dict.get(k)) for k in ("kth_best_model_path", "last_model_path",
+                                                     "best_model_path")}}
+        super().load_state_dict(state_dict)
 
     def on_train_start(self, trainer, module) -> None:
         super().on_train_start(trainer, module)
