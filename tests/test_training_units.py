@@ -368,6 +368,22 @@ def test_find_resume_takes_only_ckpt_files(tmp_path):
     assert find_resume(tmp_path / "missing") is None
 
 
+def test_find_resume_takes_the_furthest_step_whatever_the_file_times(tmp_path):
+    """A run copied with `cp -r` (or rsync without -t) has its checkpoints' times in the order of
+    the copy: the newest by time was step 15 of a run whose last.ckpt is at step 16, and the
+    rerun trained (and exported) again from there."""
+    from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
+
+    io = AtomicCheckpointIO()
+    for i, (name, step) in enumerate((("step0000016.ckpt", 16), ("last.ckpt", 17),
+                                      ("step0000015.ckpt", 15))):  # copied in this order
+        io.save_checkpoint({"global_step": step, "pytorch-lightning_version": "2"}, tmp_path / name)
+        os.utime(tmp_path / name, ns=(10 + i, 10 + i))
+    assert find_resume(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt").write_bytes((tmp_path / "last.ckpt").read_bytes()[:50])  # cut off
+    assert find_resume(tmp_path) == tmp_path / "step0000016.ckpt"
+
+
 def test_checkpoint_is_fsynced_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     """The rename must not reach the disk before the data (a node crash would leave an empty
     last.ckpt where a complete one was)."""

@@ -4,8 +4,9 @@
   folder, fsyncs it and renames it over ``NAME.ckpt``: a job killed mid-save leaves the previous
   checkpoint as it was (Lightning's ModelCheckpoint removes an older checkpoint only after the new
   one is saved, so "keep last N" never drops below N complete files).
-- :func:`find_resume` picks the newest checkpoint in the run's ``checkpoints/`` that is complete
-  (torch's zip container, every member's CRC checked), and says which damaged ones it skipped.
+- :func:`find_resume` picks the checkpoint of the furthest step (then the newest) in the run's
+  ``checkpoints/`` that is complete (torch's zip container, every member's CRC checked), and says
+  which damaged ones it skipped.
 - :class:`RunCheckpoint` is Lightning's ModelCheckpoint as ``degsr fit`` uses it (``step*.ckpt``
   every N steps, the newest ``keep_last_n`` kept, ``last.ckpt``), made safe to resume with another
   ``checkpoint_every_n_steps``/``keep_last_n``, in another place and saving the step a run ends on.
@@ -51,10 +52,21 @@ def damage(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+def _global_step(path: Path) -> float:
+    """The ``global_step`` a checkpoint holds (its tensors mapped, not read); infinity when it
+    has none or cannot be read, so that such a file is looked at first (and reported)."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 - damaged or foreign: damage() / is_lightning() say so
+        return float("inf")
+
+
 def find_resume(folder: Path) -> Path | None:
-    """The newest complete ``*.ckpt`` in ``folder`` (by modification time), or None."""
+    """The newest complete ``*.ckpt`` in ``folder``: the furthest step, then the latest
+    modification time (a copy made with ``cp -r`` or ``rsync`` without times has them in the
+    order of the copy: resumed from an older step, the run trained again what it had), or None."""
     candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file()),
-                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+                        key=lambda p: (_global_step(p), p.stat().st_mtime_ns), reverse=True)
     for path in candidates:
         problem = damage(path)
         if problem is None:
