@@ -94,11 +94,11 @@ def is_lightning(path: Path) -> bool:
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint(monitor="step", mode="max"): the newest ``save_top_k`` periodic checkpoints
-    and ``last.ckpt``, with three changes that matter when a run is resumed:
+    and ``last.ckpt``, with four changes that matter when a run is resumed:
 
     - a run directory moved or copied (``run.dir``/``run.name`` changed) keeps managing its
-  checkpoints, found by name in the new place (Lightning forgot them with a warning).
-- its ``state_key`` does not name ``every_n_train_steps``: Lightning's key does, so a run
+      checkpoints, found by name in the new place (Lightning forgot them with a warning).
+    - its ``state_key`` does not name ``every_n_train_steps``: Lightning's key does, so a run
       resumed with another ``trainer.checkpoint_every_n_steps`` dropped the saved list of periodic
       checkpoints (with the warning "callbacks used to create the checkpoint need to be provided")
       and never removed the earlier attempt's ``step*.ckpt`` files. Checkpoints written under
