@@ -544,7 +544,7 @@ def test_a_resume_that_moves_a_cosine_schedules_end_says_the_rate_jumps(tmp_path
 
 
 def test_final_metrics_keeps_scalars_rounded():
-    from degsr.training.fit import final_metrics
+    from degsr.training.runlog import final_metrics
 
     t = SimpleNamespace(callback_metrics={"a": torch.tensor(1.23456789), "v": torch.tensor([1.0, 2.0]),
                                           "n": 3, "f": 0.1234567, "s": "text"})
@@ -586,7 +586,7 @@ def test_seed_each_batch_draws_from_the_runs_batch_count_not_the_epochs(monkeypa
 
 def test_runlog_writes_final_json_and_exports_only_a_finished_run(tmp_path):
     from degsr.config import load_config
-    from degsr.training.fit import RunLog
+    from degsr.training.runlog import RunLog
 
     cfg = load_config([], [f"run.dir={tmp_path}", "trainer.max_steps=9"])
     exported = []
