@@ -37,7 +37,11 @@ def setup(verbose: bool = False) -> None:
                         # stage 2 steps by hand and checkpoints after the step on purpose; its
                         # frozen parts (VAE decoder, DINO, VGG) are in eval mode on purpose
                         r"Using ModelCheckpoint with manual optimization.*",
-                        r"Found \d+ module\(s\) in eval mode at the start of training.*"):
+                        r"Found \d+ module\(s\) in eval mode at the start of training.*",
+                        # a rerun resumes from its run directory's checkpoints on purpose; a
+                        # run without validation sets has an empty list of val loaders
+                        r"Checkpoint directory .* exists and is not empty.*",
+                        r"Total length of `list` across ranks is zero.*"):
             warnings.filterwarnings("ignore", message=pattern)
         quiet_lightning()
 

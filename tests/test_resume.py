@@ -921,6 +921,16 @@ def test_a_rerun_with_fewer_steps_than_its_checkpoint_says_so(shards, tmp_path, 
     with caplog.at_level("WARNING", logger="degsr"):
         fitmod.fit(load_config([EST], [*args, "trainer.max_steps=2"]))  # the same run: quiet
     assert "nothing trained" not in caplog.text
+    # trainer.max_minutes is counted over a run's attempts: a rerun of a run that used them up
+    # 'finished' at once, silently too
+    args = _est_args(shards, tmp_path, "run.name=timed", "trainer.max_steps=4",
+                     "trainer.max_minutes=0.000001")
+    assert fitmod.fit(load_config([EST], args))["global_step"] == 1  # stopped after its 1st step
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="degsr"):
+        assert fitmod.fit(load_config([EST], args))["global_step"] == 1
+    assert ("nothing trained: earlier attempts used up its trainer.max_minutes=1e-06 (the clock "
+            "counts over every attempt of a run) at step 1 of 4") in caplog.text
 
 
 def test_a_moved_run_keeps_only_its_last_n_checkpoints(shards, tmp_path):
@@ -937,3 +947,21 @@ def test_a_moved_run_keeps_only_its_last_n_checkpoints(shards, tmp_path):
     assert events(out["run_dir"])[-2]["resumed_from"].endswith("moved/r/checkpoints/last.ckpt")
     assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 5, "step0000004.ckpt": 4,
                                            "step0000005.ckpt": 5}
+
+
+def test_a_resume_shows_no_lightning_warning_about_its_own_checkpoints(shards, tmp_path):
+    """Every rerun of a run printed Lightning's 'Checkpoint directory ... exists and is not
+    empty': a resume reads that folder on purpose (degsr fit's filters, as the CLI sets them)."""
+    import warnings
+
+    from degsr import console
+
+    args = _est_args(shards, tmp_path, "trainer.max_steps=1")
+    fitmod.fit(load_config([EST], args))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        console.setup(False)
+        out = fitmod.fit(load_config([EST], [*args, "trainer.max_steps=2"]))
+    assert out["global_step"] == 2 and events(out["run_dir"])[-2]["resumed_from"]
+    assert not [w for w in seen if "exists and is not empty" in str(w.message)], \
+        [str(w.message) for w in seen]

@@ -639,13 +639,13 @@ def test_only_sigusr1_marks_a_wandb_run_preempting(tmp_path, monkeypatch):
     """A sweep re-queues a run marked preempting. SIGUSR1 (the time-limit warning) must mark
     it; SIGTERM must not: a sweep agent stops the runs its early termination drops with
     SIGTERM, and marked, they came back to be resumed."""
-    from degsr.training import fit as fitmod
+    from degsr.training import runlog
 
     marked = []
-    monkeypatch.setattr(fitmod, "is_wandb", lambda logger: True)
+    monkeypatch.setattr(runlog, "is_wandb", lambda logger: True)
     logger = SimpleNamespace(experiment=SimpleNamespace(mark_preempting=lambda: marked.append(1)))
     trainer = SimpleNamespace(is_global_zero=True, global_step=7, logger=logger)
-    log = fitmod.RunLog.__new__(fitmod.RunLog)
+    log = runlog.RunLog.__new__(runlog.RunLog)
     log.root = tmp_path
     log.preempted(trainer, False, "SIGTERM")
     assert marked == []

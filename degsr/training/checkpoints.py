@@ -52,7 +52,7 @@ def damage(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _global_step(path: Path) -> float:
+def checkpoint_step(path: Path) -> float:
     """The ``global_step`` a checkpoint holds (its tensors mapped, not read); infinity when it
     has none or cannot be read, so that such a file is looked at first (and reported)."""
     try:
@@ -66,7 +66,7 @@ def find_resume(folder: Path) -> Path | None:
     modification time (a copy made with ``cp -r`` or ``rsync`` without times has them in the
     order of the copy: resumed from an older step, the run trained again what it had), or None."""
     candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file()),
-                        key=lambda p: (_global_step(p), p.stat().st_mtime_ns), reverse=True)
+                        key=lambda p: (checkpoint_step(p), p.stat().st_mtime_ns), reverse=True)
     for path in candidates:
         problem = damage(path)
         if problem is None:

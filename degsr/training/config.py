@@ -23,7 +23,8 @@ class TrainerConfig:
                            "distribution strategy")
     precision: str = choice("32-true", PRECISIONS, "numeric precision (bf16-mixed on GPUs)")
     max_steps: int = positive(1000, "optimizer steps to train")
-    max_minutes: Optional[float] = number(None, "stop after this many minutes (None = no limit)",
+    max_minutes: Optional[float] = number(None, "stop after this many minutes of training, counted "
+                                          "over every attempt of a run (None = no limit)",
                                           lo=0, lo_open=True)
     val_every_n_steps: int = positive(200, "run validation every N training batches")
     log_every_n_steps: int = positive(10, "log scalars every N steps")

@@ -31,8 +31,8 @@ from omegaconf import DictConfig
 from degsr import console
 from degsr.config import flatten, save_config
 from degsr.errors import UserError
-from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, find_resume,
-                                       is_lightning, remove_stale_temps)
+from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step,
+                                       find_resume, is_lightning, remove_stale_temps)
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 from degsr.training.runlog import RunLog, append_event, ended_metrics, final_metrics
 from degsr.training.tracking import RunLock, finish_wandb, make_logger, run_dir
@@ -167,6 +167,21 @@ def _check_same_run(root: Path, cfg: DictConfig) -> None:
                             "cosine's value at the checkpoint's step (from ~0, resuming an ended run)")
 
 
+def _say_why_nothing_trained(root: Path, cfg: DictConfig, step: int, resumed_at: float,
+                             preempted: bool) -> None:
+    """A rerun that trained nothing 'finished' at once, silently: say why."""
+    t = cfg.trainer
+    if step > t.max_steps:
+        console.log.warning(f"run {root}: its checkpoint is at step {step}, past "
+                            f"trainer.max_steps={t.max_steps}: nothing trained (a run cannot go "
+                            "back; give another run.name for a shorter one)")
+    elif step == resumed_at < t.max_steps and t.max_minutes and not preempted:
+        console.log.warning(f"run {root}: nothing trained: earlier attempts used up its "
+                            f"trainer.max_minutes={t.max_minutes:g} (the clock counts over every "
+                            f"attempt of a run) at step {step} of {t.max_steps}; raise "
+                            "trainer.max_minutes to train on")
+
+
 def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
     if "SLURM_JOB_ID" not in os.environ:  # Slurm installed here but not in a job: nothing to say
@@ -222,10 +237,9 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
         if resume is not None:
             runlog.end_skipped(trainer, module)
-        if resume is not None and trainer.global_step > cfg.trainer.max_steps:
-            console.log.warning(f"run {root}: its checkpoint is at step {trainer.global_step}, past "
-                                f"trainer.max_steps={cfg.trainer.max_steps}: nothing trained (a "
-                                "run cannot go back; give another run.name for a shorter one)")
+        if resume is not None:
+            _say_why_nothing_trained(root, cfg, trainer.global_step, checkpoint_step(resume),
+                                     preemption.preempted)
         failed = False
     except BaseException as e:
         # the ranks this process started (Lightning's subprocess launcher) must not outlive the
