@@ -305,7 +305,7 @@ def test_truncated_checkpoint_is_skipped_at_resume(tmp_path, caplog):
 
 
 def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, caplog):
     """A finished run rerun under its name: with another network, a one-line error, and the
     run's config.yaml and final.json stay those of its checkpoints; with more steps, the new
     attempt drops the old final.json at its start (collect must not show the old end). A failed
@@ -323,8 +323,11 @@ def test_a_rerun_with_another_network_is_one_line_and_changes_nothing(shards, tm
     assert (root / "config.yaml").read_text() == config and (root / "final.json").read_text() == final
     assert codes == [0]  # refused before any W&B run was started
     (root / "config.yaml").rename(root / "config.keep")  # no config to compare: the load decides
-    with pytest.raises(UserError, match=r"does not fit this config .*size mismatch"):
+    with caplog.at_level("WARNING", logger="degsr"), pytest.raises(
+            UserError, match=r"does not fit this config .*size mismatch") as e:
         fitmod.fit(load_config([EST], [*base, "trainer.max_steps=2", "estimator.net.head_hidden=8"]))
+    assert "its config.yaml is missing or unreadable, so this config cannot be checked" in caplog.text
+    assert "config.yaml is unchanged" not in str(e.value)  # there is none
     (root / "config.keep").rename(root / "config.yaml")
     assert (root / "config.yaml").read_text() == config and (root / "final.json").read_text() == final
     assert codes == [0, 1]

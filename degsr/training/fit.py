@@ -144,8 +144,10 @@ def _check_same_run(root: Path, cfg: DictConfig) -> None:
     try:
         saved = yaml.safe_load((root / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
-        return  # no readable config: the checkpoint load decides
-    if not isinstance(saved, dict):
+        saved = None
+    if not isinstance(saved, dict):  # the checkpoint load still refuses other weights' shapes
+        console.log.warning(f"run {root}: its config.yaml is missing or unreadable, so this "
+                            "config cannot be checked against the run's; resuming with it")
         return
     if saved.get("stage") is not None and saved.get("stage") != cfg.stage:
         raise UserError(f"run {root} holds a stage-'{saved['stage']}' run; this is stage "
@@ -258,9 +260,10 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
                 "Error(s) in loading state_dict" in str(e)  # the weights
                 or "parameter group that doesn't match" in str(e)):  # the optimizer's groups
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            kept = "; the run's config.yaml is unchanged" if (root / "config.yaml").is_file() else ""
             raise UserError(f"run {root}: its checkpoint {resume.name} does not fit this config "
-                            f"({lines[min(1, len(lines) - 1)]}); the run's config.yaml is "
-                            "unchanged: give another run.name to start a new run") from None
+                            f"({lines[min(1, len(lines) - 1)]}){kept}: give another run.name to "
+                            "start a new run") from None
         raise
     finally:
         preemption.disarm()  # Lightning skips on_exception for some failures (a restore's)
