@@ -968,3 +968,18 @@ def test_a_resume_shows_no_lightning_warning_about_its_own_checkpoints(shards, t
     assert out["global_step"] == 2 and events(out["run_dir"])[-2]["resumed_from"]
     assert not [w for w in seen if "exists and is not empty" in str(w.message)], \
         [str(w.message) for w in seen]
+
+
+def test_a_resumed_attempt_that_trained_then_ran_out_of_minutes_is_not_called_empty(shards, tmp_path,
+                                                                                    caplog):
+    """The 'nothing trained ... max_minutes' warning compared the end step with the step of the
+    checkpoint it resumed from, read after training: last.ckpt, which the attempt itself had
+    rewritten at its end step. An attempt that trained and then met trainer.max_minutes was
+    told that it trained nothing."""
+    args = _est_args(shards, tmp_path, "run.name=timed2")
+    assert fitmod.fit(load_config([EST], [*args, "trainer.max_steps=1"]))["global_step"] == 1
+    with caplog.at_level("WARNING", logger="degsr"):  # resumed at 1, a step trained, time's up
+        out = fitmod.fit(load_config([EST], [*args, "trainer.max_steps=100000",
+                                             "trainer.max_minutes=0.05"]))
+    assert 1 < out["global_step"] < 100000
+    assert "nothing trained" not in caplog.text

@@ -234,13 +234,15 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
         raise
     if resume:
         console.log.info(f"resuming from {resume}")
+    # read now: training rewrites last.ckpt (the usual resume) at the step it ends on
+    resumed_at = checkpoint_step(resume) if resume is not None else None
     failed = True
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
         if resume is not None:
             runlog.end_skipped(trainer, module)
         if resume is not None:
-            _say_why_nothing_trained(root, cfg, trainer.global_step, checkpoint_step(resume),
+            _say_why_nothing_trained(root, cfg, trainer.global_step, resumed_at,
                                      preemption.preempted)
         failed = False
     except BaseException as e:
