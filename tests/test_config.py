@@ -497,3 +497,11 @@ def test_degsr_config_checks_the_pretrained_folder_as_fit_would(tmp_path, capsys
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert captured.out == "" and len(err) == 1 and "has no text_encoder/ subfolder" in err[0], err
+
+
+def test_a_prompt_may_start_with_a_tilde():
+    """Only path keys expand ~: a prompt (or any other text) starting with one was refused as a
+    path whose ~user names no user."""
+    cfg = load_config([ROOT / "configs" / "sr_tiny.yaml"], ["model.neg_prompt=~blurry, lowres",
+                                                             "model.pos_prompt=~sharp"])
+    assert (cfg.model.neg_prompt, cfg.model.pos_prompt) == ("~blurry, lowres", "~sharp")

@@ -39,16 +39,23 @@ def problems_of(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
+# the config's path keys (where a leading ~ is a home folder); other text keys, the prompts
+# above all, may start with ~ as any other character
+PATH_KEYS = ("run.dir", "data.train_shards", "data.val_shards",
+             "data.val_folder", "data.val_paired_lr", "data.val_paired_hr", "model.pretrained",
+             "disc.backbone", "sr.estimator", "sr.lpips_vgg")
+
+
 def unexpandable(flat: dict[str, Any], reported: list[str]) -> list[str]:
-    """``"key: problem"`` for each path value of a flattened config whose ``~user`` names no user
-    (pathlib's expanduser, where the path is used, would raise); keys ``reported`` already (a
-    path that does not exist) are left out."""
+    """``"key: problem"`` for each path value (:data:`PATH_KEYS`) of a flattened config whose
+    ``~user`` names no user (pathlib's expanduser, where the path is used, would raise); keys
+    ``reported`` already (a path that does not exist) are left out."""
     import os
 
     return [f"{key}: cannot expand '{value.split('/', 1)[0]}' in {value!r} (no such user, or no "
             "home folder): write the path in full" for key, value in flat.items()
-            if isinstance(value, str) and value.startswith("~") and key != "run.name"
-            and not key.startswith("logger.") and os.path.expanduser(value) == value
+            if key in PATH_KEYS and isinstance(value, str) and value.startswith("~")
+            and os.path.expanduser(value) == value
             and not any(f" {key}: " in f" {p}" for p in reported)]
 
 
