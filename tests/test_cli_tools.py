@@ -216,3 +216,34 @@ def test_bench_infer_refuses_a_memory_cap_it_cannot_apply(capsys):
                  "--mem-cap-gib", "24"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--mem-cap-gib caps CUDA memory; on --device cpu" in err
+
+
+def test_bench_infer_caps_the_memory_of_the_gpu_it_runs_on(monkeypatch):
+    """--device cuda:1 --mem-cap-gib capped GPU 0 (the current device), with GPU 1's total."""
+    import types
+
+    import pytest
+    import torch
+
+    from degsr.bench import infer
+    from degsr.cli import build_parser
+
+    class Stop(Exception):
+        pass
+
+    capped = []
+
+    def cap(fraction, device=None):
+        capped.append((round(fraction, 3), device))
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=96 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", cap)
+    for device, index in (("cuda:1", 1), ("cuda", 0)):
+        args = build_parser().parse_args(["bench", "infer", "--device", device, "--sizes", "64",
+                                          "--mem-cap-gib", "24"])
+        with pytest.raises(Stop):
+            infer.run(args)
+        assert capped[-1] == (0.25, index)

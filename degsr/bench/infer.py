@@ -48,8 +48,9 @@ def run(args) -> dict:
                         "effect: leave it out")
     if args.mem_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2 ** 30 / total),
-                                                   torch.cuda.current_device())
+        torch.cuda.set_per_process_memory_fraction(  # on --device's GPU (cuda:1: not GPU 0)
+            min(1.0, args.mem_cap_gib * 2 ** 30 / total),
+            torch.cuda.current_device() if device.index is None else device.index)
     model_cfg = ModelConfig(arch=args.arch)
     bare = load_components(model_cfg, device=device, dtype=dtype)
     net = SRModel(model_cfg, LoraConfig(), device=device, dtype=dtype)
