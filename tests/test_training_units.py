@@ -654,3 +654,20 @@ def test_only_sigusr1_marks_a_wandb_run_preempting(tmp_path, monkeypatch):
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["event"], e["signal"], e["step"]) for e in events] == [
         ("preempt", "SIGTERM", 7), ("preempt", "SIGUSR1", 7)]
+
+
+def test_find_resume_passes_over_a_foreign_file_to_the_runs_checkpoint(tmp_path):
+    """A file without a global_step sorted first (as if the furthest): an old foreign .ckpt in
+    checkpoints/ (a state dict put there once), passed over while the newest was taken by time,
+    then stopped the resume of the run's own last.ckpt ('not a checkpoint degsr fit wrote')."""
+    import torch
+
+    from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
+
+    torch.save({"state_dict": {}}, tmp_path / "init.ckpt")
+    os.utime(tmp_path / "init.ckpt", ns=(1, 1))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "pytorch-lightning_version": "2"},
+                                         tmp_path / "last.ckpt")
+    assert find_resume(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt").unlink()
+    assert find_resume(tmp_path) == tmp_path / "init.ckpt"  # alone: fit names it (one line)

@@ -67,12 +67,18 @@ def find_resume(folder: Path) -> Path | None:
     order of the copy: resumed from an older step, the run trained again what it had), or None."""
     candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file()),
                         key=lambda p: (checkpoint_step(p), p.stat().st_mtime_ns), reverse=True)
+    foreign = None
     for path in candidates:
         problem = damage(path)
-        if problem is None:
+        if problem is None and is_lightning(path):
             return path
+        if problem is None:  # a complete file that has no step sorts first: unless it is the
+            foreign = foreign or path  # only one, it stops no resume (fit refuses it then)
+            continue
         console.log.warning(f"skipping checkpoint {path}: truncated or damaged ({problem})")
-    return None
+    if foreign is not None and len(candidates) > 1:
+        console.log.warning(f"skipping {foreign}: not a checkpoint degsr fit wrote")
+    return foreign
 
 
 def remove_stale_temps(folder: Path) -> None:
