@@ -671,3 +671,16 @@ def test_find_resume_passes_over_a_foreign_file_to_the_runs_checkpoint(tmp_path)
     assert find_resume(tmp_path) == tmp_path / "last.ckpt"
     (tmp_path / "last.ckpt").unlink()
     assert find_resume(tmp_path) == tmp_path / "init.ckpt"  # alone: fit names it (one line)
+
+
+def test_find_resume_takes_last_ckpt_over_a_step_ckpt_of_the_same_step(tmp_path):
+    """last.ckpt is saved after the periodic checkpoint of its step (at a signal during that
+    step's validation: there, with the validation's progress); a copy without times could put
+    step*.ckpt later, and the tie went to it."""
+    from degsr.training.checkpoints import AtomicCheckpointIO, find_resume
+
+    io = AtomicCheckpointIO()
+    for i, name in enumerate(("last.ckpt", "step0000005.ckpt")):  # copied in this order
+        io.save_checkpoint({"global_step": 5, "pytorch-lightning_version": "2"}, tmp_path / name)
+        os.utime(tmp_path / name, ns=(10 + i, 10 + i))
+    assert find_resume(tmp_path) == tmp_path / "last.ckpt"

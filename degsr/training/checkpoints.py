@@ -66,7 +66,9 @@ def find_resume(folder: Path) -> Path | None:
     modification time (a copy made with ``cp -r`` or ``rsync`` without times has them in the
     order of the copy: resumed from an older step, the run trained again what it had), or None."""
     candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file()),
-                        key=lambda p: (checkpoint_step(p), p.stat().st_mtime_ns), reverse=True)
+                        key=lambda p: (checkpoint_step(p), p.name == "last.ckpt",  # at a
+                                       p.stat().st_mtime_ns),  # step, saved after step*.ckpt
+                        reverse=True)  # (a signal in that step's validation: saved there)
     foreign = None
     for path in candidates:
         problem = damage(path)
