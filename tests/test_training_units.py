@@ -491,7 +491,7 @@ def test_a_second_fit_of_a_run_being_trained_is_refused_and_writes_nothing(tmp_p
                                             r"\(pid 12345 on node7\)"):
             fitmod.fit(cfg)
         assert sorted(p.name for p in root.iterdir()) == [".fit.lock"]
-    from degsr.training.tracking import RunLock
+    from degsr.training.runlock import RunLock
 
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: takes no lock
     with RunLock(root) as a, RunLock(root) as b:
@@ -504,6 +504,47 @@ def test_a_second_fit_of_a_run_being_trained_is_refused_and_writes_nothing(tmp_p
     assert not (root / ".fit.lock").exists()
     with RunLock(root):  # given back: the next fit takes it
         pass
+
+
+def test_a_requeued_job_waits_for_the_lock_and_another_users_lock_file_is_used(tmp_path,
+                                                                                 monkeypatch):
+    """A requeued job (SLURM_RESTART_COUNT > 0) waits for a lock that a crashed node's lease
+    still holds on NFS, instead of ending the job for good; a lock file another user left in a
+    shared run directory (not writable to us) is locked through a read-only handle."""
+    import builtins
+    import fcntl
+    import threading
+
+    from degsr.training import runlock
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(runlock.RunLock, "POLL", 0.05)
+    held = open(tmp_path / ".fit.lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(0.5, held.close).start()  # the old lease ends
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with runlock.RunLock(tmp_path) as lock:
+        assert lock.file is not None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first start does not wait
+    with open(tmp_path / ".fit.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="being trained by another degsr fit"):
+            runlock.RunLock(tmp_path).__enter__()
+
+    (tmp_path / ".fit.lock").write_text("pid 1 on elsewhere\n")
+    real = builtins.open
+
+    def no_write(path, mode="r", *a, **kw):  # (we run as root: a real chmod does not refuse)
+        if "a" in mode or "w" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, mode, *a, **kw)
+
+    monkeypatch.setattr(runlock, "open", no_write, raising=False)
+    with runlock.RunLock(tmp_path) as lock:
+        assert lock.file is not None and lock.file.mode == "r"
+        with pytest.raises(UserError, match=r"\(pid 1 on elsewhere\)"):
+            runlock.RunLock(tmp_path).__enter__()  # still exclusive through the read-only handle
 
 
 def test_check_same_stage(tmp_path):

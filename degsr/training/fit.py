@@ -7,7 +7,7 @@ from the newest complete checkpoint in ``checkpoints/`` (damaged ones are skippe
 and logs into the same W&B run. Resuming is exact: model, optimisers, step counters, data stream
 position and every random draw continue as if the run had not stopped (see
 :mod:`degsr.data.module`, :func:`degsr.seeding.batch_generator`).
-One fit at a time trains a run directory (:class:`degsr.training.tracking.RunLock`): a second one
+One fit at a time trains a run directory (:class:`degsr.training.runlock.RunLock`): a second one
 started meanwhile is a one-line error.
 
 Besides checkpoints, logs and the export, rank 0 writes ``events.jsonl`` and, when training
@@ -35,7 +35,8 @@ from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, check
                                        find_resume, is_lightning, remove_stale_temps)
 from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
 from degsr.training.runlog import RunLog, append_event, ended_metrics, final_metrics
-from degsr.training.tracking import RunLock, finish_wandb, make_logger, run_dir
+from degsr.training.runlock import RunLock, global_rank_zero
+from degsr.training.tracking import finish_wandb, make_logger, run_dir
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
@@ -212,7 +213,8 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
                         "checkpoint to resume from: its export and logs are left as they are; "
                         "give another run.name to train again")
     if resume is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
-        save_config(cfg, root)
+        if global_rank_zero():  # the lock holder (another rank of a job submitted twice must
+            save_config(cfg, root)  # not rewrite the config of the run being trained)
     else:
         if not is_lightning(resume):
             raise UserError(f"run {root}: {resume} is not a checkpoint degsr fit wrote (no "

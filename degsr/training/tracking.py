@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 
+
 def sweep_run_id() -> str | None:
     """The run id a W&B sweep agent gave this process, if any."""
     return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
@@ -20,70 +21,6 @@ def run_dir(cfg: DictConfig) -> Path:
     """``<run.dir>/<run.name>``, with a sweep agent's run id appended under a W&B sweep."""
     name = cfg.run.name + (f"-{sweep_run_id()}" if sweep_run_id() else "")
     return Path(cfg.run.dir).expanduser() / name
-
-
-def _global_rank_zero() -> bool:
-    """Whether this process is rank 0 of its run: the ranks a launcher or Slurm starts carry
-    their rank in the environment (before any Trainer exists)."""
-    return all(os.environ.get(k, "0") in ("0", "") for k in ("RANK", "LOCAL_RANK", "NODE_RANK",
-                                                             "GROUP_RANK", "SLURM_PROCID"))
-
-
-class RunLock:
-    """One ``degsr fit`` at a time in a run directory: rank 0 holds an flock on ``.fit.lock``
-    (the kernel drops it when the process ends, however it ends); a second fit of the same run
-    (the same job submitted twice, a second terminal) is a one-line error instead of two
-    trainings writing the same checkpoints, export and logs. Where the file system has no locks
-    the run goes on unguarded. The file is removed when the lock is given back."""
-
-    def __init__(self, root: Path):
-        self.path, self.file = root / ".fit.lock", None
-
-    def __enter__(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system
-            return self
-        if not _global_rank_zero():
-            return self
-        from degsr.errors import UserError
-
-        while True:
-            f = open(self.path, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                f.close()
-                raise UserError(f"run {self.path.parent} is being trained by another degsr fit "
-                                f"({holder}): wait for it to end, or give another run.name "
-                                f"(no such process left, e.g. its node crashed: remove "
-                                f"{self.path})") from None
-            except OSError:  # no locks on this file system: not guarded
-                f.close()
-                return self
-            try:  # not the file a fit that just ended removed
-                same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            f.close()
-        import socket
-
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self.file = f
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.path.unlink(missing_ok=True)
-            self.file.close()
-            self.file = None
 
 
 def wandb_id(cfg: DictConfig) -> str:
