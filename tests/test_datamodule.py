@@ -972,3 +972,28 @@ def test_synthetic_val_chunks_each_take_their_own_generator():
         chunk = hr[start:start + DEGRADE_CHUNK].float() / 255
         want = deg(chunk, make_generator(VAL_SEED, c))["lr"]
         assert torch.equal(lr[start:start + DEGRADE_CHUNK], want), c
+
+
+def test_another_tools_shards_are_read_by_their_last_extension(tmp_path):
+    """Shards packed by hand or another tool: a key with dots (``img.v2.jpg`` is sample ``img``,
+    member ``v2.jpg`` in webdataset), TIFF and BMP members, an uppercase extension in a nested
+    folder all train; a sample with two images and no bare one is bad, saying why."""
+    def enc(fmt):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 80, 3), np.uint8)).save(
+            buf, format=fmt)
+        return buf.getvalue()
+
+    tar = _tar(tmp_path / "other.tar", [("img", {"v2.jpg": enc("JPEG")}),
+                                        ("scan", {"tif": enc("TIFF"), "txt": b"x"}),
+                                        ("old", {"bmp": enc("BMP")}),
+                                        ("set1/astro", {"JPG": enc("JPEG")}),
+                                        ("pair", {"hr.png": enc("PNG"), "lr.png": enc("PNG")})])
+    from degsr.data.stream import decode_image
+    samples = dict(read_shard(str(tar)))
+    for key in ("img", "scan", "old", "set1/astro"):
+        assert decode_image(samples[key]).shape == (70, 80, 3), key
+    with pytest.raises(ValueError, match=r"2 image members \(hr.png, lr.png\)"):
+        decode_image(samples["pair"])
+    keys = {k for b in stream([tar], batches_per_epoch=6) for k in b["keys"]}
+    assert keys == {"img", "scan", "old", "set1/astro"}

@@ -55,7 +55,7 @@ from degsr.errors import UserError
 from degsr.io import any_pixel_count, rgb_array
 from degsr.seeding import derive_seed
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
 
 
 def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -98,11 +98,26 @@ def _zeros_from(f, offset: int) -> bool:
     return seen >= 512
 
 
+def image_member(parts: dict[str, bytes]) -> str:
+    """The member of a sample that holds its image: a bare image extension (``jpg``, in the
+    order of ``IMAGE_KEYS``), else the only member whose LAST extension is one (as webdataset's
+    decoders match: ``img.v2.jpg`` is sample ``img``, member ``v2.jpg``). ValueError when there
+    is none, or several and none bare (``hr.png`` and ``lr.png``: which one is the photo?)."""
+    if ext := next((e for e in IMAGE_KEYS if e in parts), None):
+        return ext
+    found = sorted(e for e in parts if e.rsplit(".", 1)[-1] in IMAGE_KEYS)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"{len(found)} image members ({', '.join(found)}): one image per "
+                         "sample is read, and which one is the training photo is not known")
+    raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
+
+
 def decode_image(parts: dict[str, bytes]) -> np.ndarray:
-    """The sample's image as (H, W, 3) uint8 RGB; ValueError if it has none or it does not decode."""
-    ext = next((e for e in IMAGE_KEYS if e in parts), None)
-    if ext is None:
-        raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
+    """The sample's image (:func:`image_member`) as (H, W, 3) uint8 RGB; ValueError if it has
+    none or it does not decode."""
+    ext = image_member(parts)
     try:
         with any_pixel_count(), Image.open(io.BytesIO(parts[ext])) as im:
             return rgb_array(im)
