@@ -997,3 +997,19 @@ def test_another_tools_shards_are_read_by_their_last_extension(tmp_path):
         decode_image(samples["pair"])
     keys = {k for b in stream([tar], batches_per_epoch=6) for k in b["keys"]}
     assert keys == {"img", "scan", "old", "set1/astro"}
+
+
+def test_a_folder_of_gzipped_shards_is_read(tmp_path):
+    """A folder of another tool's gzipped shards (``.tar.gz``, ``.tgz``, no index.json) is its
+    set, as a folder of ``.tar`` is, and the stream reads them."""
+    d = tmp_path / "gz"
+    d.mkdir()
+    img = _png(np.random.default_rng(1).integers(0, 256, (70, 80, 3), np.uint8))
+    for name in ("a.tar.gz", "b.tgz"):
+        with tarfile.open(d / name, "w:gz") as tar:
+            info = tarfile.TarInfo(f"{name[0]}0.png")
+            info.size = len(img)
+            tar.addfile(info, io.BytesIO(img))
+    urls = expand_shard_pattern(str(d))
+    assert urls == [str(d / "a.tar.gz"), str(d / "b.tgz")]
+    assert {k for b in stream(urls, batches_per_epoch=6) for k in b["keys"]} == {"a0", "b0"}

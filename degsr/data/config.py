@@ -18,9 +18,10 @@ SMALL_IMAGE_POLICIES = ["pad", "skip"]
 class DataConfig:
     """Training stream (WebDataset shards) and validation sets."""
 
-    train_shards: str = plain("", "training shards: a .tar, glob, {000..009} brace pattern, folder "
-                                  "(the set its index.json names, else its *.tar) or index.json "
-                                  "written by `degsr shards` ('' = not set)")
+    train_shards: str = plain("", "training shards: a .tar (.tar.gz), glob, {000..009} brace "
+                                  "pattern, folder (the set its index.json names, else its *.tar, "
+                                  "*.tar.gz, *.tgz) or index.json written by `degsr shards` ('' = "
+                                  "not set)")
     val_shards: str = plain("", "shards the fixed synthetic val set is cut from (read in order)")
     val_folder: str = plain("", "a folder of images the fixed synthetic val set is cut from "
                                 "(used when val_shards is '')")

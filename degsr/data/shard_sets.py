@@ -64,6 +64,14 @@ def shards_overlapping(train_urls, val_urls) -> tuple[list[str], list[tuple[str,
     return shared, list(dict.fromkeys(pairs))
 
 
+SHARD_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")  # what a folder of shards holds (gzip: read as is)
+
+
+def _tars_in(folder: str) -> list[str]:
+    """The shard files (``SHARD_GLOBS``) directly in ``folder``, sorted."""
+    return sorted(f for g in SHARD_GLOBS for f in glob.glob(os.path.join(glob.escape(folder), g)))
+
+
 _told_stray: set[str] = set()  # folders whose stray tars were named (in this process)
 
 
@@ -76,7 +84,7 @@ def _warn_stray_tars(pattern: str, folder: str, index: dict) -> None:
         named = {os.path.normpath(os.path.join(folder, s["file"])) for s in index["shards"]}
     except (KeyError, TypeError):
         return
-    tars = glob.glob(os.path.join(glob.escape(folder), "*.tar"))
+    tars = _tars_in(folder)
     stray = sorted(os.path.basename(f) for f in tars if os.path.normpath(f) not in named)
     real = os.path.realpath(folder)
     if not stray or real in _told_stray:
@@ -93,7 +101,8 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     """The shard files a path, glob (``d/*.tar``), brace pattern (``d/t-{000000..000009}.tar``),
     directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
     the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
-    its ``*.tar`` (a tar beside the index that it does not name is not read: warned once).
+    its shards (``SHARD_GLOBS``: ``*.tar``, gzipped ``*.tar.gz``/``*.tgz``; a tar beside the
+    index that it does not name is not read: warned once).
     """
     from braceexpand import braceexpand
 
@@ -102,7 +111,7 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         _warn_stray_tars(pattern, path, index)
         path = os.path.join(path, "index.json")
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+        files = _tars_in(path)
     elif os.path.isfile(path) and path.endswith(".json"):
         try:
             index = json.loads(Path(path).read_text(encoding="utf-8"))
