@@ -546,3 +546,22 @@ def test_min_side_applies_to_the_downscaled_image(tmp_path):
     assert sample is None and "too small after --max-side 400: 400x140" in reason
     reason, sample = prepare_image(str(pano), min_side=140, max_side=400)
     assert reason is None and sample[2:4] == (400, 140)
+
+
+def test_a_txt_list_of_shards_is_expanded(tmp_path):
+    """``data.train_shards=list.txt``: one shard, glob or brace pattern a line (relative to the
+    list's folder), blank lines and comments left out; a missing one is named with the list.
+    It was read as a tar itself ('damaged ... truncated header', then '1000 corrupt')."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        (d / name).write_bytes(b"")
+    listed = tmp_path / "train.txt"
+    listed.write_text(f"# my shards\nshards/{{00000..00001}}.tar\n\n{d / '00002.tar'}\n")
+    assert expand_shard_pattern(str(listed)) == [str(d / f"0000{i}.tar") for i in range(3)]
+    listed.write_text("shards/00000.tar\nshards/00009.tar\n")
+    with pytest.raises(UserError, match=r"train\.txt: no shard files match .*00009\.tar"):
+        expand_shard_pattern(str(listed))
+    listed.write_text("# nothing\n")
+    with pytest.raises(UserError, match="names no shard"):
+        expand_shard_pattern(str(listed))

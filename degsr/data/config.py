@@ -20,8 +20,8 @@ class DataConfig:
 
     train_shards: str = plain("", "training shards: a .tar (.tar.gz), glob, {000..009} brace "
                                   "pattern, folder (the set its index.json names, else its *.tar, "
-                                  "*.tar.gz, *.tgz) or index.json written by `degsr shards` ('' = "
-                                  "not set)")
+                                  "*.tar.gz, *.tgz), index.json written by `degsr shards`, or a "
+                                  ".txt list of those, one a line ('' = not set)")
     val_shards: str = plain("", "shards the fixed synthetic val set is cut from (read in order)")
     val_folder: str = plain("", "a folder of images the fixed synthetic val set is cut from "
                                 "(used when val_shards is '')")

@@ -102,7 +102,8 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     directory or ``index.json`` names: sorted, all existing, else UserError. A directory means
     the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
     its shards (``SHARD_GLOBS``: ``*.tar``, gzipped ``*.tar.gz``/``*.tgz``; a tar beside the
-    index that it does not name is not read: warned once).
+    index that it does not name is not read: warned once). A ``.txt`` file lists patterns, one
+    a line (relative to its folder; blank lines and ``#`` comments left out).
     """
     from braceexpand import braceexpand
 
@@ -119,6 +120,8 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{pattern}: not a degsr shard index ({e})") from None
         files = [os.path.join(os.path.dirname(path), n) for n in names]
+    elif os.path.isfile(path) and path.lower().endswith(LIST_EXT):
+        return _listed(pattern, path)
     elif os.path.isfile(path):  # an existing file is itself, whatever [ or { its name holds
         files = [path]
     elif "{" in path:
@@ -136,6 +139,28 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
                         f"{', '.join(missing[:3])}{more}")
     return files
+
+
+def _listed(pattern: str, path: str) -> list[str]:
+    """The shard files of the patterns a ``.txt`` list names, in the order listed, each once."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{pattern}: cannot read the list of shards ({e})") from None
+    found = []
+    for line in (ln.strip() for ln in lines):
+        if not line or line.startswith("#"):
+            continue
+        if line.lower().endswith(LIST_EXT):
+            raise UserError(f"{pattern}: lists another list ({line}); name shards")
+        try:
+            found += expand_shard_pattern(os.path.join(os.path.dirname(path),
+                                                       os.path.expanduser(line)))
+        except UserError as e:
+            raise UserError(f"{pattern}: {e}") from None
+    if not found:
+        raise UserError(f"{pattern}: the list names no shard")
+    return list(dict.fromkeys(found))
 
 
 def expand_pattern(key: str, pattern: str) -> list[str]:
