@@ -38,91 +38,20 @@ row raises UserError instead of spinning forever.
 
 from __future__ import annotations
 
-import io
 import random
-import tarfile
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
-from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from degsr import console
+from degsr.data.samples import (IMAGE_KEYS, decode_image, image_member,  # noqa: F401 (re-exported)
+                                read_shard)
 from degsr.errors import UserError
-from degsr.io import any_pixel_count, rgb_array
 from degsr.seeding import derive_seed
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
-
-
-def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` for each sample of one tar shard, in order.
-
-    Raises (``tarfile.TarError``, ``OSError``, ``EOFError``) where the file is damaged, after
-    yielding every sample read before the damage (the last one possibly without all its
-    members); a member cut in the middle is lost. Python's tarfile takes a damaged header after
-    the first one (zeroed, garbage, or the file cut right before it) for the end of the
-    archive: an uncompressed shard must therefore end in zero blocks (the end-of-archive marker
-    every writer puts there), else it is damaged.
-    """
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        key, parts = None, {}
-        for member in tar:
-            if not member.isreg():
-                continue
-            k, ext = base_plus_ext(member.name)
-            if k is None or k.startswith("__"):
-                continue
-            if k != key:  # the previous sample is complete: out before this member is read
-                if parts:
-                    yield key, parts
-                key, parts = k, {}
-            parts[ext.lower()] = tar.extractfile(member).read()
-        if parts:  # complete, or cut by damage below: a sample without its image is bad anyway
-            yield key, parts
-        if getattr(tar.fileobj, "comptype", "tar") == "tar" and not _zeros_from(f, tar.offset):
-            raise tarfile.ReadError(f"damaged at byte {tar.offset}: no end-of-archive marker there")
-
-
-def _zeros_from(f, offset: int) -> bool:
-    """Whether the file holds at least one 512-byte block from ``offset`` on, all zeros."""
-    f.seek(offset)
-    seen = 0
-    while chunk := f.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            return False
-        seen += len(chunk)
-    return seen >= 512
-
-
-def image_member(parts: dict[str, bytes]) -> str:
-    """The member of a sample that holds its image: a bare image extension (``jpg``, in the
-    order of ``IMAGE_KEYS``), else the only member whose LAST extension is one (as webdataset's
-    decoders match: ``img.v2.jpg`` is sample ``img``, member ``v2.jpg``). ValueError when there
-    is none, or several and none bare (``hr.png`` and ``lr.png``: which one is the photo?)."""
-    if ext := next((e for e in IMAGE_KEYS if e in parts), None):
-        return ext
-    found = sorted(e for e in parts if e.rsplit(".", 1)[-1] in IMAGE_KEYS)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ValueError(f"{len(found)} image members ({', '.join(found)}): one image per "
-                         "sample is read, and which one is the training photo is not known")
-    raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(parts)}")
-
-
-def decode_image(parts: dict[str, bytes]) -> np.ndarray:
-    """The sample's image (:func:`image_member`) as (H, W, 3) uint8 RGB; ValueError if it has
-    none or it does not decode."""
-    ext = image_member(parts)
-    try:
-        with any_pixel_count(), Image.open(io.BytesIO(parts[ext])) as im:
-            return rgb_array(im)
-    except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample unusable
-        raise ValueError(f"cannot decode {ext}: {type(e).__name__}: {e}") from None
 
 
 def rescale(img: np.ndarray, factor: float) -> np.ndarray:
