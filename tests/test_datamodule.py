@@ -1013,3 +1013,23 @@ def test_a_folder_of_gzipped_shards_is_read(tmp_path):
     urls = expand_shard_pattern(str(d))
     assert urls == [str(d / "a.tar.gz"), str(d / "b.tgz")]
     assert {k for b in stream(urls, batches_per_epoch=6) for k in b["keys"]} == {"a0", "b0"}
+
+
+def test_remote_shards_are_streamed_through_webdataset_gopen(shards, bad_shards, tmp_path):
+    """``pipe:CMD`` (and https://) shards are read as streams: braces expanded, the samples the
+    file gives, a shard cut short is still damaged (no end marker: checked on the stream), a
+    sample left early closes the command quietly; s3:// says how to stream it. All were 'no
+    shard files match' before."""
+    local = expand_shard_pattern(str(shards))[:2]
+    urls = expand_shard_pattern(f"pipe:cat {shards}/train-{{000000..000001}}.tar")
+    assert urls == [f"pipe:cat {u}" for u in local]
+    assert [k for k, _ in read_shard(urls[0])] == [k for k, _ in read_shard(local[0])]
+    got = {k for b in stream(urls, batches_per_epoch=3) for k in b["keys"]}
+    assert got <= {k for u in local for k, _ in read_shard(u)} and got
+    with pytest.raises(tarfile.ReadError):
+        list(read_shard(f"pipe:cat {bad_shards['truncated']}"))
+    samples = read_shard(urls[1])
+    next(samples)
+    samples.close()  # left early: the command's SIGPIPE is not an error
+    with pytest.raises(UserError, match=r"s3:// shards are not read directly.*pipe:aws s3 cp"):
+        expand_shard_pattern("s3://bucket/train-{000..009}.tar")

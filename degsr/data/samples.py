@@ -1,20 +1,75 @@
 """One shard's samples: :func:`read_shard` yields ``(key, {ext: bytes})`` in order, keys split
-as webdataset splits them (``base_plus_ext``), and :func:`decode_image` finds a sample's image
+as webdataset splits them (``base_plus_ext``), from a local file or a URL webdataset's ``gopen``
+opens (``pipe:CMD``, ``https://``, :func:`is_remote`), and :func:`decode_image` finds a sample's image
 member and decodes it as every degsr reader does (:func:`degsr.io.rgb_array`)."""
 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
+from collections import deque
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from degsr.io import any_pixel_count, rgb_array
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
+
+
+REMOTE = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is read through webdataset's ``gopen`` (``pipe:``, ``https://``, ...)."""
+    return bool(REMOTE.match(str(url)))
+
+
+class _Tail:
+    """A read-only stream that keeps its last ``keep`` bytes read, so that what follows the
+    last tar member can be checked on a stream that cannot seek back (:meth:`zeros_from`)."""
+
+    def __init__(self, f, keep: int = 1 << 16):
+        self.f, self.keep, self.n, self.chunks, self.eof = f, keep, 0, deque(), False
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size)
+        self.eof |= not b
+        self.n += len(b)
+        self.chunks.append(b)
+        while sum(map(len, self.chunks)) - len(self.chunks[0]) >= self.keep:
+            self.chunks.popleft()
+        return b
+
+    def zeros_from(self, offset: int) -> bool:
+        """Whether at least one 512-byte block follows ``offset``, all zeros, up to the end
+        (False when ``offset`` is no longer kept: it cannot be checked)."""
+        kept = b"".join(self.chunks)
+        start = offset - (self.n - len(kept))
+        if start < 0 or kept[start:].count(0) != len(kept) - start:
+            return False
+        seen = len(kept) - start
+        while chunk := self.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return False
+            seen += len(chunk)
+        return seen >= 512
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.eof and hasattr(self.f, "ignore_errors"):
+            self.f.ignore_errors = True  # left before its end: the command's SIGPIPE is ours
+        self.f.close()
+
+
+def _open(path: str):
+    return _Tail(gopen(str(path))) if is_remote(path) else open(path, "rb")
 
 
 def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -27,7 +82,7 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     archive: an uncompressed shard must therefore end in zero blocks (the end-of-archive marker
     every writer puts there), else it is damaged.
     """
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, parts = None, {}
         for member in tar:
             if not member.isreg():
@@ -42,7 +97,8 @@ def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             parts[ext.lower()] = tar.extractfile(member).read()
         if parts:  # complete, or cut by damage below: a sample without its image is bad anyway
             yield key, parts
-        if getattr(tar.fileobj, "comptype", "tar") == "tar" and not _zeros_from(f, tar.offset):
+        if getattr(tar.fileobj, "comptype", "tar") == "tar" and not (
+                f.zeros_from(tar.offset) if isinstance(f, _Tail) else _zeros_from(f, tar.offset)):
             raise tarfile.ReadError(f"damaged at byte {tar.offset}: no end-of-archive marker there")
 
 

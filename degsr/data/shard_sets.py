@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from degsr import console
+from degsr.data.samples import is_remote
 from degsr.data.shards import LIST_EXT
 from degsr.errors import UserError
 
@@ -103,11 +104,14 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     the set its ``index.json`` names when it has a degsr one (not a stray tar beside it), else
     its shards (``SHARD_GLOBS``: ``*.tar``, gzipped ``*.tar.gz``/``*.tgz``; a tar beside the
     index that it does not name is not read: warned once). A ``.txt`` file lists patterns, one
-    a line (relative to its folder; blank lines and ``#`` comments left out).
+    a line (relative to its folder; blank lines and ``#`` comments left out). A URL webdataset
+    opens (``pipe:CMD``, ``https://``) is read as a stream (:func:`_remote`).
     """
     from braceexpand import braceexpand
 
     path = os.path.expanduser(str(pattern))
+    if is_remote(path):
+        return _remote(pattern, path)
     if os.path.isdir(path) and (index := _read_index(os.path.join(path, "index.json"))):
         _warn_stray_tars(pattern, path, index)
         path = os.path.join(path, "index.json")
@@ -139,6 +143,20 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
                         f"{', '.join(missing[:3])}{more}")
     return files
+
+
+def _remote(pattern: str, url: str) -> list[str]:
+    """The URLs of a remote pattern (braces expanded; not checked before they are read: one
+    that cannot be read is named as a damaged shard then). UserError for a scheme webdataset's
+    ``gopen`` has no reader for (``s3://``): it says how to stream it through a command."""
+    from braceexpand import braceexpand
+    from webdataset.gopen import gopen_schemes
+
+    scheme = url.split(":", 1)[0]
+    if scheme != "pipe" and scheme not in gopen_schemes:
+        raise UserError(f"{pattern}: {scheme}:// shards are not read directly; stream them "
+                        f"through a command, e.g. 'pipe:aws s3 cp {url} -' (or mount them)")
+    return list(dict.fromkeys(braceexpand(url)))
 
 
 def _listed(pattern: str, path: str) -> list[str]:
