@@ -27,7 +27,8 @@ from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
 from degsr.data.module import QUALITY_SYNC_EVERY, SRDataModule, dihedral, echo_position
 from degsr.data.shard_sets import expand_shard_pattern
-from degsr.data.stream import TrainStream, read_shard, reflect_pad, rescale
+from degsr.data.samples import read_shard
+from degsr.data.stream import TrainStream, reflect_pad, rescale
 from degsr.data.validation import EvenSplit, Marked, PairedFolders, SyntheticValSet
 from degsr.errors import ConfigError, UserError
 
@@ -453,7 +454,8 @@ def test_a_damaged_or_empty_shard_is_named_once_with_what_it_gave(bad_shards, mo
     list(stream([bad_shards["corrupt"]], batches_per_epoch=6))
     assert len(said) == 1 and said[0].startswith(
         f"data: shard {bad_shards['corrupt']} holds samples that cannot be used, such as "
-        "00000000_garbage (cannot decode png: "), said
+        "00000000_garbage (cannot decode png: not an image format PIL reads)"), said
+    assert "object at 0x" not in said[0]  # PIL's text named the BytesIO, not the member
 
 
 def test_bad_fraction_ceiling(bad_shards):
@@ -989,7 +991,7 @@ def test_another_tools_shards_are_read_by_their_last_extension(tmp_path):
                                         ("old", {"bmp": enc("BMP")}),
                                         ("set1/astro", {"JPG": enc("JPEG")}),
                                         ("pair", {"hr.png": enc("PNG"), "lr.png": enc("PNG")})])
-    from degsr.data.stream import decode_image
+    from degsr.data.samples import decode_image
     samples = dict(read_shard(str(tar)))
     for key in ("img", "scan", "old", "set1/astro"):
         assert decode_image(samples[key]).shape == (70, 80, 3), key

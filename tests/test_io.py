@@ -66,7 +66,7 @@ def test_shards_store_and_stream_the_shown_image(photo, tmp_path):
     import webdataset as wds
 
     from degsr.data.shards import write_shards
-    from degsr.data.stream import decode_image
+    from degsr.data.samples import decode_image
 
     src = tmp_path / "src"
     src.mkdir()

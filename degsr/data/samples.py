@@ -12,7 +12,7 @@ from collections import deque
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
@@ -136,5 +136,7 @@ def decode_image(parts: dict[str, bytes]) -> np.ndarray:
     try:
         with any_pixel_count(), Image.open(io.BytesIO(parts[ext])) as im:
             return rgb_array(im)
+    except UnidentifiedImageError:  # its text names an object address, not the member
+        raise ValueError(f"cannot decode {ext}: not an image format PIL reads") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample unusable
         raise ValueError(f"cannot decode {ext}: {type(e).__name__}: {e}") from None

@@ -48,8 +48,7 @@ from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from degsr import console
-from degsr.data.samples import (IMAGE_KEYS, decode_image, image_member,  # noqa: F401 (re-exported)
-                                read_shard)
+from degsr.data.samples import decode_image, read_shard
 from degsr.errors import UserError
 from degsr.seeding import derive_seed
 

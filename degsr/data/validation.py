@@ -24,7 +24,8 @@ from degsr import console
 from degsr.config.schema import DegradationConfig
 from degsr.data.config import DataConfig
 from degsr.data.shard_sets import expand_shard_pattern
-from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
+from degsr.data.samples import decode_image, read_shard
+from degsr.data.stream import random_crop, reflect_pad
 from degsr.degradation.pipeline import Degrader
 from degsr.errors import UserError
 from degsr.io import IMAGE_SUFFIXES, pair_folders, read_image

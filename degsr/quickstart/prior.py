@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 from degsr import console
 from degsr.data.shard_sets import expand_shard_pattern
-from degsr.data.stream import decode_image, random_crop, read_shard, reflect_pad
+from degsr.data.samples import decode_image, read_shard
+from degsr.data.stream import random_crop, reflect_pad
 from degsr.seeding import make_generator
 
 STAMP = "quickstart_prior.json"
