@@ -58,6 +58,8 @@ def rgb_array(im: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode == "F":
         raise ValueError("32-bit float image: no agreed value range; save it as 8 or 16 bit")
+    if im.mode == "P" and "transparency" in im.info:  # the same colours; PIL warns (a pngquant
+        return np.asarray(im.convert("RGBA").convert("RGB"))  # PNG) on P -> RGB straight
     return np.asarray(im.convert("RGB"))
 
 
