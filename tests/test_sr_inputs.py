@@ -1,6 +1,7 @@
 """``degsr sr``'s inputs as users have them: palette PNGs with per-entry alpha (pngquant,
 TinyPNG) and usage errors that need only the adapter's adapter.json."""
 
+import json
 import warnings
 
 import numpy as np
@@ -24,3 +25,29 @@ def test_a_palette_png_with_alpha_bytes_reads_without_a_warning(tmp_path):
         rgb, alpha = read_image(tmp_path / "p8.png", alpha=True)
     assert np.array_equal(rgb.permute(1, 2, 0).numpy(), palette[idx])
     assert np.array_equal(alpha[0].numpy(), np.array([255, 128, 0, 64], np.uint8)[idx])
+
+
+def test_a_scale_the_adapter_was_not_trained_for_is_one_line_before_out_and_the_model(
+        tmp_path, capsys, monkeypatch):
+    """--scale 2 with an x4 adapter: exit 2, one line, read from adapter.json alone: no --out
+    folder left behind (as for the other usage errors) and no minutes spent loading SD-Turbo
+    first."""
+    from degsr.cli import main
+    from degsr.inference.upscale import Upscaler
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter.json").write_text(json.dumps(
+        {"format": "degsr-adapter", "format_version": 1, "model": {}, "lora": {}, "scale": 4}))
+    (adapter / "adapter.safetensors").write_bytes(b"")
+    Image.new("RGB", (5, 3)).save(tmp_path / "a.png")
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the usage error")
+
+    monkeypatch.setattr(Upscaler, "load", load)
+    assert main(["sr", "--adapter", str(adapter), str(tmp_path / "a.png"), "--out",
+                 str(tmp_path / "o"), "--scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--scale 2 does not match the adapter's scale 4" in err, err
+    assert not (tmp_path / "o").exists()

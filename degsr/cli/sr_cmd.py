@@ -64,8 +64,12 @@ def run(args) -> int:
     from degsr.inference.upscale import Upscaler, UpscaleOptions
     from degsr.io import (expand_inputs, make_out_folder, output_style, output_targets,
                           read_image, save_png, written_by_degsr)
+    from degsr.sr.model import read_adapter_meta
 
     _check(args)
+    scale = int(read_adapter_meta(args.adapter)[1].get("scale", 4))  # Upscaler's, read cheaply:
+    if args.scale is not None and args.scale != scale:  # before --out is made and the model loads
+        raise UserError(f"--scale {args.scale} does not match the adapter's scale {scale}")
     out = Path(args.out)
     make_out_folder(out)
     device = user_device(args.device)
@@ -75,8 +79,6 @@ def run(args) -> int:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     up = Upscaler.load(args.adapter, args.pretrained, args.estimator, device, precision,
                        args.compile)
-    if args.scale is not None and args.scale != up.scale:
-        raise UserError(f"--scale {args.scale} does not match the adapter's scale {up.scale}")
     opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
                           color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
     up.check(opts)
