@@ -97,6 +97,8 @@ def output_style(path: str | os.PathLike) -> tuple[bool, bytes | None]:
     try:
         with any_pixel_count(), Image.open(path) as im:
             gray, icc = im.mode in GRAY_MODES, im.info.get("icc_profile")
+            # PIL opens a 16-bit gray + alpha PNG as RGBA (its tile's raw mode says LA;16B)
+            gray = gray or any(getattr(t, "args", None) == "LA;16B" for t in im.tile or ())
     except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
         return False, None
     fits = isinstance(icc, bytes) and icc[16:20] == (b"GRAY" if gray else b"RGB ")

@@ -51,3 +51,32 @@ def test_a_scale_the_adapter_was_not_trained_for_is_one_line_before_out_and_the_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--scale 2 does not match the adapter's scale 4" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def _png(path, rows: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written byte by byte (PIL does not write 16-bit gray + alpha)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = rows.shape[:2]
+    raw = b"".join(b"\x00" + rows[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_gray_png_with_alpha_gives_a_gray_output(tmp_path):
+    """PNG colour type 4 at 16 bits (gray + alpha, a scanner's or a GIMP export) opens in PIL
+    as RGBA; it is a gray input all the same, so its output is written gray (LA), as an 8-bit
+    one's is, not in the model's colours. RGBA at 16 bits stays colour."""
+    from degsr.io import output_style
+
+    gray = np.arange(4 * 5 * 2, dtype=np.uint16).reshape(4, 5, 2) * 1000
+    _png(tmp_path / "ga16.png", gray, 4)
+    _png(tmp_path / "rgba16.png", np.concatenate([gray, gray], 2), 6)
+    assert Image.open(tmp_path / "ga16.png").mode == "RGBA"  # what made it look colour
+    assert output_style(tmp_path / "ga16.png") == (True, None)
+    assert output_style(tmp_path / "rgba16.png") == (False, None)
