@@ -109,7 +109,7 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
     strategy = t.strategy  # stage sr: the generator and discriminator steps each leave the
     if cfg.stage == "sr" and strategy == "auto" and t.devices * t.num_nodes > 1:  # other's
         strategy = "ddp_find_unused_parameters_true"  # parameters without gradients
-    return L.Trainer(
+    trainer = L.Trainer(
         default_root_dir=str(root), accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, max_steps=t.max_steps,
         max_time=datetime.timedelta(minutes=t.max_minutes) if t.max_minutes else None,
@@ -118,6 +118,9 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         logger=logger, callbacks=callbacks, plugins=plugins,
         enable_progress_bar=console.show_progress(), enable_model_summary=console.show_progress())
+    if hasattr(logger, "step_source"):  # W&B rows on the trainer's global step (tracking.py)
+        logger.step_source = trainer
+    return trainer
 
 
 # keys a resumed run may change: how long and where it runs, how often it logs/validates/saves,

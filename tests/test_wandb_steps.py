@@ -1,0 +1,59 @@
+"""What W&B's x axis (``trainer/global_step``) holds: the trainer's global step, for every key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import degsr.cli
+from degsr.config import load_config
+from degsr.data.photos import write_photos
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("wandb-steps")
+    write_photos(d / "photos", ("astronaut", "rocket", "coins", "camera"))
+    write_photos(d / "val", ("chelsea",))
+    assert degsr.cli.main(["shards", str(d / "photos"), "--out", str(d / "shards"),
+                           "--per-shard", "2", "--min-side", "16", "--min-bytes", "0"]) == 0
+    return d
+
+
+STAGES = {  # stage 2 with sr.accumulate 2: 4 training batches make max_steps 2 generator steps
+    "estimator": ("estimator_tiny.yaml", ["data.crop_size=64", "data.val_crop_size=64",
+                                          "data.batch_size=4", "data.echo=1", "data.echo_window=1"]),
+    "sr": ("sr_tiny.yaml", ["data.crop_size=32", "data.batch_size=2", "sr.accumulate=2",
+                            "logger.images_every_n_steps=1"]),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path, monkeypatch):
+    """Validation scalars at the step their images (and the checkpoint) carry, not one before;
+    stage 2's scalars in generator steps, not in training batches (sr.accumulate x as many)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from degsr.training.fit import fit
+
+    rows = []  # (keys, step) of every row the logger hands W&B
+    monkeypatch.setattr(WandbLogger, "log_metrics",
+                        lambda self, metrics, step=None: rows.append((set(metrics), step)))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config, extra = STAGES[stage]
+    cfg = load_config([ROOT / "configs" / config], [
+        f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val", "data.val_crops=4",
+        "data.val_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
+        "data.batches_per_epoch=4", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
+        "trainer.log_every_n_steps=1", "logger.wandb=true", f"run.dir={tmp_path}", *extra])
+    out = fit(cfg)
+    assert out["global_step"] == 2
+    steps = [s for _, s in rows]
+    assert steps and max(steps) == 2 and min(steps) == 0, steps
+    val = sorted({s for keys, s in rows if any(k.startswith("val/") for k in keys)})
+    scalars = sorted({s for keys, s in rows if keys & {"val/spearman_mean", "val/psnr_y"}})
+    assert scalars == val and scalars[-1] == 2, rows  # one step per validation pass
