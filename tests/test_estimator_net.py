@@ -152,7 +152,7 @@ def test_load_errors_name_the_file(tmp_path):
     save_estimator(tiny_model(), d)
     weights = d / "estimator.safetensors"
 
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="nowhere: no such file or folder"):
         load_estimator(tmp_path / "nowhere")
 
     # a tensor missing

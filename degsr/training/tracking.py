@@ -33,16 +33,17 @@ def wandb_id(cfg: DictConfig) -> str:
 
 
 def make_logger(cfg: DictConfig, root: Path):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import CSVLogger
 
     if not cfg.logger.wandb:
         return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    logger = _global_step_wandb_logger()(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
-                         save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
-                         config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
-                         log_model=bool(cfg.logger.log_artifacts))
+    wandb_logger = _global_step_wandb_logger()
+    logger = wandb_logger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
+                          save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
+                          config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+                          log_model=bool(cfg.logger.log_artifacts))
     # Lightning passes wandb.init anonymous=None, which wandb warns about at every start ("has
     # no effect and will be removed"): leave the setting out
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
