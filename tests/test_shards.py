@@ -565,3 +565,6 @@ def test_a_txt_list_of_shards_is_expanded(tmp_path):
     listed.write_text("# nothing\n")
     with pytest.raises(UserError, match="names no shard"):
         expand_shard_pattern(str(listed))
+    listed.write_text("pipe:cat /data/{0..1}.tar\nhttps://host/s-0.tar\n")  # URLs are themselves
+    assert expand_shard_pattern(str(listed)) == ["pipe:cat /data/0.tar", "pipe:cat /data/1.tar",
+                                                 "https://host/s-0.tar"]

@@ -171,9 +171,9 @@ def _listed(pattern: str, path: str) -> list[str]:
             continue
         if line.lower().endswith(LIST_EXT):
             raise UserError(f"{pattern}: lists another list ({line}); name shards")
-        try:
-            found += expand_shard_pattern(os.path.join(os.path.dirname(path),
-                                                       os.path.expanduser(line)))
+        try:  # a path is relative to the list's folder; a URL is itself
+            found += expand_shard_pattern(line if is_remote(line) else os.path.join(
+                os.path.dirname(path), os.path.expanduser(line)))
         except UserError as e:
             raise UserError(f"{pattern}: {e}") from None
     if not found:
