@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -33,41 +34,34 @@ def wandb_id(cfg: DictConfig) -> str:
 
 
 def make_logger(cfg: DictConfig, root: Path):
-    from lightning.pytorch.loggers import CSVLogger
-
     if not cfg.logger.wandb:
         return CSVLogger(save_dir=str(root), name="csv")  # version_N per start: a resume keeps the old
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    wandb_logger = _global_step_wandb_logger()
-    logger = wandb_logger(project=cfg.logger.project, name=root.name, id=wandb_id(cfg),
-                          save_dir=str(root), group=cfg.logger.group, tags=list(cfg.logger.tags),
-                          config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
-                          log_model=bool(cfg.logger.log_artifacts))
+    logger = GlobalStepWandbLogger(
+        project=cfg.logger.project, name=root.name, id=wandb_id(cfg), save_dir=str(root),
+        group=cfg.logger.group, tags=list(cfg.logger.tags),
+        config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+        log_model=bool(cfg.logger.log_artifacts))
     # Lightning passes wandb.init anonymous=None, which wandb warns about at every start ("has
     # no effect and will be removed"): leave the setting out
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
 
 
-def _global_step_wandb_logger():
-    from lightning.pytorch.loggers import WandbLogger
+class GlobalStepWandbLogger(WandbLogger):
+    """Every row's ``trainer/global_step`` (the x axis of every W&B chart) is the trainer's
+    global step, the step of checkpoints, ``max_steps``, ``final.json`` and the logged images.
+    Lightning passes its own counter instead: the training batches (stage 2 steps by hand, so
+    with ``sr.accumulate`` 4 the scalars ran at 4x the generator step that the images and
+    checkpoints show), and a validation pass after step N logged at N - 1."""
 
-    class GlobalStepWandbLogger(WandbLogger):
-        """Every row's ``trainer/global_step`` (the x axis of every W&B chart) is the trainer's
-        global step, the step of checkpoints, ``max_steps``, ``final.json`` and the logged
-        images. Lightning passes its own counter instead: the training batches (stage 2 steps
-        by hand, so with ``sr.accumulate`` 4 the scalars ran at 4x the generator step that the
-        images and checkpoints show), and a validation pass after step N logged at N - 1."""
+    step_source = None  # the Trainer (:func:`degsr.training.fit.make_trainer` sets it)
 
-        step_source = None  # the Trainer (:func:`degsr.training.fit.make_trainer` sets it)
-
-        def log_metrics(self, metrics, step=None):
-            if step is not None and self.step_source is not None:
-                step = self.step_source.global_step
-            super().log_metrics(metrics, step)
-
-    return GlobalStepWandbLogger
+    def log_metrics(self, metrics, step=None):
+        if step is not None and self.step_source is not None:
+            step = self.step_source.global_step
+        super().log_metrics(metrics, step)
 
 
 def finish_wandb(exit_code: int) -> None:
