@@ -23,9 +23,10 @@ def shards(tmp_path_factory) -> Path:
     return d
 
 
-STAGES = {  # stage 2 with sr.accumulate 2: 4 training batches make max_steps 2 generator steps
+STAGES = {  # 2 training batches a step: max_steps 4 is 8 batches (2 epochs)
     "estimator": ("estimator_tiny.yaml", ["data.crop_size=64", "data.val_crop_size=64",
-                                          "data.batch_size=4", "data.echo=1", "data.echo_window=1"]),
+                                          "data.batch_size=4", "data.echo=1", "data.echo_window=1",
+                                          "trainer.accumulate_grad_batches=2"]),
     "sr": ("sr_tiny.yaml", ["data.crop_size=32", "data.batch_size=2", "sr.accumulate=2",
                             "logger.images_every_n_steps=1"]),
 }
@@ -34,7 +35,8 @@ STAGES = {  # stage 2 with sr.accumulate 2: 4 training batches make max_steps 2 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path, monkeypatch):
     """Validation scalars at the step their images (and the checkpoint) carry, not one before;
-    stage 2's scalars in generator steps, not in training batches (sr.accumulate x as many)."""
+    stage 2's scalars in generator steps, not in training batches (sr.accumulate x as many);
+    validation and training scalars every N optimizer steps, as the keys say, in both stages."""
     from lightning.pytorch.loggers import WandbLogger
 
     from degsr.training.fit import fit
@@ -48,12 +50,14 @@ def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path,
     cfg = load_config([ROOT / "configs" / config], [
         f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val", "data.val_crops=4",
         "data.val_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
-        "data.batches_per_epoch=4", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
-        "trainer.log_every_n_steps=1", "logger.wandb=true", f"run.dir={tmp_path}", *extra])
+        "data.batches_per_epoch=4", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
+        "trainer.log_every_n_steps=2", "logger.wandb=true", f"run.dir={tmp_path}", *extra])
     out = fit(cfg)
-    assert out["global_step"] == 2
+    assert out["global_step"] == 4
     steps = [s for _, s in rows]
-    assert steps and max(steps) == 2 and min(steps) == 0, steps
+    assert steps and max(steps) == 4 and min(steps) >= 0, steps
     val = sorted({s for keys, s in rows if any(k.startswith("val/") for k in keys)})
     scalars = sorted({s for keys, s in rows if keys & {"val/spearman_mean", "val/psnr_y"}})
-    assert scalars == val and scalars[-1] == 2, rows  # one step per validation pass
+    assert scalars == val == [2, 4], rows  # one step per validation pass, every 2 steps
+    train = [s for keys, s in rows if "train/loss" in keys]
+    assert train == [2, 4], rows  # logged every 2 optimizer steps, once each

@@ -26,8 +26,8 @@ class TrainerConfig:
     max_minutes: Optional[float] = number(None, "stop after this many minutes of training, counted "
                                           "over every attempt of a run (None = no limit)",
                                           lo=0, lo_open=True)
-    val_every_n_steps: int = positive(200, "run validation every N training batches")
-    log_every_n_steps: int = positive(10, "log scalars every N steps")
+    val_every_n_steps: int = positive(200, "run validation every N optimizer steps")
+    log_every_n_steps: int = positive(10, "log scalars every N optimizer steps")
     accumulate_grad_batches: int = positive(1, "batches per optimizer step")
     gradient_clip_val: float = number(0.0, "clip the gradient norm to this (0 = off)", lo=0)
     checkpoint_every_n_steps: int = positive(500, "save a resumable checkpoint every N steps")

@@ -109,12 +109,16 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
     strategy = t.strategy  # stage sr: the generator and discriminator steps each leave the
     if cfg.stage == "sr" and strategy == "auto" and t.devices * t.num_nodes > 1:  # other's
         strategy = "ddp_find_unused_parameters_true"  # parameters without gradients
+    # validation and logging every N optimizer steps; Lightning counts training batches for
+    # both in stage sr (manual optimisation), for validation in stage estimator
+    per_step = cfg.sr.accumulate if cfg.stage == "sr" else t.accumulate_grad_batches
     trainer = L.Trainer(
         default_root_dir=str(root), accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, max_steps=t.max_steps,
         max_time=datetime.timedelta(minutes=t.max_minutes) if t.max_minutes else None,
-        val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
-        log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=t.val_every_n_steps * per_step, check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps * (per_step if cfg.stage == "sr" else 1),
+        accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, deterministic=t.deterministic,
         logger=logger, callbacks=callbacks, plugins=plugins,
         enable_progress_bar=console.show_progress(), enable_model_summary=console.show_progress())
