@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from degsr.bench import at_least, device_name, time_calls
+from degsr.bench import at_least, device_name, sync
 from degsr.config import load_config
 from degsr.degradation.pipeline import Degrader
 from degsr.io import preset_path
@@ -16,7 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--size", type=at_least(1), default=512, help="HR crop size")
     p.add_argument("--batch", type=at_least(1), default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=at_least(1), default=5, help="timed iterations (median reported)")
+    p.add_argument("--iters", type=at_least(1), default=5, help="timed rounds, each a new draw of the batch's parameters, the same for both "
+                   "paths (after one warm-up round)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler tables of the batched call to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
@@ -26,26 +29,40 @@ def run(args) -> dict:
     device = torch.device(args.device)
     degrader = Degrader(load_config([preset_path(args.preset)]).degradation)
     hr = _photo_batch(args.batch, args.size).to(device)
-    g = make_generator(0, device=device)
-
-    def batched():
-        with torch.no_grad():
-            degrader(hr, g)
-
-    def per_image():
-        with torch.no_grad():
-            for i in range(hr.shape[0]):
-                degrader(hr[i:i + 1], g)
-
-    t_batch = time_calls(batched, device, args.iters)
+    seconds = {"batched": 0.0, "per_image": 0.0}
+    # both paths render the same draws (round i: seed i), so the ratio compares the same pixel
+    # work: a draw's resize factors change a call's cost several times over. The per-image path
+    # draws its own parameters one image at a time (the cost of drawing) and renders row j of
+    # the batch's draw.
+    for i in range(args.iters + 1):  # round 0: warm-up, not counted
+        rows = [_row(degrader.sample(args.batch, make_generator(i, device=device)), j)
+                for j in range(args.batch)]
+        for name in ("batched", "per_image"):
+            g, scratch = make_generator(i, device=device), make_generator(i, device=device)
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if name == "batched":
+                    degrader(hr, g)
+                else:
+                    for j in range(args.batch):
+                        degrader.sample(1, scratch)
+                        degrader.apply(hr[j:j + 1], rows[j], g)
+            sync(device)
+            seconds[name] += (time.perf_counter() - t0) * (i > 0)
     if args.profile:
-        profile_tables(batched, device, args.iters)
-    t_single = time_calls(per_image, device, max(1, args.iters // 2))
+        profile_tables(lambda: degrader(hr, make_generator(0, device=device)), device, args.iters)
+    n = args.batch * args.iters
     return {"bench": "degradation", "preset": args.preset, "size": args.size, "batch": args.batch,
-            "img_per_s": round(args.batch / t_batch, 2),
-            "per_image_img_per_s": round(args.batch / t_single, 2),
-            "speedup": round(t_single / t_batch, 2), "device": device_name(device),
-            "torch": torch.__version__}
+            "img_per_s": round(n / seconds["batched"], 2),
+            "per_image_img_per_s": round(n / seconds["per_image"], 2),
+            "speedup": round(seconds["per_image"] / seconds["batched"], 2),
+            "device": device_name(device), "torch": torch.__version__}
+
+
+def _row(draw: dict, j: int) -> dict:
+    """Sample ``j`` of a draw, as a draw of one."""
+    return {part: {k: v[j:j + 1] for k, v in draw[part].items()} for part in ("params", "kernels")}
 
 
 def _photo_batch(n: int, size: int) -> torch.Tensor:
