@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,10 @@ def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path,
 
     from degsr.training.fit import fit
 
-    rows = []  # (keys, step) of every row the logger hands W&B
+    rows, images = [], {}  # (keys, step) of every row the logger hands W&B; its images by key
     monkeypatch.setattr(WandbLogger, "log_metrics",
-                        lambda self, metrics, step=None: rows.append((set(metrics), step)))
+                        lambda self, metrics, step=None: (rows.append((set(metrics), step)),
+                                                          images.update(metrics)))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config, extra = STAGES[stage]
@@ -61,3 +63,10 @@ def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path,
     assert scalars == val == [2, 4], rows  # one step per validation pass, every 2 steps
     train = [s for keys, s in rows if "train/loss" in keys]
     assert train == [2, 4], rows  # logged every 2 optimizer steps, once each
+    if stage == "sr":  # each panel captioned with the degradation vector the model was given
+        for key in ("train/panel", "val/panel"):
+            caps = [im._caption for im in images[key]]
+            assert caps and all(re.fullmatch(r"LR up \| SR \| HR; blur (\S+) noise (\S+)(; negative)?", c)
+                                for c in caps), caps
+            values = [float(v) for c in caps for v in re.findall(r"(?:blur|noise) (\S+)", c)]
+            assert all(0 <= v <= 1 for v in values), caps

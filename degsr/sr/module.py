@@ -120,7 +120,7 @@ class SRModule(L.LightningModule):
                 terms["gan_g"] = self.disc.loss_g(fake, generator=g)
         weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "gan_g": cfg.gan_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
-        return loss, terms, {**batch, "sr": sr, "fake": fake}
+        return loss, terms, {**batch, "sr": sr, "fake": fake, "d": d[:b]}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.cfg
@@ -162,7 +162,8 @@ class SRModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/negatives", batch["negative"].float().mean(), batch_size=bs)
         if self.global_step % self.images_every == 0 and batch_idx % cfg.accumulate == 0:
-            self._log_panel("train/panel", batch["lr_up"], _q(sr.detach()), batch["gt"])
+            self._log_panel("train/panel", batch["lr_up"], _q(sr.detach()), batch["gt"], batch["d"],
+                            batch["negative"])
 
     def _clip(self, params) -> torch.Tensor:
         """Clip the gradient norm of ``params`` to ``sr.grad_clip`` (0: measure only), as the
@@ -204,7 +205,7 @@ class SRModule(L.LightningModule):
         for k, v in metrics.items():  # per sample; the padding of the DDP split left out
             self.val_means.add(f"{name}/{k}", v, batch.get("keep"))
         if batch_idx == 0:
-            self._log_panel(f"{name}/panel", batch["lr_up"], sr, batch["gt"])
+            self._log_panel(f"{name}/panel", batch["lr_up"], sr, batch["gt"], d)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_means.compute(self.trainer.strategy)
@@ -215,14 +216,18 @@ class SRModule(L.LightningModule):
         """Forget the validation pass so far (cut short by a preemption): it logs nothing."""
         self.val_means.clear()
 
-    def _log_panel(self, key: str, lr_up, sr, hr, n: int = 4) -> None:
-        """LR-up | SR | HR side by side, a few samples, to W&B."""
+    def _log_panel(self, key: str, lr_up, sr, hr, d, negative=None, n: int = 4) -> None:
+        """LR-up | SR | HR side by side, a few samples, to W&B, each captioned with the
+        degradation vector the model was given (and whether it was an online negative)."""
         from lightning.pytorch.loggers import WandbLogger
 
         if not isinstance(self.logger, WandbLogger) or self.trainer.sanity_checking:
             return
         rows = [torch.cat([a, b, c], dim=-1).float().cpu() for a, b, c in zip(lr_up[:n], sr[:n], hr[:n])]
-        self.logger.log_image(key, rows, step=self.global_step)
+        neg = negative[:n].tolist() if negative is not None else [False] * len(rows)
+        captions = [f"LR up | SR | HR; blur {v[0]:.2f} noise {v[1]:.2f}" + ("; negative" if m else "")
+                    for v, m in zip(d[:n].float().tolist(), neg)]
+        self.logger.log_image(key, rows, step=self.global_step, caption=captions)
 
     # ------------------------------------------------------------------ checkpoints / export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
