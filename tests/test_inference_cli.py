@@ -541,3 +541,29 @@ def test_one_dialled_score_keeps_the_estimators_other_score(trained):
     d = up.degradation(lr, UpscaleOptions(blur=0.6))
     torch.testing.assert_close(d[:, 0], torch.full((2,), 0.6), rtol=0, atol=1e-7)
     torch.testing.assert_close(d[:, 1], scores[:, 1], rtol=0, atol=1e-6)
+
+
+def test_sr_vae_tile_reaches_the_vae_and_is_checked(trained, tmp_path, degsr_cmd, monkeypatch):
+    """--vae-tile sets the VAE's tiles (encoder in pixels, decoder in latent pixels); a size that
+    is not a multiple of 64 is one line before anything loads."""
+    import degsr.cli
+    import degsr.inference.upscale as upscale
+
+    seen = {}
+    real_encode, real_decode = upscale.tiled_encode, upscale.tiled_decode
+    monkeypatch.setattr(upscale, "tiled_encode", lambda fn, x, tile, overlap, f: (
+        seen.update(encode=(tile, overlap)), real_encode(fn, x, tile, overlap, f))[1])
+    monkeypatch.setattr(upscale, "tiled_decode", lambda fn, z, tile, overlap, f: (
+        seen.update(decode=(tile, overlap, f)), real_decode(fn, z, tile, overlap, f))[1])
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((48, 40, 3), 128, np.uint8)).save(tmp_path / "in" / "a.png")
+    assert degsr.cli.main(["sr", "--adapter", str(trained / "adapter"), "--pretrained",
+                           str(trained / "base"), str(tmp_path / "in"), "--out",
+                           str(tmp_path / "out"), "--vae-tile", "128"]) == 0
+    f = seen["decode"][2]
+    assert seen["encode"] == (128, 32) and seen["decode"] == (128 // f, 128 // f // 4, f)
+    assert np.asarray(Image.open(tmp_path / "out" / "a.png")).shape == (192, 160, 3)
+    r = subprocess.run([*degsr_cmd, "sr", "--adapter", str(trained / "adapter"), "x.png", "--out",
+                        str(tmp_path / "bad"), "--vae-tile", "100"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--vae-tile must be a multiple of 64" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
                    help="colour correction of the output towards the LR (default: %(default)s)")
     p.add_argument("--tile", type=int, default=96, help="latent tile size (latent pixels; default: %(default)s)")
     p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (default: %(default)s)")
+    p.add_argument("--vae-tile", type=int, default=1024, metavar="PX",
+                   help="VAE encoder/decoder tile side in output pixels, a multiple of 64 "
+                   "(overlap a quarter of it; smaller: less memory; default: %(default)s)")
     p.add_argument("--batch", type=int, default=1,
                    help="images of the same size per call (default 1: the LoRA merged per image; "
                         "B > 1 runs it unmerged with per-sample modulation unless --blur and "
@@ -54,6 +57,8 @@ def _check(args) -> None:
     if args.tile < 8 or not 0 <= args.tile_overlap < args.tile:
         raise UserError(f"--tile {args.tile} / --tile-overlap {args.tile_overlap}: need tile >= 8 "
                         f"and 0 <= overlap < tile")
+    if args.vae_tile < 128 or args.vae_tile % 64:
+        raise UserError(f"--vae-tile must be a multiple of 64 and >= 128, got {args.vae_tile}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     if not math.isfinite(args.guidance):
@@ -80,7 +85,8 @@ def run(args) -> int:
     up = Upscaler.load(args.adapter, args.pretrained, args.estimator, device, precision,
                        args.compile)
     opts = UpscaleOptions(guidance=args.guidance, blur=args.blur, noise=args.noise,
-                          color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap)
+                          color_fix=args.color_fix, tile=args.tile, tile_overlap=args.tile_overlap,
+                          vae_tile=args.vae_tile)
     up.check(opts)
     done = skipped = 0
     pending: dict[tuple, list] = {}  # image size -> [(path, target, lr, alpha)], up to --batch
@@ -107,8 +113,8 @@ def run(args) -> int:
 
     def flush(size) -> None:
         each_fitting(pending.pop(size), upscale, lambda item, msg: problems.append(
-            f"{item[0]}: {msg} upscaling {size[1]}x{size[0]} on {device} (try a smaller --tile, "
-            "--precision bf16 or another --device)"))
+            f"{item[0]}: {msg} upscaling {size[1]}x{size[0]} on {device} (try a smaller --tile or "
+            "--vae-tile, --precision bf16 or another --device)"))
 
     try:
         for path, target in console.progress(jobs, desc="sr", unit="img"):
