@@ -436,12 +436,13 @@ def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ fit's helpers
-def test_a_run_directory_that_cannot_be_made_is_one_line_naming_run_dir(tmp_path):
+def test_a_run_directory_that_cannot_be_made_is_one_line_naming_run_dir(tmp_path, monkeypatch):
     """run.dir (or the run directory) a file: 'File exists: ...' / 'Not a directory: ...', an
     OSError that named neither key."""
     import degsr.training.fit as fitmod
     from degsr.config import load_config
 
+    monkeypatch.setattr("degsr.data.module.SRDataModule.check_sources", lambda self: None)
     (tmp_path / "f").write_text("")
     for run_dir, name in ((tmp_path, "f"), (tmp_path / "f", "r")):
         cfg = load_config([], [f"run.dir={run_dir}", f"run.name={name}", "trainer.accelerator=cpu"])
@@ -464,8 +465,9 @@ def test_a_save_that_was_cut_off_is_removed_by_the_next_fit_of_the_run(tmp_path,
     (ckpts / "notes.tmp").write_text("not a save: left alone")
     cfg = load_config([], [f"run.dir={tmp_path}", "run.name=r", "trainer.accelerator=cpu",
                            "logger.wandb=false"])
-    with pytest.raises(UserError, match="data.train_shards"):  # no data: it stops there
-        fitmod.fit(cfg)
+    monkeypatch.setattr("degsr.data.module.SRDataModule.check_sources", lambda self: None)
+    monkeypatch.setattr(fitmod, "_fit", lambda *a: {"stopped": True})  # no training
+    assert fitmod.fit(cfg) == {"stopped": True}
     assert sorted(p.name for p in ckpts.iterdir()) == ["notes.tmp"]
 
 
@@ -480,6 +482,7 @@ def test_a_second_fit_of_a_run_being_trained_is_refused_and_writes_nothing(tmp_p
 
     for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr("degsr.data.module.SRDataModule.check_sources", lambda self: None)
     cfg = load_config([], [f"run.dir={tmp_path}", "run.name=r", "trainer.accelerator=cpu"])
     root = tmp_path / "r"
     root.mkdir()
@@ -725,3 +728,32 @@ def test_find_resume_takes_last_ckpt_over_a_step_ckpt_of_the_same_step(tmp_path)
         io.save_checkpoint({"global_step": 5, "pytorch-lightning_version": "2"}, tmp_path / name)
         os.utime(tmp_path / name, ns=(10 + i, 10 + i))
     assert find_resume(tmp_path) == tmp_path / "last.ckpt"
+
+
+def test_a_typo_in_a_data_path_is_one_line_and_makes_no_run_directory(tmp_path):
+    """data.train_shards / validation folders are checked before the run directory is made:
+    the run directory (config.yaml, events.jsonl, an offline W&B run) of a run that never
+    started was left behind, and the corrected rerun resumed it."""
+    import degsr.training.fit as fitmod
+    from degsr.config import load_config
+
+    (tmp_path / "shards").mkdir()
+    import tarfile
+
+    with tarfile.open(tmp_path / "shards" / "s-000000.tar", "w"):
+        pass
+    good = f"data.train_shards={tmp_path}/shards/s-000000.tar"
+    cases = [([f"data.train_shards={tmp_path}/shard/s-000000.tar"],
+              r"^data\.train_shards: no shard files match .*/shard/s-000000\.tar"),
+             ([f"data.train_shards={tmp_path}/shards/s-{{000000..000001}}.tar"],
+              r"^data\.train_shards: .* 1 of 2 shard files do not exist: .*s-000001\.tar"),
+             ([good, f"data.val_shards={tmp_path}/val-*.tar"], r"^data\.val_shards: no shard files"),
+             ([good, f"data.val_folder={tmp_path}/vall"], r"^data\.val_folder .*vall: no such folder"),
+             ([good, f"data.val_paired_lr={tmp_path}/shards", f"data.val_paired_hr={tmp_path}/h"],
+              r"^data\.val_paired_hr .*/h: no such folder")]
+    for extra, message in cases:
+        cfg = load_config([], [f"run.dir={tmp_path}/runs", "run.name=r", "trainer.accelerator=cpu",
+                               *extra])
+        with pytest.raises(UserError, match=message):
+            fitmod.fit(cfg)
+        assert not (tmp_path / "runs").exists(), extra

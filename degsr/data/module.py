@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -147,18 +148,39 @@ class SRDataModule(L.LightningDataModule):
         self._degraded: dict[int, dict] = {}  # HR batch index -> output, this echo window
 
     # ----------------------------------------------------------------- setup and loaders
-    def setup(self, stage: str | None = None) -> None:
-        d, scale = self.data, self.degradation.scale
-        for key in ("crop_size", "val_crop_size"):
-            if getattr(d, key) % scale:
-                raise UserError(f"data.{key}={getattr(d, key)} must be a multiple of "
-                                f"degradation.scale={scale}")
-        if stage in (None, "fit") and self.train_urls is None:
+    def check_sources(self) -> None:
+        """What ``setup("fit")`` checks first, without reading an image (``degsr fit`` runs it
+        before the run directory is made): the crop sizes, the shard patterns expanded (local
+        shards must exist), the validation folders there."""
+        d = self.data
+        self._check_crops()
+        if self.train_urls is None:
             if not d.train_shards:
                 raise UserError("data.train_shards is not set: give the training shards (a .tar, "
                                 "glob, {000000..000009} pattern, folder or index.json written by "
                                 "`degsr shards`)")
             self.train_urls = expand_pattern("data.train_shards", d.train_shards)
+        if d.val_shards:
+            expand_pattern("data.val_shards", d.val_shards)
+        for key in ("val_folder", "val_paired_lr", "val_paired_hr"):
+            folder = getattr(d, key)
+            if folder and not Path(folder).expanduser().is_dir():
+                where = "not a folder" if Path(folder).expanduser().exists() else "no such folder"
+                raise UserError(f"data.{key} {folder}: {where}")
+
+    def _check_crops(self) -> None:
+        d, scale = self.data, self.degradation.scale
+        for key in ("crop_size", "val_crop_size"):
+            if getattr(d, key) % scale:
+                raise UserError(f"data.{key}={getattr(d, key)} must be a multiple of "
+                                f"degradation.scale={scale}")
+
+    def setup(self, stage: str | None = None) -> None:
+        d = self.data
+        if stage in (None, "fit"):
+            self.check_sources()
+        else:
+            self._check_crops()
         if stage in (None, "fit", "validate"):
             train = self.train_urls or []  # none when only validating: nothing to compare
             if self.val_set is None and (d.val_shards or d.val_folder):

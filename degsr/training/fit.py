@@ -196,7 +196,13 @@ def fit(cfg: DictConfig) -> dict:
     """Train the configured stage; returns where things were written and the final metrics."""
     if "SLURM_JOB_ID" not in os.environ:  # Slurm installed here but not in a job: nothing to say
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
+    from degsr.data.module import SRDataModule
+
     check_allocation(cfg)  # before any model is built or device touched
+    # the data's paths before the run directory is made: a typo in data.train_shards is one
+    # line, not a failed run (config.yaml, events.jsonl) that the corrected rerun resumes
+    data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
+    data.check_sources()
     root = run_dir(cfg)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -208,12 +214,10 @@ def fit(cfg: DictConfig) -> dict:
     with RunLock(root) as lock:  # before anything is read: another fit may be writing the run
         if lock.file is not None:  # no other fit writes it: an earlier one's cut-off saves go
             remove_stale_temps(root / "checkpoints")
-        return _fit(cfg, root)
+        return _fit(cfg, root, data)
 
 
-def _fit(cfg: DictConfig, root: Path) -> dict:
-    from degsr.data.module import SRDataModule
-
+def _fit(cfg: DictConfig, root: Path, data) -> dict:
     resume = find_resume(root / "checkpoints")
     if resume is None and (root / "final.json").is_file():
         raise UserError(f"run {root} has ended (final.json) but checkpoints/ holds no usable "
@@ -234,7 +238,6 @@ def _fit(cfg: DictConfig, root: Path) -> dict:
     preemption.arm()  # a SIGUSR1 while the models load is honoured at the first step
     try:
         module = build_module(cfg)
-        data = SRDataModule(cfg.data, cfg.degradation, seed=cfg.run.seed)
         runlog = RunLog(root, cfg, resume, preemption)
         preemption.on_preempt = runlog.preempted
         trainer = make_trainer(cfg, root, make_logger(cfg, root), [preemption, runlog])
