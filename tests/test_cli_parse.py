@@ -62,6 +62,31 @@ def test_help_gives_the_defaults_the_readme_relies_on():
         assert text in sr, text
 
 
+def test_every_option_with_a_default_states_it_in_its_help():
+    """Each option of each command (bench's five included) whose default is a value (not None,
+    not off) names it in --help: bench's --batch/--size/--iters/... said nothing."""
+    import argparse
+
+    from degsr.cli import build_parser
+
+    def parsers(p, path):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, q in a.choices.items():
+                    yield from parsers(q, f"{path} {name}")
+        yield path, p
+
+    missing = []
+    for path, p in parsers(build_parser(), "degsr"):
+        for a in p._actions:
+            if (a.option_strings and not (a.default is None or a.default is False
+                                          or a.default is argparse.SUPPRESS)):
+                shown = " ".join(p._get_formatter()._format_action(a).split())  # as --help shows it
+                if "default" not in shown or str(a.default) not in shown:
+                    missing.append(f"{path} {a.option_strings[-1]}: {shown!r}")
+    assert not missing, missing
+
+
 def test_eval_vgg_that_is_not_a_torch_file_says_so(tmp_path):
     """`degsr eval --vgg junk.pth` said `not a readable VGG16 weights file (174812789)`: torch.load's
     KeyError, whose text is a bare number."""

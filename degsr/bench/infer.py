@@ -15,11 +15,13 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default="512,1024", help="output sizes (square), comma separated")
     p.add_argument("--batch", type=at_least(0), default=16, help="batch for the throughput figure at 512² (0: skip)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weights' dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet, VAE encoder and decoder (both paths)")
     p.add_argument("--tiled", type=at_least(0), default=0,
-                   help="also time one output of this size with the default tiling (0: skip)")
+                   help="also time one output of this size, tiled as `degsr sr` tiles (0, the "
+                   "default: skip)")
     p.add_argument("--mem-cap-gib", type=gib, default=0,
                    help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
     p.add_argument("--iters", type=at_least(1), default=7, help="timed rounds (median reported)")

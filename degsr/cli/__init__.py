@@ -7,6 +7,7 @@ User errors (:class:`degsr.errors.UserError`) print as one line each and exit wi
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import signal
@@ -20,6 +21,28 @@ SUBCOMMANDS = ["quickstart", "config", "shards", "degrade", "fit", "estimate", "
                "collect", "bench"]
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Help that states each option's default where its text does not already (and there is
+    one to state: not None, not off)."""
+
+    @staticmethod
+    def _stated(action) -> bool:
+        d = action.default
+        return bool(action.option_strings) and not (d is None or d is False or d is argparse.SUPPRESS)
+
+    def _format_action(self, action):
+        if action.help is None and self._stated(action):  # argparse prints no help line at all
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if self._stated(action) and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="degsr",
@@ -30,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         mod = importlib.import_module(f"degsr.cli.{name.replace('-', '_')}_cmd")
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
+                           formatter_class=DefaultsHelp)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="as degsr -v: debug logging and progress bars everywhere")
         mod.add_arguments(p)

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, help_ in BENCHES.items():
         mod = importlib.import_module(f"degsr.bench.{name}")
-        q = sub.add_parser(name, help=help_, description=help_)
+        q = sub.add_parser(name, help=help_, description=help_, formatter_class=p.formatter_class)
         mod.add_arguments(q)
         q.set_defaults(_bench=mod.run)
 
