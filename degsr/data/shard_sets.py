@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 from degsr import console
@@ -141,8 +142,23 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
-                        f"{', '.join(missing[:3])}{more}")
+                        f"{', '.join(missing[:3])}{more}"
+                        + next(filter(None, map(_padding_hint, missing[:20])), ""))
     return files
+
+
+def _padding_hint(missing: str) -> str:
+    """``"; <file> exists: ..."`` when a file of the same name but for its number's zero padding
+    lies beside ``missing`` (``t-{0..9}.tar`` against ``t-000000.tar``), else ``""``."""
+    folder, name = os.path.split(missing)
+    for m in reversed(list(re.finditer(r"\d+", name))):
+        like = glob.escape(name[:m.start()]) + "[0-9]*" + glob.escape(name[m.end():])
+        for other in sorted(glob.glob(os.path.join(glob.escape(folder), like))):
+            digits = os.path.basename(other)[m.start():len(os.path.basename(other)) - len(name) + m.end()]
+            if digits.isdigit() and int(digits) == int(m.group()):
+                return (f"; {other} exists: write the range with its zero padding (e.g. "
+                        f"{{{'0' * (len(digits) - 1)}0..{'0' * (len(digits) - 1)}9}})")
+    return ""
 
 
 def _remote(pattern: str, url: str) -> list[str]:
