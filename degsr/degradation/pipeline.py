@@ -83,13 +83,13 @@ class Degrader:
         self._probes: dict = {}  # (device, dtype) -> the blur label's probe and its reference
 
     @staticmethod
-    def _round(g: torch.Generator, n: int, rc, tag: str, dtype) -> tuple[dict, dict]:
+    def _round(g: torch.Generator, n: int, rc, tag: str) -> tuple[dict, dict]:
         """The draws of one order: those of its blur kernels (for :func:`blur_kernels`, which
         builds both orders' at once) and its other parameters."""
         kd = draw_blur_params(n, g, kernel_sizes=rc.kernel_sizes, kernel_types=rc.kernel_types,
                               kernel_probs=rc.kernel_probs, sigma_range=rc.blur_sigma,
                               betag_range=rc.betag, betap_range=rc.betap, sinc_prob=rc.sinc_prob,
-                              max_size=KERNEL_SIZE, dtype=dtype)
+                              max_size=KERNEL_SIZE)
         p = {f"{tag}_applied": ops.bernoulli(g, n, rc.blur_prob)}
         i = tag[-1]
         p[f"resize{i}_scale"], p[f"resize{i}_kind"] = ops.scale_factors(g, n, rc.resize_probs,
@@ -102,10 +102,10 @@ class Degrader:
         p[f"jpeg{i}_quality"] = ops.uniform(g, n, *rc.jpeg_quality)
         return kd, p
 
-    def sample(self, n: int, g: torch.Generator, dtype=torch.float32) -> dict:
+    def sample(self, n: int, g: torch.Generator) -> dict:
         """Every parameter of ``n`` samples: ``{"params": {name: (n,)}, "kernels": {...}}``."""
         cfg, p, k = self.cfg, {}, {}
-        (kd1, p1), (kd2, p2) = (self._round(g, n, rc, tag, dtype)
+        (kd1, p1), (kd2, p2) = (self._round(g, n, rc, tag)
                                 for rc, tag in ((cfg.first, "blur1"), (cfg.second, "blur2")))
         # both orders' kernels in one batch: half the launches of building them apart
         both, kp = blur_kernels({name: torch.cat([kd1[name], kd2[name]]) for name in kd1},
@@ -115,7 +115,7 @@ class Degrader:
             p.update({f"{tag}_{name.removeprefix('blur_')}": v[rows] for name, v in kp.items()})
             p.update(rest)
         k["final"], sp = sample_sinc_kernels(n, g, kernel_sizes=cfg.final_kernel_sizes,
-                                             prob=cfg.final_sinc_prob, dtype=dtype)
+                                             prob=cfg.final_sinc_prob)
         p.update(sp)
         p["final_jpeg_first"] = ops.bernoulli(g, n, 0.5)
         p["final_mode"] = _mode_draw(g, n, cfg.final_resize_modes)
