@@ -130,14 +130,13 @@ def decode(comp: SRComponents, x0: torch.Tensor) -> torch.Tensor:
 
 
 def one_step_sr(comp: SRComponents, lr_up: torch.Tensor, *,
-                guidance_scale: Optional[float] = None, negative: Optional[torch.Tensor] = None,
+                guidance_scale: Optional[float] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Upsampled LR ``(B, 3, H, W)`` in [-1, 1] -> SR image of the same shape in [-1, 1].
 
-    ``guidance_scale``: None = no CFG (positive prompt, or per sample the negative one where the
-    ``negative`` mask (B,) is True); a float = CFG with one batched UNet call (not with
-    ``negative``). ``generator`` draws the VAE posterior sample.
+    ``guidance_scale``: None = no CFG (the positive prompt); a float = CFG with one batched UNet
+    call. ``generator`` draws the VAE posterior sample.
     """
     z = encode_lr(comp, lr_up, generator=generator)
-    x0 = denoise(comp, z, guidance_scale=guidance_scale, negative=negative)
+    x0 = denoise(comp, z, guidance_scale=guidance_scale)
     return decode(comp, x0)
