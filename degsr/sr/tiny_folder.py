@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Sequence
 
 from degsr.sr.arch import arch_configs
 from degsr.sr.components import (_seeded, build_scheduler, build_text_encoder, build_unet,
@@ -29,15 +28,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_tiny_tokenizer(folder: str | Path, max_length: int = 77,
-                         words: Sequence[str] | None = None) -> Path:
+def write_tiny_tokenizer(folder: str | Path, max_length: int = 77) -> Path:
     """A CLIP tokenizer folder as SD 2.x ships it (vocab.json, merges.txt, tokenizer_config.json,
     special_tokens_map.json) with a byte-level vocabulary: ids 0-255 the bytes (GPT-2 table),
     256-511 their end-of-word forms, 512 ``<|startoftext|>``, 513 ``<|endoftext|>``, then the
-    merged tokens. The merges are built left to right from the lower-case words of ``words``
-    (default: those of the two default prompts; BPE ranks split a few), so the prompts take 25
-    and 33 tokens, not ~100 bytes, and fit in 77 untruncated; other text falls back to single
-    bytes. Pads with ``"!"`` (id 0) as SD 2.x does."""
+    merged tokens. The merges are built left to right from the lower-case words of the two
+    default prompts (BPE ranks split a few), so the prompts take 25 and 33 tokens, not ~100
+    bytes, and fit in 77 untruncated; other text falls back to single bytes. Pads with ``"!"``
+    (id 0) as SD 2.x does."""
     from degsr.sr.config import NEG_PROMPT, POS_PROMPT
 
     folder = Path(folder)
@@ -51,7 +49,7 @@ def write_tiny_tokenizer(folder: str | Path, max_length: int = 77,
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     merges: list[str] = []
-    text = " ".join(words) if words is not None else POS_PROMPT + " " + NEG_PROMPT
+    text = POS_PROMPT + " " + NEG_PROMPT
     for word in dict.fromkeys(re.findall(r"[a-z]+", text.lower())):
         if len(word) < 2:
             continue
