@@ -10,7 +10,7 @@ import torch
 
 from degsr.inference import (adain_color_fix, color_fix, crop_to, gaussian_weights,
                              pad_to_multiple, tile_starts, tiled_decode, tiled_encode,
-                             tiled_encode_posterior, tiled_latent_apply, wavelet_color_fix)
+                             tiled_latent_apply, wavelet_color_fix)
 
 torch.set_num_threads(1)
 
@@ -271,10 +271,6 @@ def test_tiled_vae_close_to_untiled_without_seams(tiny_vae):
     assert spike(_dx(hard), 63) > 0.2
     assert float(_dx(xt).max()) <= 1.1 * float(_dx(x).max())
     assert float(_dy(xt).max()) <= 1.1 * float(_dy(x).max())
-    # the posterior helper blends moments: its mean is the tiled mean
-    post = tiled_encode_posterior(tiny_vae, img, tile_px=96, overlap_px=32)
-    torch.testing.assert_close(post.mean, ze, atol=1e-6, rtol=1e-6)
-    assert post.sample(torch.Generator().manual_seed(0)).shape == z.shape
 
 
 # --------------------------------------------------------------------------- pad / crop

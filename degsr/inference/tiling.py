@@ -32,10 +32,6 @@ differs from the untiled one (most near tile borders, which the Gaussian weights
 blending removes visible seams but not the tile-to-tile statistics differences. Use large tiles
 (the image-space tile should be ≥ ~512 px for SD's VAE) with generous overlap.
 
-Sampling. ``vae.encode(x).latent_dist.sample()`` on each tile would blend independent noise
-(less variance in overlaps): blend the posterior moments instead and sample once,
-see :func:`tiled_encode_posterior`.
-
 Memory. Tiles run one at a time with the full batch B (so per-sample state, e.g. the degradation
 modulation of the LoRA layers, stays valid); the accumulators are float32 (float64 if the output
 is float64) of the output's size.
@@ -43,13 +39,13 @@ is float64) of the output's size.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["gaussian_weights", "tile_starts", "tiled_latent_apply", "tiled_encode",
-           "tiled_decode", "tiled_encode_posterior", "pad_to_multiple", "crop_to"]
+           "tiled_decode", "pad_to_multiple", "crop_to"]
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -159,19 +155,6 @@ def tiled_encode(vae_encode_fn: TensorFn, x: torch.Tensor, tile_px: int = 768,
                          f"of the VAE factor {factor}")
     return _tiled(vae_encode_fn, x, tile_px // factor, overlap_px // factor, factor, 1,
                   sigma_frac)
-
-
-def tiled_encode_posterior(vae: Any, x: torch.Tensor, tile_px: int = 768, overlap_px: int = 256,
-                           *, sigma_frac: float = 0.1) -> Any:
-    """``vae.encode(x).latent_dist`` computed tile by tile: the posterior moments (mean and
-    log-variance) are blended, then wrapped in a ``DiagonalGaussianDistribution`` so that the
-    caller samples once (``.sample(generator) * scaling_factor``). ``vae``: a diffusers
-    ``AutoencoderKL``; x in the VAE's dtype/device."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    moments = tiled_encode(lambda t: vae.encode(t).latent_dist.parameters, x, tile_px,
-                           overlap_px, factor, sigma_frac=sigma_frac)
-    return DiagonalGaussianDistribution(moments)
 
 
 # --------------------------------------------------------------------------- padding
