@@ -22,7 +22,6 @@ def add_arguments(p) -> None:
                    "paths (after one warm-up round)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler tables of the batched call to stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 def run(args) -> dict:

@@ -26,7 +26,6 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--steps", type=at_least(1), default=5, help="timed steps (after 2 warm-up)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 def run(args) -> dict:

@@ -25,7 +25,6 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-cap-gib", type=gib, default=0,
                    help="cap this process's accelerator memory (e.g. 24: a 24 GB card); 0: none")
     p.add_argument("--iters", type=at_least(1), default=7, help="timed rounds (median reported)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 def run(args) -> dict:

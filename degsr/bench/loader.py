@@ -21,7 +21,6 @@ def add_arguments(p) -> None:
     p.add_argument("--crop", type=at_least(1), default=512, help="crop size")
     p.add_argument("--batch", type=at_least(1), default=8, help="batch size")
     p.add_argument("--batches", type=at_least(1), default=30, help="batches timed (after 2 warm-up)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 class FolderCrops(Dataset):

@@ -27,7 +27,6 @@ def add_arguments(p) -> None:
                    default="", metavar="PARTS",
                    help="checkpoint these parts (comma list of unet, vae_encoder, vae_decoder; "
                         "the flag alone: all three)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
 
 
 def run(args) -> dict:

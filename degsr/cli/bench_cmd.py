@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
         mod = importlib.import_module(f"degsr.bench.{name}")
         q = sub.add_parser(name, help=help_, description=help_, formatter_class=p.formatter_class)
         mod.add_arguments(q)
+        q.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
         q.set_defaults(_bench=mod.run)
 
 
