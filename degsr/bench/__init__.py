@@ -44,20 +44,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, iters: int,
                 warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each of ``fns`` over ``iters`` interleaved rounds (one call of

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from degsr.bench import at_least, device_name, gib, time_calls, time_rounds
+from degsr.bench import at_least, device_name, gib, time_rounds
 from degsr.errors import UserError
 
 
@@ -111,8 +111,8 @@ def run(args) -> dict:
                              device, iters, warmup)
             t_bare_b, t_ours_b = tb["bare"], tb["ours"]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                t_unm_b = None if args.compile else time_calls(  # as in training: autocast
-                    lambda: net(xb, db, guidance_scale=1.07), device, iters)
+                t_unm_b = None if args.compile else time_rounds(  # as in training: autocast
+                    {"unm": lambda: net(xb, db, guidance_scale=1.07)}, device, iters)["unm"]
         result["batch_512"] = {"batch": n, "bare_img_per_s": round(n / t_bare_b, 2),
                                "ours_img_per_s": round(n / t_ours_b, 2),
                                "ours_unmerged_cfg_img_per_s": t_unm_b and round(n / t_unm_b, 2)}
@@ -123,7 +123,7 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            t = time_calls(lambda: ours(lr, tiled), device, 1)
+            t = time_rounds({"tiled": lambda: ours(lr, tiled)}, device, 1)["tiled"]
         result["tiled"] = {"size": args.tiled, "tile": tiled.tile, "tile_overlap": tiled.tile_overlap,
                            "vae_tile": tiled.vae_tile, "s_per_image": round(t, 2)}
         if device.type == "cuda":
