@@ -39,7 +39,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from degsr.errors import UserError
 from degsr.sr.config import DiscConfig
-from degsr.sr.diffaug import diff_augment, parse_policy
+from degsr.sr.diffaug import diff_augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,7 +192,6 @@ class VisionAidedDiscriminator(nn.Module):
         if cfg.input_size % patch or cfg.input_size // patch < MIN_GRID:
             raise UserError(f"disc.input_size: must be a multiple of the patch size {patch} and "
                             f"at least {MIN_GRID * patch}, got {cfg.input_size}")
-        parse_policy(cfg.diffaug)
         self.cfg = cfg
         self.levels = list(cfg.levels)
         self.input_size = int(cfg.input_size)
