@@ -72,9 +72,6 @@ def as_dataclass(cfg: Any, default: Any = None) -> Any:
 class Checked:
     """Base of config dataclasses used outside the loader: ``problems()`` lists what is wrong."""
 
-    def check(self):
-        return ()
-
     def problems(self) -> list[str]:
         return problems_of(self)
 
