@@ -47,5 +47,6 @@ class LoggerConfig:
     mode: str = choice("offline", ["offline", "online", "disabled"], "W&B mode")
     group: Optional[str] = plain(None, "W&B group (e.g. a sweep or ablation name)")
     tags: List[str] = plain([], "W&B tags")
-    images_every_n_steps: int = positive(500, "log example images every N steps")
+    images_every_n_steps: int = positive(500, "stage sr: log a training panel (LR up | SR | HR) "
+                                         "every N steps (validation images: at every validation)")
     log_artifacts: bool = plain(False, "also log checkpoints and the export as W&B artifacts")
