@@ -25,6 +25,13 @@ class ConfigError(UserError):
         super().__init__("\n".join(self.problems))
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (at most ``limit`` characters), or its type's name when
+    it has none (a KeyError of a bare number reads as the number: callers add the type)."""
+    text = " ".join(str(e).split())
+    return text[:limit] if text else type(e).__name__
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is PyTorch running out of memory (a CUDA OOM, or the CPU allocator's)."""
     import torch

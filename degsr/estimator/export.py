@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from degsr.errors import UserError
+from degsr.errors import UserError, one_line
 from degsr.io import atomic_write
 from degsr.estimator.config import EstimatorNetConfig
 from degsr.estimator.network import SCORES, DegradationEstimator
@@ -53,17 +53,13 @@ def save_estimator(model: DegradationEstimator, path: str | os.PathLike) -> Path
     return weights
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _read_config(config: Path) -> EstimatorNetConfig:
     if not config.is_file():
         raise UserError(f"estimator config not found: {config}")
     try:
         doc = json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{config}: not a readable estimator config ({_one_line(e)})") from None
+        raise UserError(f"{config}: not a readable estimator config ({one_line(e)})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"{config}: not a degsr estimator config (no \"format\": \"{FORMAT}\")")
     if doc.get("format_version") != FORMAT_VERSION:
@@ -80,7 +76,7 @@ def _read_config(config: Path) -> EstimatorNetConfig:
         cfg = EstimatorNetConfig(**net)
         problems = cfg.problems()
     except (TypeError, ValueError) as e:
-        raise UserError(f"{config}: invalid network config ({_one_line(e)})") from None
+        raise UserError(f"{config}: invalid network config ({one_line(e)})") from None
     if problems:
         raise UserError(f"{config}: invalid network config: " + "; ".join(problems))
     return cfg
@@ -119,7 +115,7 @@ def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own error type (and OSError) on bad files
-        raise UserError(f"{weights}: not a readable safetensors file ({_one_line(e)})") from None
+        raise UserError(f"{weights}: not a readable safetensors file ({one_line(e)})") from None
     model = DegradationEstimator(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -136,6 +132,6 @@ def load_estimator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot move the estimator to device {device!r} ({_one_line(e)})") from None
+        raise UserError(f"cannot move the estimator to device {device!r} ({one_line(e)})") from None
     model.eval().requires_grad_(False)
     return model

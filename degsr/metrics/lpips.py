@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from degsr.errors import UserError
+from degsr.errors import UserError, one_line
 
 __all__ = ["LPIPS", "VGG16Features", "VGG16_CONV_LAYERS", "LPIPS_TAPS", "default_lin_path"]
 
@@ -59,11 +59,6 @@ _VGG_URL_HINT = (
     "pass the path of torchvision's ImageNet VGG16 weights (vgg16-397923af.pth, "
     "https://download.pytorch.org/models/vgg16-397923af.pth)"
 )
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__
 
 
 class VGG16Features(nn.Module):
@@ -254,7 +249,7 @@ def _load_state_dict(path: Path, what: str) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt / not a torch file / pickled code
         raise UserError(f"{path}: not a readable {what} file, not one torch.save wrote "
-                        f"({type(e).__name__}: {_one_line(e)})") from None
+                        f"({type(e).__name__}: {one_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
