@@ -298,3 +298,47 @@ def test_features_are_layernormed_patch_grids_and_cls_with_the_documented_normal
         torch.testing.assert_close(feats[-1], ln(hs[d.levels[-1]])[:, 0], rtol=1e-5, atol=1e-5)
     # the two normalisations are far enough apart for the check to tell them apart
     assert abs(means["imagenet"][0] - means["reference"][0]) / 0.229 > 0.01
+
+
+@torch.no_grad()
+def test_heads_match_the_reference_layout_written_out_in_float64(tiny_folder):
+    """logits() from features() by hand at DINO's 14 x 14 grid (input 224, the tiny ViT's
+    position embeddings interpolated): each grid level is zero-pad 2 -> 4 x 4 binomial blur
+    ([1, 3, 3, 1] ⊗ [1, 3, 3, 1] / 64, written as shifted sums) -> conv 3x3 stride 2 ->
+    LeakyReLU(0.2) -> zero-pad 1 -> blur -> conv 1x1 stride 2 (a 3 x 3 logit map); the last
+    level's CLS token -> linear -> LeakyReLU(0.2) -> linear. The convs' weights are the heads'
+    (spectrally normalised) weights; the norm itself is tested above."""
+    import torch.nn.functional as F
+
+    d = make(tiny_folder, diffaug="", input_size=224).eval()
+    with torch.no_grad():  # trained-looking heads: biases and slopes matter
+        for p in d.heads.parameters():
+            p.normal_(0, 0.3, generator=gen(5))
+    x = images(2, size=96)
+    feats, got = d.features(x), d.logits(x)
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+
+    def blur(h, pad):
+        h = F.pad(h, [pad] * 4)
+        n = h.shape[-1] - 3
+        return sum(taps[i] * taps[j] / 64 * h[..., i:i + n, j:j + n]
+                   for i in range(4) for j in range(4))
+
+    def leaky(h):
+        return torch.where(h > 0, h, 0.2 * h)
+
+    def w(m):
+        return m.weight.double(), m.bias.double()
+
+    for head, f, lg in zip(d.heads[:-1], feats[:-1], got[:-1]):
+        assert f.shape[-2:] == (14, 14)
+        convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+        h = F.conv2d(blur(f.double(), 2), *w(convs[0]), stride=2)
+        h = F.conv2d(blur(leaky(h), 1), *w(convs[1]), stride=2)
+        assert lg.shape == (2, 3, 3)
+        torch.testing.assert_close(lg.double(), h[:, 0], rtol=1e-5, atol=1e-5)
+    lins = [m for m in d.heads[-1].modules() if isinstance(m, torch.nn.Linear)]
+    h = leaky(feats[-1].double() @ w(lins[0])[0].T + w(lins[0])[1])
+    want = h @ w(lins[1])[0].T + w(lins[1])[1]
+    torch.testing.assert_close(got[-1].double(), want, rtol=1e-5, atol=1e-5)
+    assert min(float(t.std()) for t in got[:-1]) > 0.05  # maps that vary: a blur error would show
