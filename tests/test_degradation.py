@@ -712,3 +712,50 @@ def test_load_photo_takes_the_left_view_and_greys_to_three_equal_channels():
     for c in range(3):
         assert np.array_equal(gray[..., c], skimage.data.camera())
     assert np.array_equal(load_photo("astronaut"), skimage.data.astronaut())
+
+
+def test_final_filter_acts_on_the_lr_after_the_final_resize():
+    """Real-ESRGAN's final step is [resize to the LR size, then the sinc]: with a gray HR (JPEG
+    at 100 then ~lossless: no chroma), resize 2 to twice the LR size and a known final kernel
+    (a Gaussian of sigma 1.5 written out here), the LR is the kernel applied to the 2 x 2 average
+    at LR size (F.avg_pool2d, reflect-padded F.conv2d), far from the kernel applied before it."""
+    n = 3
+    deg, draw = _resizes_and_jpegs_only(n, 2.0, 100.0, 100.0, [True, False, True])
+    r = torch.arange(21, dtype=torch.float32) - 10
+    g1 = torch.exp(-r ** 2 / (2 * 1.5 ** 2))
+    kernel = torch.outer(g1, g1) / g1.sum() ** 2
+    draw["kernels"]["final"] = kernel.expand(n, 21, 21).clone()
+    draw["params"]["final_sinc"] = torch.ones(n, dtype=torch.bool)
+    hr = photos(n, 64, seed=6).mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+    lr = deg.apply(hr, draw, gen(9))["lr"]
+
+    def blur(x):
+        return F.conv2d(F.pad(x, [10] * 4, mode="reflect"), kernel.expand(3, 1, 21, 21), groups=3)
+
+    mid = F.avg_pool2d(hr, 2)  # resize 1 keeps 64, resize 2 to 2 x 16
+    after = (blur(F.avg_pool2d(mid, 2)) * 255).round() / 255
+    before = (F.avg_pool2d(blur(mid), 2) * 255).round() / 255
+    _closer_to_own(lr, after, before)
+
+
+def test_first_round_noise_is_added_before_its_jpeg():
+    """Each round adds its noise and then codes its JPEG: gray Gaussian noise of 8/255 on a flat
+    0.5 image, coded at quality 10 (quantisation steps >= 50, six times the noise's DCT std:
+    the codec wipes it out), leaves a nearly flat LR; noise added after the codec would stay
+    at its full std of 8/255. Everything else is the identity (resize 1 straight to the LR
+    size by area, resize 2 and the final resize keep it, JPEG 2 at 100, no blur, no sinc)."""
+    n = 4
+    deg, draw = _resizes_and_jpegs_only(n, 1.0, 10.0, 100.0, [False] * n)
+    on = torch.ones(n, dtype=torch.bool)
+    draw["params"].update(resize1_scale=torch.full((n,), 0.25), noise1_gray=on,
+                          noise1_sigma=torch.full((n,), 8.0))
+    hr = torch.full((n, 3, 128, 128), 0.5)
+    lr = deg.apply(hr, draw, gen(9))["lr"]
+    assert lr.shape == (n, 3, 32, 32)
+    std = lr.flatten(1).std(1) * 255
+    assert (std < 2.0).all(), std  # noise then JPEG 10: flat up to a few surviving coefficients
+    assert ((lr.mean((1, 2, 3)) - 0.5).abs() < 2 / 255).all()
+    # the same draw with JPEG 1 at 100 keeps the noise: the draw does add it
+    draw["params"]["jpeg1_quality"] = torch.full((n,), 100.0)
+    kept = deg.apply(hr, draw, gen(9))["lr"].flatten(1).std(1) * 255
+    assert ((kept - 8.0).abs() < 1.0).all(), kept
