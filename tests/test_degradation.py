@@ -759,3 +759,31 @@ def test_first_round_noise_is_added_before_its_jpeg():
     draw["params"]["jpeg1_quality"] = torch.full((n,), 100.0)
     kept = deg.apply(hr, draw, gen(9))["lr"].flatten(1).std(1) * 255
     assert ((kept - 8.0).abs() < 1.0).all(), kept
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_each_round_blurs_before_it_resizes(round_):
+    """Each round is blur -> resize: a known Gaussian (sigma 1.2, written out here) as the
+    round's only blur, its resize down to the LR size by area (the other resizes keep the
+    size), gray crops and ~lossless JPEG: the LR is the 4 x 4 average of the blurred HR
+    (reflect-padded F.conv2d, F.avg_pool2d), far from the blurred 4 x 4 average."""
+    n = 3
+    deg, draw = _resizes_and_jpegs_only(n, 1.0, 100.0, 100.0, [True] * n)
+    r = torch.arange(21, dtype=torch.float32) - 10
+    g1 = torch.exp(-r ** 2 / (2 * 1.2 ** 2))
+    kernel = torch.outer(g1, g1) / g1.sum() ** 2
+    p = draw["params"]
+    p[f"blur{round_}_applied"] = torch.ones(n, dtype=torch.bool)
+    draw["kernels"][f"blur{round_}"] = kernel.expand(n, 21, 21).clone()
+    if round_ == 1:  # resize 1 straight to the LR size, resize 2 (x LR size) keeps it
+        p["resize1_scale"] = torch.full((n,), 0.25)
+    # round 2: resize 1 keeps the HR size, resize 2 takes it to 1 x the LR size
+    hr = photos(n, 64, seed=7).mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+    lr = deg.apply(hr, draw, gen(9))["lr"]
+
+    def blur(x):
+        return F.conv2d(F.pad(x, [10] * 4, mode="reflect"), kernel.expand(3, 1, 21, 21), groups=3)
+
+    first = (F.avg_pool2d(blur(hr), 4) * 255).round() / 255
+    last = (blur(F.avg_pool2d(hr, 4)) * 255).round() / 255
+    _closer_to_own(lr, first, last)
