@@ -787,3 +787,25 @@ def test_each_round_blurs_before_it_resizes(round_):
     first = (F.avg_pool2d(blur(hr), 4) * 255).round() / 255
     last = (blur(F.avg_pool2d(hr, 4)) * 255).round() / 255
     _closer_to_own(lr, first, last)
+
+
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-tables", "torch.poisson"])
+def test_gray_poisson_noise_is_drawn_on_the_luma(accelerator):
+    """Gray Poisson noise is one field drawn on the image's luma (0.299 R + 0.587 G + 0.114 B,
+    on the 1/255 grid) and repeated over the channels: on a flat colour (20, 200, 100) its
+    variance is scale² · Y / 256 with Y = 135/255, the same in every channel (not that of a
+    channel: red alone would give 20/255, a seventh of it)."""
+    x = torch.empty(2, 3, 256, 256)
+    for c, v in enumerate((20, 200, 100)):
+        x[:, c] = v / 255
+    x[:, :, 0, :200] = torch.arange(200) / 255  # > 128 distinct luma values: 256 levels
+    scale = torch.tensor([1.0, 2.5])
+    with ops.accelerator_path(accelerator):
+        n = ops.poisson_noise(gen(1), x, scale, torch.tensor([True, True]))
+    y = round(0.299 * 20 + 0.587 * 200 + 0.114 * 100) / 255
+    for b in range(2):
+        assert torch.equal(n[b, 0], n[b, 1]) and torch.equal(n[b, 0], n[b, 2])
+        flat = n[b, 0, 1:].double()
+        expected_var = scale[b].item() ** 2 * y / 256
+        assert abs(flat.var().item() / expected_var - 1) < 0.03, (b, flat.var().item(), expected_var)
+        assert abs(flat.mean().item()) < 4 * math.sqrt(expected_var / flat.numel())
