@@ -19,6 +19,9 @@ def test_positionals_may_follow_options():
     a = parse_args(["-v", "sr", "in1", "--out", "o", "--adapter", "ad", "in2"])
     assert a.inputs == ["in1", "in2"] and a.adapter == "ad" and a.verbose is True
     assert parse_args(["config", "a.yaml"]).verbose is False
+    a = parse_args(["bench", "degradation", "--size", "64", "-v"])  # README: -v before or after
+    assert a.verbose is True and a.size == 64 and not parse_args(["bench", "loader", "--shards",
+                                                                  "s", "--folder", "f"]).verbose
     with pytest.raises(SystemExit):  # a real unknown option is still argparse's error
         parse_args(["degrade", "x.png", "--out", "o", "--bogus"])
     with pytest.raises(SystemExit):  # bench has no positionals

@@ -43,6 +43,12 @@ class DefaultsHelp(argparse.HelpFormatter):
         return text
 
 
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``-v`` after the command too (``degsr sr ... -v``, ``degsr bench infer ... -v``)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="as degsr -v: debug logging and progress bars everywhere")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="degsr",
@@ -55,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(f"degsr.cli.{name.replace('-', '_')}_cmd")
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
                            formatter_class=DefaultsHelp)
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="as degsr -v: debug logging and progress bars everywhere")
+        add_verbose(p)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

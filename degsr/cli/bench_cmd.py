@@ -15,10 +15,13 @@ BENCHES = {"degradation": "the degradation engine: batched vs one image at a tim
 
 
 def add_arguments(p) -> None:
+    from degsr.cli import add_verbose
+
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, help_ in BENCHES.items():
         mod = importlib.import_module(f"degsr.bench.{name}")
         q = sub.add_parser(name, help=help_, description=help_, formatter_class=p.formatter_class)
+        add_verbose(q)
         mod.add_arguments(q)
         q.add_argument("--json", action="store_true", help="print one JSON object (default: too)")
         q.set_defaults(_bench=mod.run)
