@@ -505,3 +505,22 @@ def test_a_prompt_may_start_with_a_tilde():
     cfg = load_config([ROOT / "configs" / "sr_tiny.yaml"], ["model.neg_prompt=~blurry, lowres",
                                                              "model.pos_prompt=~sharp"])
     assert (cfg.model.neg_prompt, cfg.model.pos_prompt) == ("~blurry, lowres", "~sharp")
+
+
+@pytest.mark.parametrize("overrides,bad", [
+    (["trainer.accumulate_grad_batches=3"], True),  # 3 does not divide data.batches_per_epoch=1000
+    (["trainer.accumulate_grad_batches=4"], False),
+    (["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=5", "data.echo=2"], False),
+    (["trainer.accumulate_grad_batches=2", "data.batches_per_epoch=5"], True),
+])
+def test_stage_estimator_accumulation_must_divide_an_epochs_batches(overrides, bad):
+    """Lightning steps at an epoch's last batch whatever is accumulated: with 3 batches an epoch
+    and accumulate 2, trainer.val_every_n_steps=2 validated at steps 2 and 5 (not 4, nor the
+    last step 6), and a validation could land mid-accumulation."""
+    key = "trainer.accumulate_grad_batches"
+    overrides = ["stage=estimator", *overrides]
+    if not bad:
+        assert load_config([], overrides).trainer.accumulate_grad_batches > 1
+        return
+    msg = [m for m in problems(overrides=overrides) if key in m]
+    assert len(msg) == 1 and msg[0].startswith(f"config error: {key}: must divide"), msg

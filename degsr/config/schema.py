@@ -185,6 +185,13 @@ class Config:
                 yield "sr.accumulate", (f"must divide data.batches_per_epoch "
                                         f"({self.data.batches_per_epoch}): a step's batches would "
                                         "straddle two epochs")
+        epoch = self.data.batches_per_epoch * self.data.echo  # training batches per epoch
+        if self.stage == "estimator" and epoch % self.trainer.accumulate_grad_batches:
+            # Lightning steps at an epoch's last batch whatever is accumulated: the steps would
+            # drift off the batch count that trainer.val_every_n_steps is turned into (fit.py)
+            yield "trainer.accumulate_grad_batches", (
+                f"must divide the training batches of an epoch (data.batches_per_epoch x "
+                f"data.echo = {epoch}): a step's batches would straddle two epochs")
         if self.stage == "sr" and self.sr.lpips_weight > 0 and not self.sr.lpips_vgg:
             yield "sr.lpips_vgg", ("required when sr.lpips_weight > 0: the path of torchvision's "
                                    "VGG16 weights (vgg16-397923af.pth), or set sr.lpips_weight=0")
