@@ -1,5 +1,7 @@
 """The command line as the README writes it: positionals after options."""
 
+import re
+
 import pytest
 
 from conftest import ROOT
@@ -87,6 +89,8 @@ def test_every_option_with_a_default_states_it_in_its_help():
                 shown = " ".join(p._get_formatter()._format_action(a).split())  # as --help shows it
                 if "default" not in shown or str(a.default) not in shown:
                     missing.append(f"{path} {a.option_strings[-1]}: {shown!r}")
+                if re.search(r"default: ?(\[\]|\(\)|'')?\)", shown):  # "(default: )"
+                    missing.append(f"{path} {a.option_strings[-1]}: {shown!r} (an empty value)")
     assert not missing, missing
 
 

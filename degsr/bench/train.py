@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--gradient-checkpointing", nargs="?", const="unet,vae_encoder,vae_decoder",
                    default="", metavar="PARTS",
                    help="checkpoint these parts (comma list of unet, vae_encoder, vae_decoder; "
-                        "the flag alone: all three)")
+                        "the flag alone: all three; default: none)")
 
 
 def run(args) -> dict:

@@ -23,12 +23,14 @@ SUBCOMMANDS = ["quickstart", "config", "shards", "degrade", "fit", "estimate", "
 
 class DefaultsHelp(argparse.HelpFormatter):
     """Help that states each option's default where its text does not already (and there is
-    one to state: not None, not off)."""
+    one to state: not None, not off, not empty: an option whose default is "" or [] says in
+    its own text what that means)."""
 
     @staticmethod
     def _stated(action) -> bool:
         d = action.default
-        return bool(action.option_strings) and not (d is None or d is False or d is argparse.SUPPRESS)
+        return bool(action.option_strings) and not (
+            d is None or d is False or d is argparse.SUPPRESS or d in ("", [], ()))
 
     def _format_action(self, action):
         if action.help is None and self._stated(action):  # argparse prints no help line at all
