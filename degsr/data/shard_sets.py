@@ -156,8 +156,10 @@ def _padding_hint(missing: str) -> str:
         for other in sorted(glob.glob(os.path.join(glob.escape(folder), like))):
             digits = os.path.basename(other)[m.start():len(os.path.basename(other)) - len(name) + m.end()]
             if digits.isdigit() and int(digits) == int(m.group()):
-                return (f"; {other} exists: write the range with its zero padding (e.g. "
-                        f"{{{'0' * (len(digits) - 1)}0..{'0' * (len(digits) - 1)}9}})")
+                pad = "0" * (len(digits) - 1)  # the files' padding: more or less than written
+                how = f"{len(digits)} digits" if pad else "without zero padding"
+                return (f"; {other} exists: write the range as its files are numbered, {how} "
+                        f"(e.g. {{{pad}0..{pad}9}})")
     return ""
 
 
