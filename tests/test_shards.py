@@ -383,6 +383,35 @@ def test_expand_shard_pattern(tmp_path):
         expand_shard_pattern(str(d / "train-{000007..000008}.tar"))
 
 
+def test_the_padding_hint_survives_odd_names_and_lists_a_folder_once(tmp_path, monkeypatch):
+    """The hint that follows a missing range: a file whose number runs on in a digit int() does
+    not read ('t-0\u00b2.tar', a superscript two) made the one-line error a ValueError
+    traceback; and each of the first 20 missing files globbed the whole folder again (seconds in
+    a folder of 50k shards, on the error path)."""
+    import os
+
+    import degsr.data.shard_sets as shard_sets
+
+    (tmp_path / "t-0\u00b2.tar").write_bytes(b"")
+    with pytest.raises(UserError, match=r"do not exist: [^;]*$"):  # no such number: no hint
+        expand_shard_pattern(str(tmp_path / "t-{0..1}.tar"))
+    for i in range(30):
+        (tmp_path / f"s-{i:06d}.tar").write_bytes(b"")
+    listed = []
+    real_scandir, real_listdir = os.scandir, os.listdir
+    monkeypatch.setattr(os, "scandir", lambda *a: listed.append(a) or real_scandir(*a))
+    monkeypatch.setattr(os, "listdir", lambda *a: listed.append(a) or real_listdir(*a))
+    monkeypatch.setattr(shard_sets.os, "scandir", os.scandir)
+    with pytest.raises(UserError, match=r"do not exist: [^;]*$"):  # past the set's end: no hint
+        expand_shard_pattern(str(tmp_path / "s-{000020..000060}.tar"))
+    assert len(listed) <= 1, listed
+    listed.clear()
+    with pytest.raises(UserError, match=r"s-000000\.tar exists: write the range as its files are "
+                                        r"numbered, 6 digits"):
+        expand_shard_pattern(str(tmp_path / "s-{0..40}.tar"))
+    assert len(listed) <= 1, listed
+
+
 def test_tars_beside_an_index_it_does_not_name_are_warned_about_once(photos, tmp_path,
                                                                      monkeypatch):
     """A folder with an index means its set: a tar copied in beside it was dropped without a

@@ -143,23 +143,39 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{pattern}: {len(missing)} of {len(files)} shard files do not exist: "
                         f"{', '.join(missing[:3])}{more}"
-                        + next(filter(None, map(_padding_hint, missing[:20])), ""))
+                        + _padding_hint(missing[:20]))
     return files
 
 
-def _padding_hint(missing: str) -> str:
-    """``"; <file> exists: ..."`` when a file of the same name but for its number's zero padding
-    lies beside ``missing`` (``t-{0..9}.tar`` against ``t-000000.tar``), else ``""``."""
-    folder, name = os.path.split(missing)
-    for m in reversed(list(re.finditer(r"\d+", name))):
-        like = glob.escape(name[:m.start()]) + "[0-9]*" + glob.escape(name[m.end():])
-        for other in sorted(glob.glob(os.path.join(glob.escape(folder), like))):
-            digits = os.path.basename(other)[m.start():len(os.path.basename(other)) - len(name) + m.end()]
-            if digits.isdigit() and int(digits) == int(m.group()):
+def _padding_hint(missing: list[str]) -> str:
+    """``"; <file> exists: ..."`` when a file of the same name but for a number's zero padding
+    lies beside one of ``missing`` (``t-{0..9}.tar`` against ``t-000000.tar``), else ``""``.
+    Each folder is listed once; a number is ASCII digits only (``int`` reads other digits, or
+    refuses them: ``'0\u00b2'``)."""
+    listings: dict[str, list[str]] = {}
+    numbered: dict[tuple, dict[int, str]] = {}  # (folder, before, after) -> number -> name
+    for path in missing:
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                listings[folder] = sorted(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = []
+        for m in reversed(list(re.finditer(r"[0-9]+", name))):
+            key = (folder, name[:m.start()], name[m.end():])
+            if key not in numbered:
+                rx = re.compile(re.escape(key[1]) + r"([0-9]+)" + re.escape(key[2]))
+                found = numbered[key] = {}
+                for other in listings[folder]:
+                    if (hit := rx.fullmatch(other)) is not None:
+                        found.setdefault(int(hit.group(1)), other)
+            other = numbered[key].get(int(m.group()))
+            if other is not None:
+                digits = other[m.start():len(other) - len(key[2])]
                 pad = "0" * (len(digits) - 1)  # the files' padding: more or less than written
                 how = f"{len(digits)} digits" if pad else "without zero padding"
-                return (f"; {other} exists: write the range as its files are numbered, {how} "
-                        f"(e.g. {{{pad}0..{pad}9}})")
+                return (f"; {os.path.join(folder, other)} exists: write the range as its files "
+                        f"are numbered, {how} (e.g. {{{pad}0..{pad}9}})")
     return ""
 
 
