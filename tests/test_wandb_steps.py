@@ -70,3 +70,32 @@ def test_every_wandb_row_is_at_the_trainers_global_step(stage, shards, tmp_path,
                                 for c in caps), caps
             values = [float(v) for c in caps for v in re.findall(r"(?:blur|noise) (\S+)", c)]
             assert all(0 <= v <= 1 for v in values), caps
+
+
+def test_the_last_step_is_validated_when_val_every_does_not_divide_max_steps(shards, tmp_path,
+                                                                              monkeypatch):
+    """max_steps 3, validation every 2: validated at 2 and at 3, the step exported; final.json
+    held the metrics of step 2 (README: "the final validation (at trainer.max_steps ...)")."""
+    import json
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from degsr.training.fit import fit
+
+    rows = []
+    monkeypatch.setattr(WandbLogger, "log_metrics",
+                        lambda self, metrics, step=None: rows.append((set(metrics), step)))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config, extra = STAGES["estimator"]
+    cfg = load_config([ROOT / "configs" / config], [
+        f"data.train_shards={shards}/shards", f"data.val_folder={shards}/val", "data.val_crops=4",
+        "data.val_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
+        "data.batches_per_epoch=4", "trainer.max_steps=3", "trainer.val_every_n_steps=2",
+        "logger.wandb=true", f"run.dir={tmp_path}", *extra[:-1]])
+    out = fit(cfg)
+    assert out["global_step"] == 3
+    assert sorted({s for keys, s in rows if "val/spearman_mean" in keys}) == [2, 3], rows
+    final = json.loads((Path(out["run_dir"]) / "final.json").read_text())
+    last = [s for keys, s in rows if "val/spearman_mean" in keys][-1]
+    assert final["global_step"] == last == 3 and "val/spearman_mean" in final["metrics"]

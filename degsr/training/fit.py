@@ -87,6 +87,17 @@ class DataQualityLog(Callback):
             module.log_dict({f"data/{k}": float(v) for k, v in dm.data_quality().items()})
 
 
+class ValidateTheLastStep(Callback):
+    """A validation at the step training ends on (``trainer.max_steps``), a multiple of
+    ``trainer.val_every_n_steps`` or not: ``final.json``'s metrics are then the exported
+    weights' own. Lightning validates a step at which training is asked to stop (as the time
+    limit does)."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
     console.quiet_lightning()
@@ -94,7 +105,8 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
                          save_last=True, save_top_k=t.keep_last_n, filename="step{step:07d}",
                          auto_insert_metric_name=False,
                          enable_version_counter=False)  # one run dir per run: overwrite last
-    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed)]
+    callbacks = [ckpt, DataQualityLog(t.log_every_n_steps), SeedEachBatch(cfg.run.seed),
+                 ValidateTheLastStep()]
     if cfg.stage == "estimator" and cfg.estimator.ema_decay > 0:  # before RunLog: it swaps the
         from lightning.pytorch.callbacks import EMAWeightAveraging  # average in, then RunLog exports
 
