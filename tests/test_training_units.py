@@ -736,6 +736,7 @@ def test_a_typo_in_a_data_path_is_one_line_and_makes_no_run_directory(tmp_path):
     started was left behind, and the corrected rerun resumed it."""
     import degsr.training.fit as fitmod
     from degsr.config import load_config
+    from degsr.data.module import SRDataModule
 
     (tmp_path / "shards").mkdir()
     import tarfile
@@ -751,6 +752,10 @@ def test_a_typo_in_a_data_path_is_one_line_and_makes_no_run_directory(tmp_path):
              ([good, f"data.val_folder={tmp_path}/vall"], r"^data\.val_folder .*vall: no such folder"),
              ([good, f"data.val_paired_lr={tmp_path}/shards", f"data.val_paired_hr={tmp_path}/h"],
               r"^data\.val_paired_hr .*/h: no such folder")]
+    cfg = load_config([], [f"run.dir={tmp_path}/runs", "run.name=r", "trainer.accelerator=cpu", good,
+                           f"data.val_shards={tmp_path}/shards/s-000000.tar",
+                           f"data.val_folder={tmp_path}/unused"])  # val_shards win: not read
+    SRDataModule(cfg.data, cfg.degradation).check_sources()
     for extra, message in cases:
         cfg = load_config([], [f"run.dir={tmp_path}/runs", "run.name=r", "trainer.accelerator=cpu",
                                *extra])

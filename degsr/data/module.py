@@ -162,8 +162,8 @@ class SRDataModule(L.LightningDataModule):
             self.train_urls = expand_pattern("data.train_shards", d.train_shards)
         if d.val_shards:
             expand_pattern("data.val_shards", d.val_shards)
-        for key in ("val_folder", "val_paired_lr", "val_paired_hr"):
-            folder = getattr(d, key)
+        for key in ("val_paired_lr", "val_paired_hr") + (() if d.val_shards else ("val_folder",)):
+            folder = getattr(d, key)  # (val_folder is read only without val_shards)
             if folder and not Path(folder).expanduser().is_dir():
                 where = "not a folder" if Path(folder).expanduser().exists() else "no such folder"
                 raise UserError(f"data.{key} {folder}: {where}")
