@@ -60,6 +60,10 @@ def _trained_looking(mod: DegradationModulation) -> DegradationModulation:
             for lin in (net.deg_mlp[0], net.fuse):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.1)
             net.fuse.bias.copy_(torch.randn(net.fuse.bias.shape, generator=g) * 0.3)
+            # and C that depends on the block: at the 1e-5 init the block features are ~0, so
+            # every block would get the same C and a mix-up of block ids would go unseen
+            net.block_mlp[0].weight.copy_(torch.randn(net.block_mlp[0].weight.shape,
+                                                      generator=g) * 0.3)
     return mod
 
 
@@ -500,3 +504,23 @@ def test_target_matching_follows_peft_for_other_target_lists():
         want = [n for n in names if check_target_module_exists(pc, n)]
         assert lora_targets(unet, targets) == want, targets
     assert lora_targets(unet, ["q"]) == []  # no module is named 'q' or ends in '.q'
+
+
+def test_fold_gives_each_layer_the_C_of_its_own_block():
+    """fold with a (1, blocks, r, r) tensor: layer k's weight is W0 + s B C[0, k]^T A (float64),
+    for layers of different blocks folded in one call (C^T is computed once per block)."""
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Conv2d(4, 3, 3, padding=1), nn.Linear(6, 4))
+    ids = {"0": 0, "1": 2, "2": 5}
+    inject_modulated_lora(net, ["0", "1", "2"], rank=3, alpha=6.0, block_id_fn=ids.__getitem__)
+    _randomize_B(net, 9, std=0.5)
+    w0 = {i: net[i].base_layer.weight.detach().double().clone() for i in range(3)}
+    C = torch.randn(1, 6, 3, 3)
+    fold(net, C)
+    for i in range(3):
+        layer, k = net[i], ids[str(i)]
+        A = layer.lora_A.weight.double().reshape(3, -1)
+        B = layer.lora_B.weight.double().reshape(-1, 3)
+        want = w0[i] + (2.0 * B @ C[0, k].double().T @ A).reshape(w0[i].shape)
+        torch.testing.assert_close(layer.base_layer.weight.double(), want, rtol=1e-6, atol=1e-6)
+    unfold(net)
