@@ -524,3 +524,31 @@ def test_fold_gives_each_layer_the_C_of_its_own_block():
         want = w0[i] + (2.0 * B @ C[0, k].double().T @ A).reshape(w0[i].shape)
         torch.testing.assert_close(layer.base_layer.weight.double(), want, rtol=1e-6, atol=1e-6)
     unfold(net)
+
+
+@pytest.mark.parametrize("dilation,padding_mode", [(2, "zeros"), (1, "reflect"), (2, "circular")])
+def test_conv_adapter_keeps_the_base_dilation_and_padding_mode(dilation, padding_mode):
+    """A sees what the base kernel sees: same dilation, same padding mode (float64 by hand), and
+    the folded kernel gives the same output."""
+    torch.manual_seed(15)
+    base = nn.Conv2d(4, 6, 3, padding=2, dilation=dilation, padding_mode=padding_mode)
+    layer = ModulatedLoRA(base, rank=3, alpha=6.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4, 9, 10)
+    C = torch.randn(2, 3, 3)
+    layer.C = C
+    y = layer(x)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    xp = F.pad(x.double(), (2, 2, 2, 2), mode=mode)
+    W0, b = base.weight.double(), base.bias.double()
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double().reshape(6, 3)
+    for n in range(2):
+        base_out = F.conv2d(xp[n:n + 1], W0, b, dilation=dilation)[0]
+        a = F.conv2d(xp[n:n + 1], A, dilation=dilation)[0]
+        h, w = a.shape[1:]
+        ref = base_out + 2.0 * (B @ (C[n].double().T @ a.reshape(3, h * w))).reshape(6, h, w)
+        torch.testing.assert_close(y[n].double(), ref, rtol=1e-5, atol=1e-5)
+    net = nn.Sequential(layer)
+    with torch.no_grad(), merged(net, {0: C[:1]}):
+        folded = net(x[:1])
+    torch.testing.assert_close(folded, y[:1].detach(), rtol=1e-5, atol=1e-5)
