@@ -552,3 +552,19 @@ def test_conv_adapter_keeps_the_base_dilation_and_padding_mode(dilation, padding
     with torch.no_grad(), merged(net, {0: C[:1]}):
         folded = net(x[:1])
     torch.testing.assert_close(folded, y[:1].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_2d_C_is_the_same_matrix_for_every_sample():
+    """A (r, r) C is one C for the batch, not its transpose: W0 x + s B (C^T (A x))."""
+    torch.manual_seed(16)
+    base = nn.Linear(5, 4)
+    layer = ModulatedLoRA(base, rank=3, alpha=3.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x, C = torch.randn(2, 5), torch.randn(3, 3)
+    layer.C = C
+    y = layer(x)
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    for n in range(2):
+        v = x[n].double()
+        want = base.weight.double() @ v + base.bias.double() + B @ (C.double().T @ (A @ v))
+        torch.testing.assert_close(y[n].double(), want, rtol=1e-5, atol=1e-6)
