@@ -568,3 +568,32 @@ def test_a_2d_C_is_the_same_matrix_for_every_sample():
         v = x[n].double()
         want = base.weight.double() @ v + base.bias.double() + B @ (C.double().T @ (A @ v))
         torch.testing.assert_close(y[n].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_injection_freezes_the_base_and_trains_float32_adapters_on_a_half_base():
+    """inject_modulated_lora freezes the adapted base layers itself (whatever requires_grad they
+    had) and leaves other modules alone; on a bfloat16 base the adapters are float32 (as peft),
+    the output keeps the base dtype and is the float64 formula to bf16 accuracy."""
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+    inject_modulated_lora(net, ["0"], rank=4, alpha=8.0)
+    assert not any(p.requires_grad for p in net[0].base_layer.parameters())
+    assert all(p.requires_grad for p in net[0].lora_A.parameters())
+    assert all(p.requires_grad for p in net[0].lora_B.parameters())
+    assert all(p.requires_grad for p in net[1].parameters())      # not a target: untouched
+
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = ModulatedLoRA(base, rank=4, alpha=8.0)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    nn.init.normal_(layer.lora_B.weight)
+    x, C = torch.randn(3, 16).to(torch.bfloat16), torch.randn(3, 4, 4)
+    layer.C = C
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    for n in range(3):
+        v = x[n].double()
+        want = (base.weight.double() @ v + base.bias.double()
+                + 2.0 * (B @ (C[n].double().T @ (A @ v))))
+        torch.testing.assert_close(y[n].double(), want, rtol=2e-2, atol=2e-2)
+    assert layer(x).dtype == torch.bfloat16
