@@ -293,7 +293,15 @@ class _Counter:
 @torch.no_grad()
 def test_cfg_is_one_batched_call_and_matches_the_formula(comp):
     x, g = _image(b=2), 1.07
-    z = encode_lr(comp, x, generator=torch.Generator().manual_seed(1))
+    # the latent written out: a posterior sample times SD's 0.18215, no noise added
+    post = comp.vae.encode(x).latent_dist
+    z = post.sample(generator=torch.Generator().manual_seed(1)) * 0.18215
+    torch.testing.assert_close(encode_lr(comp, x, generator=torch.Generator().manual_seed(1)), z,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encode_lr(comp, x, posterior_mean=True), post.mean * 0.18215,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(post.mean, post.sample(generator=torch.Generator().manual_seed(1)),
+                              atol=1e-3)
     with _Counter(comp.unet) as c:
         out = one_step_sr(comp, x, guidance_scale=g, generator=torch.Generator().manual_seed(1))
     assert c.batches == [4]
