@@ -387,11 +387,15 @@ def test_online_negatives_are_reconstructed_toward_their_own_lr(monkeypatch):
 def test_training_step_gives_the_discriminator_gt_as_real_and_weights_it(monkeypatch):
     """training_step's D step: real = the batch's ground truth in [-1, 1], fake = the generator's
     output of the same step (detached), and the loss back-propagated is gan_weight x loss_d
-    (/ accumulate)."""
-    m, cfg = module("sr.neg_prob=0")
+    (/ accumulate, here 2: both backward passes are divided by it)."""
+    m, cfg = module("sr.neg_prob=0", "sr.accumulate=2")
     b = batch(cfg)
-    outputs, seen, backward = [], {}, []
-    forward, loss_d = m.net.forward, m.disc.loss_d
+    outputs, seen, backward, g_losses = [], {}, [], []
+    forward, loss_d, gen_loss = m.net.forward, m.disc.loss_d, m.generator_loss
+
+    def spy_generator_loss(*a, **kw):
+        g_losses.append(gen_loss(*a, **kw))
+        return g_losses[-1]
 
     def spy_forward(*a, **kw):
         outputs.append(forward(*a, **kw))
@@ -413,6 +417,7 @@ def test_training_step_gives_the_discriminator_gt_as_real_and_weights_it(monkeyp
 
     monkeypatch.setattr(m.net, "forward", spy_forward)
     monkeypatch.setattr(m.disc, "loss_d", spy_loss_d)
+    monkeypatch.setattr(m, "generator_loss", spy_generator_loss)
     monkeypatch.setattr(m, "manual_backward", lambda loss: backward.append(loss.detach()))
     monkeypatch.setattr(m, "_optimizers", lambda: (Opt(), Opt()))
     m.training_step(b, 0)
@@ -420,9 +425,10 @@ def test_training_step_gives_the_discriminator_gt_as_real_and_weights_it(monkeyp
     torch.testing.assert_close(seen["real"], b["gt"] * 2 - 1, rtol=0, atol=0)
     assert torch.equal(seen["fake"], out.detach()) and not seen["fake"].requires_grad
     assert len(backward) == 2  # the generator's loss, then the discriminator's
-    want = cfg.sr.gan_weight * seen["value"].detach() / cfg.sr.accumulate
+    assert cfg.sr.accumulate == 2 and cfg.sr.gan_weight != 1
+    torch.testing.assert_close(backward[0], g_losses[0][0].detach() / 2, rtol=1e-6, atol=0)
+    want = cfg.sr.gan_weight * seen["value"].detach() / 2
     torch.testing.assert_close(backward[1], want, rtol=1e-6, atol=0)
-    assert cfg.sr.gan_weight != 1
 
 
 def test_generator_loss_is_2_mse_plus_5_lpips_plus_half_gan(tmp_path):
