@@ -183,6 +183,23 @@ def test_blur_std_closed_form():
     assert blur_std_lr(_hand_params(), 4).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_blur_std_closed_form_with_sincs_a_skipped_blur_and_a_coarse_round_2():
+    """The other branches of the blur model, written out: a round-1 sinc at ω = π/2 counts as the
+    Gaussian whose response halves there, sqrt(2 ln 2)/ω (its std field is not read); a second
+    blur that did not run adds nothing (whatever its std); the final sinc (ω = 2π/3) acts on the
+    LR, so its std is scale times that in HR pixels; resize 2 to 0.8 of the LR size makes the
+    coarsest resolution 0.8/4 = 0.2 of HR (box variance (1/0.2)²/12)."""
+    c = math.sqrt(2 * math.log(2))
+    p = _hand_params(blur1_omega_c=math.pi / 2, blur1_std=7.0, blur2_applied=False,
+                     blur2_std=3.0, resize2_scale=0.8, final_sinc=True,
+                     final_omega_c=2 * math.pi / 3)
+    var = (c / (math.pi / 2)) ** 2 + (c / (2 * math.pi / 3) * 4) ** 2 + (1 / 0.2) ** 2 / 12
+    assert blur_std_lr(p, 4).item() == pytest.approx(math.sqrt(var) / 4, rel=1e-6)
+    # and the skipped second blur is the same as a second blur of std 0
+    q = _hand_params(blur1_omega_c=math.pi / 2, blur2_std=0.0, resize2_scale=0.8,
+                     final_sinc=True, final_omega_c=2 * math.pi / 3)
+    assert blur_std_lr(q, 4).item() == pytest.approx(math.sqrt(var) / 4, rel=1e-6)
+
 def test_scores_are_monotone_and_clean_is_zero():
     cfg = preset()
     base = degradation_scores(_hand_params(), cfg)[0]
