@@ -35,6 +35,10 @@ def test_margin_ranking_matches_formula_on_hand_built_pairs():
     assert loss.item() == pytest.approx((0.0 + 0.03) / 2, abs=1e-7)
     none = margin_ranking(pa[2:], pb[2:], ta[2:], tb[2:], 0.05, 0.05)
     assert none.item() == 0.0
+    # a gap of exactly min_gap is ranked ("less than min_gap" is not); 0.75 - 0.5 is exact
+    edge = margin_ranking(torch.tensor([0.4]), torch.tensor([0.5]), torch.tensor([0.75]),
+                          torch.tensor([0.5]), margin=0.05, min_gap=0.25)
+    assert edge.item() == pytest.approx(0.05 + 0.1, abs=1e-7)
 
 
 def test_anchor_loss_formula():
