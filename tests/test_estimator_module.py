@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,3 +347,39 @@ def test_objective_terms_and_weights_by_hand(monkeypatch):
     torch.testing.assert_close(terms["anchor"].detach().double(), anchor, rtol=1e-5, atol=1e-7)
     want = 0.3 * sup + 0.7 * rank + 0.05 * anchor
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_validation_mse_and_correlations_over_the_kept_samples():
+    """validation_step over two batches, padding repeats marked keep=False: val/mse is the mean
+    over the kept samples of the per-sample mean squared error over the two scores, and the
+    Spearman / Pearson correlations per score are scipy's / numpy's on the kept samples alone."""
+    from scipy.stats import spearmanr
+
+    cfg = load_config([TINY])
+    torch.manual_seed(0)
+    m = EstimatorModule(cfg.estimator, cfg.degradation, seed=0)
+    m.net.reset_parameters(residual_scale=1.0)  # outputs spread over (0, 1)
+    m.eval()
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for n in (5, 4):
+        lr = torch.rand(n, 3, 16, 16, generator=g)
+        scores = torch.rand(n, 2, generator=g)
+        batches.append({"lr": lr, "scores": scores})
+    batches[1]["keep"] = torch.tensor([True, True, False, False])
+    # the dropped rows are far from the rest: counting them would move every figure
+    batches[1]["scores"][2:] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            m.validation_step(b, i)
+        preds = [m.net(b["lr"]).double().numpy() for b in batches]
+    pred = np.concatenate([preds[0], preds[1][:2]])
+    true = np.concatenate([batches[0]["scores"].double().numpy(),
+                           batches[1]["scores"][:2].double().numpy()])
+    assert m.val_means.compute()["mse"] == pytest.approx(
+        float(np.mean([np.mean((pred[i] - true[i]) ** 2) for i in range(7)])), rel=1e-5)
+    for s, name in enumerate(("blur", "noise")):
+        rho = spearmanr(pred[:, s], true[:, s]).statistic
+        r = np.corrcoef(pred[:, s], true[:, s])[0, 1]
+        assert float(m.val_metrics[f"spearman_{name}"].compute()) == pytest.approx(rho, abs=1e-5)
+        assert float(m.val_metrics[f"pearson_{name}"].compute()) == pytest.approx(r, abs=1e-5)
