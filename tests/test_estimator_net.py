@@ -379,3 +379,25 @@ def test_a_checkpoint_file_or_a_stage2_export_is_named_for_what_it_is(tmp_path):
                               "export; its estimator: /runs/est/export")
     with pytest.raises(UserError, match=rf"^{tmp_path}/nope: no such file or folder \(an estimator"):
         load_estimator(tmp_path / "nope")  # said 'estimator config not found: .../nope/estimator.json'
+
+
+def test_fresh_network_init_scales_and_zero_biases():
+    """reset_parameters (docstring): Kaiming-normal (ReLU gain, fan-in) weights and zero biases;
+    the convs inside residual blocks x 0.1, each head's last Linear x 0.01. Stds against
+    sqrt(2 / fan_in) times those factors, on the full layout."""
+    torch.manual_seed(0)
+    model = DegradationEstimator(EstimatorNetConfig())
+    in_block = {id(c) for m in model.modules() if type(m).__name__ == "ResBlock"
+                for c in m.modules() if isinstance(c, torch.nn.Conv2d)}
+    last = {id(head[-2]) for head in model.fc_degree}
+    seen = set()
+    for m in model.modules():
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        assert torch.count_nonzero(m.bias) == 0
+        fan_in = m.weight[0].numel()
+        factor = 0.1 if id(m) in in_block else 0.01 if id(m) in last else 1.0
+        seen.add(factor)
+        want = factor * (2.0 / fan_in) ** 0.5
+        assert m.weight.double().std().item() == pytest.approx(want, rel=0.15), m
+    assert seen == {0.1, 0.01, 1.0}
