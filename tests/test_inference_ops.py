@@ -62,6 +62,12 @@ def test_wavelet_color_fix_matches_independent_atrous():
     np.testing.assert_allclose(got.double().numpy(), expected, atol=2e-6)
     got64 = wavelet_color_fix(torch.from_numpy(out), torch.from_numpy(ref))
     np.testing.assert_allclose(got64.numpy(), expected, atol=1e-12)
+    # the dispatcher: wavelet is the default mode, (out, ref) in that order, levels passed on
+    np.testing.assert_allclose(color_fix(torch.from_numpy(out), torch.from_numpy(ref)).numpy(),
+                               expected, atol=1e-12)
+    np.testing.assert_allclose(
+        color_fix(torch.from_numpy(out), torch.from_numpy(ref), "wavelet", levels=3).numpy(),
+        _atrous_np(out, 3)[0] + _atrous_np(ref, 3)[1], atol=1e-12)
     # other level counts go through the same decomposition
     np.testing.assert_allclose(
         wavelet_color_fix(torch.from_numpy(out), torch.from_numpy(ref), levels=2).numpy(),
@@ -114,6 +120,8 @@ def test_adain_closed_form():
     expected = (o - mo) / np.sqrt(so + eps) * np.sqrt(sr + eps) + mr
     got = adain_color_fix(out, ref).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-12)
+    # the dispatcher hands over (out, ref) in that order
+    np.testing.assert_allclose(color_fix(out, ref, "adain").numpy(), expected, atol=1e-12)
     np.testing.assert_allclose(got.mean(axis=(2, 3)), r.mean(axis=(2, 3)), atol=1e-12)
     # std matched up to eps: std_got = std_r * std_o / sqrt(var_o + eps)
     np.testing.assert_allclose(got.std(axis=(2, 3)), r.std(axis=(2, 3)), rtol=2e-3)
