@@ -233,6 +233,18 @@ def test_negatives_fraction_and_targets():
     assert torch.equal(out["target"], d["gt"]) and not out["negative"].any()
 
 
+def test_negatives_target_the_lr_up_and_the_others_the_sharpened_gt():
+    """Per sample: a negative's target is its own lr_up, every other sample's is ``gt`` -- the
+    training target, which under the realesrgan preset is the USM-sharpened HR, not ``hr``."""
+    d = Degrader(preset("realesrgan"))(photos(8, 32), gen(0))
+    assert not torch.equal(d["gt"], d["hr"])
+    out = online_negatives(d, gen(2), 0.5)
+    neg = out["negative"]
+    assert neg.any() and not neg.all()
+    for i in range(8):
+        want = d["lr_up"][i] if neg[i] else d["gt"][i]
+        assert torch.equal(out["target"][i], want), i
+
 def test_realesrgan_target_is_sharpened():
     hr = photos(2, 64)
     out = Degrader(preset("realesrgan"))(hr, gen(0))
