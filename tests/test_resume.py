@@ -990,3 +990,16 @@ def test_a_resumed_attempt_that_trained_then_ran_out_of_minutes_is_not_called_em
                                              "trainer.max_minutes=60"]))
     assert out["global_step"] == 3
     assert "nothing trained" not in caplog.text
+
+
+def test_the_time_limit_stops_a_run_at_a_step_boundary(shards, tmp_path):
+    """trainer.max_minutes under gradient accumulation: Lightning's Timer stopped training after
+    any batch, mid-accumulation, where no checkpoint is saved: the run 'finished' and exported
+    at a step its last.ckpt did not hold (a rerun with more minutes went back to the last
+    periodic checkpoint). The limit is now checked only after an optimizer step."""
+    args = _est_args(shards, tmp_path, "trainer.accumulate_grad_batches=2",
+                     "data.batches_per_epoch=4", "trainer.max_steps=10",
+                     "trainer.max_minutes=0.000001", "trainer.checkpoint_every_n_steps=100")
+    out = fitmod.fit(load_config([EST], args))
+    assert out["status"] == "finished" and out["global_step"] == 1  # the first step, whole
+    assert _ckpt_steps(out["run_dir"]) == {"last.ckpt": 1}

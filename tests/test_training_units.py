@@ -657,7 +657,9 @@ def test_make_trainer_passes_time_limit_clipping_and_multi_node_strategy(tmp_pat
                            "trainer.gradient_clip_val=0.25", "logger.wandb=false"])
     trainer = make_trainer(cfg, tmp_path, False)
     assert trainer.gradient_clip_val == 0.25
-    timers = [c for c in trainer.callbacks if type(c).__name__ == "Timer"]
+    from lightning.pytorch.callbacks import Timer
+
+    timers = [c for c in trainer.callbacks if isinstance(c, Timer)]  # one: degsr's StepTimer
     assert len(timers) == 1 and timers[0]._duration == 90.0
     cfg = load_config([], ["stage=sr", "trainer.accelerator=cpu", "trainer.num_nodes=2",
                            "sr.lpips_weight=0", "logger.wandb=false"])

@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from omegaconf import DictConfig
 
 from degsr import console
@@ -281,3 +281,17 @@ def _at_step_boundary(trainer, module, batch_idx: int) -> bool:
     else:
         accumulate = getattr(getattr(module, "cfg", None), "accumulate", 1)
     return (batch_idx + 1) % max(1, int(accumulate)) == 0
+
+
+class StepTimer(Timer):
+    """Lightning's Timer (``trainer.max_minutes``, counted over a run's attempts), checked only
+    after an optimizer step: stopped mid-accumulation, a run ended where no checkpoint is
+    saved, and exported weights that its ``last.ckpt`` did not hold. Saved under Timer's key."""
+
+    @property
+    def state_key(self) -> str:
+        return "Timer"
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if _at_step_boundary(trainer, module, batch_idx):
+            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)

@@ -33,7 +33,7 @@ from degsr.config import flatten, save_config
 from degsr.errors import UserError
 from degsr.training.checkpoints import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step,
                                        find_resume, is_lightning, remove_stale_temps)
-from degsr.training.cluster import Preemption, check_allocation, requeue, under_slurm
+from degsr.training.cluster import Preemption, StepTimer, check_allocation, requeue, under_slurm
 from degsr.training.runlog import RunLog, append_event, ended_metrics, final_metrics
 from degsr.training.runlock import RunLock, global_rank_zero
 from degsr.training.tracking import finish_wandb, make_logger, run_dir
@@ -112,6 +112,8 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
 
         callbacks.append(EMAWeightAveraging(decay=cfg.estimator.ema_decay))
     callbacks += extra_callbacks
+    if t.max_minutes:
+        callbacks.append(StepTimer(datetime.timedelta(minutes=t.max_minutes)))
     if cfg.logger.wandb:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     plugins = [AtomicCheckpointIO()]
@@ -127,7 +129,6 @@ def make_trainer(cfg: DictConfig, root: Path, logger, extra_callbacks=()) -> L.T
     trainer = L.Trainer(
         default_root_dir=str(root), accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, max_steps=t.max_steps,
-        max_time=datetime.timedelta(minutes=t.max_minutes) if t.max_minutes else None,
         val_check_interval=t.val_every_n_steps * per_step, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps * (per_step if cfg.stage == "sr" else 1),
         accumulate_grad_batches=t.accumulate_grad_batches,
