@@ -371,6 +371,56 @@ def test_ranks_and_workers_get_distinct_seeded_streams(shards, monkeypatch):
     assert not torch.equal(torch.cat([b["hr"] for b in explicit]), seqs[1, 1][1])
 
 
+def _loader_epochs(streams, monkeypatch, epochs: int) -> list[list[dict]]:
+    """What a DataLoader with one persistent worker per stream yields over ``epochs`` epochs,
+    played in this process: worker ``w`` (WORKER/NUM_WORKERS, as webdataset reads them) runs its
+    own copy of the dataset, one iter() per epoch, and the loader takes a batch from each active
+    worker in turn, starting at worker 0 every epoch."""
+    W, out = len(streams), []
+    monkeypatch.setenv("NUM_WORKERS", str(W))
+    for _ in range(epochs):
+        per_worker = []
+        for w, s in enumerate(streams):
+            monkeypatch.setenv("WORKER", str(w))
+            per_worker.append(list(s))
+        order, turn = [], 0
+        while any(per_worker):
+            if per_worker[turn % W]:
+                order.append(per_worker[turn % W].pop(0))
+            turn += 1
+        out.append(order)
+    return out
+
+
+@pytest.mark.parametrize("workers, skip", [(1, 3), (3, 1), (3, 2), (3, 4), (3, 5), (2, 6)])
+def test_a_resumed_epoch_continues_the_uninterrupted_batch_sequence(tmp_path, monkeypatch,
+                                                                    workers, skip):
+    """skip_batches=k (a resume k batches into an epoch) against an uninterrupted run of the same
+    seed and worker count, both played batch by batch: the resumed loader yields exactly the
+    uninterrupted epoch's batches k, k+1, ..., N-1 (same keys, crops and n_bad/n_read counts:
+    the batches the fast-forward passed over are not counted again), whatever worker hands over
+    to which, and its next epoch is the uninterrupted next epoch (the skip is for the first one
+    only)."""
+    rng = np.random.default_rng(8)
+    urls = [_tar(tmp_path / f"s-{i}.tar", [(f"{i}{j}_img", {"png": _png(
+        rng.integers(0, 256, (72, 70, 3), np.uint8))}) for j in range(3)]) for i in range(3)]
+    urls.append(_tar(tmp_path / "bad.tar", [("garbage", {"png": b"not a png" * 20})]))
+    kw = dict(batches_per_epoch=7, batch_size=2, shuffle_buffer=3, seed=5, rank=0, start_epoch=2)
+    full = _loader_epochs([stream(urls, **kw) for _ in range(workers)], monkeypatch, 2)
+    resumed = _loader_epochs([stream(urls, skip_batches=skip, **kw) for _ in range(workers)],
+                             monkeypatch, 2)
+    assert [len(e) for e in full] == [7, 7]
+    want = [full[0][skip:], full[1]]
+    assert [len(e) for e in resumed] == [len(e) for e in want]
+    for got_epoch, want_epoch in zip(resumed, want):
+        for got, exp in zip(got_epoch, want_epoch):
+            assert got["keys"] == exp["keys"]
+            assert torch.equal(got["hr"], exp["hr"])
+            for k in ("n_bad", "n_small", "n_read"):
+                assert int(got[k]) == int(exp[k]), k
+    assert sum(int(b["n_bad"]) for e in full for b in e) > 0  # the counts were put to the test
+
+
 # ------------------------------------------------------------------------------- bad samples
 def test_truncated_shard_yields_complete_samples_then_raises(bad_shards):
     got = []
