@@ -508,6 +508,23 @@ def test_a_damaged_or_empty_shard_is_named_once_with_what_it_gave(bad_shards, mo
     assert "object at 0x" not in said[0]  # PIL's text named the BytesIO, not the member
 
 
+def test_the_stall_limit_counts_unusable_samples_in_a_row(tmp_path):
+    """stall_limit is a run of unusable samples IN A ROW: a shard read over and over as
+    bad, bad, good (runs of exactly 2) raises at stall_limit=2, naming the 2, and trains on for
+    ever at stall_limit=3 (a usable sample starts the count again: 3 bad ones in all are not 3
+    in a row)."""
+    good = _png(np.random.default_rng(9).integers(0, 256, (70, 70, 3), np.uint8))
+    tar = _tar(tmp_path / "bbg.tar", [("0_bad", {"png": b"garbage" * 30}),
+                                      ("1_bad", {"png": b"rubbish" * 30}),
+                                      ("2_good", {"png": good})])
+    with pytest.raises(UserError, match=r"the last 2 training samples read were all unusable "
+                                        r"\(2 corrupt\)"):
+        list(stream([tar], stall_limit=2, batches_per_epoch=4))
+    batches = list(stream([tar], stall_limit=3, batches_per_epoch=4))  # 8 crops: 8+ passes
+    assert {k for b in batches for k in b["keys"]} == {"2_good"}
+    assert sum(int(b["n_bad"]) for b in batches) >= 2 * 8
+
+
 def test_bad_fraction_ceiling(bad_shards):
     cfg = data_cfg(train_shards=str(bad_shards["corrupt"]), min_samples_for_bad_check=8,
                    max_bad_fraction=0.2, batches_per_epoch=8)
