@@ -331,6 +331,7 @@ def test_scale_range_resizes_each_image_before_cropping(tmp_path):
     diff = np.abs(small.astype(np.float64) - ref)
     assert diff.max() <= 1.0 and (diff == 0).mean() > 0.95  # PIL's weights are fixed-point
     assert rescale(img, 0.77).shape == (123, 100, 3)  # round(160·0.77), round(130·0.77)
+    assert rescale(img, 0.63).shape == (101, 82, 3)  # 100.8, 81.9: rounded, not cut
     assert rescale(img, 1.0) is img
     tar = _tar(tmp_path / "one.tar", [("00000000_rand", {"png": _png(img)})])
     batches = list(stream([tar], scale_range=(0.5, 0.5), batch_size=4, batches_per_epoch=2))
