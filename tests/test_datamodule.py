@@ -635,6 +635,19 @@ def test_paired_folders(tmp_path):
     assert "extra_one.png" in str(e.value) and "other.png" in str(e.value)
 
 
+def test_pair_key_strips_only_a_trailing_scale_tag():
+    """The names RealSR (``_HR``/``_LR4``) and DRealSR (``_x1``/``_x4``) give a pair, any case,
+    ``_`` or ``-``, ``_LR`` with or without its factor; a tag anywhere but at the end, or a bare
+    ``_x``, is part of the name."""
+    from degsr.data.validation import pair_key
+
+    table = {"Canon_001_HR": "Canon_001", "Canon_001_LR4": "Canon_001", "Canon_001_LR": "Canon_001",
+             "Nikon_050_lr2": "Nikon_050", "DSC_1454_x1": "DSC_1454", "DSC_1454_x4": "DSC_1454",
+             "pic-hr": "pic", "pic-X12": "pic", "hr_001": "hr_001", "a_HR_b": "a_HR_b",
+             "photo_x": "photo_x", "shr": "shr", "img_LR4_HR": "img_LR4"}
+    assert {stem: pair_key(stem) for stem in table} == table
+
+
 # ------------------------------------------------------------------------------- setup errors
 def test_setup_errors_name_key_and_pattern(tmp_path, shards):
     deg = DegradationConfig()
