@@ -648,6 +648,37 @@ def test_pair_key_strips_only_a_trailing_scale_tag():
     assert {stem: pair_key(stem) for stem in table} == table
 
 
+def test_validation_shards_skip_an_undecodable_sample_and_a_damaged_rest(tmp_path, monkeypatch):
+    """val_shards: the first ``limit`` DECODABLE images, shards in sorted order and samples in
+    shard order; an undecodable sample is passed over (the images after it still count) and a
+    damaged shard gives what it holds before the damage, then the next shard is read. Each image
+    comes with a reload that decodes it again."""
+    from degsr import console
+    from degsr.data.validation import _images_from_shards
+
+    monkeypatch.setattr(console.log, "warning", lambda *a: None)
+    rng = np.random.default_rng(12)
+    imgs = [rng.integers(0, 256, (20 + i, 30, 3), np.uint8) for i in range(5)]
+    d = tmp_path / "val"
+    d.mkdir()
+    _tar(d / "v-0.tar", [("a", {"png": _png(imgs[0])}), ("junk", {"png": b"no image" * 9}),
+                         ("b", {"png": _png(imgs[1])})])
+    whole = _tar(tmp_path / "whole.tar", [("c", {"png": _png(imgs[2])}),
+                                          ("d", {"png": _png(imgs[3])})])
+    with tarfile.open(whole) as tar:
+        member = tar.getmember("d.png")
+    cut = member.offset_data + member.size // 2  # inside d's image
+    (d / "v-1.tar").write_bytes(whole.read_bytes()[:cut])
+    _tar(d / "v-2.tar", [("e", {"png": _png(imgs[4])})])
+    got = list(_images_from_shards(str(d / "*.tar"), 10))
+    want = [imgs[0], imgs[1], imgs[2], imgs[4]]
+    assert len(got) == len(want)
+    for (img, reload), w in zip(got, want):
+        assert np.array_equal(img, w) and np.array_equal(reload(), w)
+    assert [im.shape for im, _ in _images_from_shards(str(d / "*.tar"), 2)] == [imgs[0].shape,
+                                                                               imgs[1].shape]
+
+
 # ------------------------------------------------------------------------------- setup errors
 def test_setup_errors_name_key_and_pattern(tmp_path, shards):
     deg = DegradationConfig()
