@@ -1070,22 +1070,29 @@ def test_validation_folder_images_are_taken_in_sorted_order(tmp_path):
     assert got == [5, 10, 20]  # 0.png, a.png, b.png; sub/c.png is fourth
 
 
-def test_synthetic_val_chunks_each_take_their_own_generator():
+@pytest.mark.parametrize("usm", [False, True])
+def test_synthetic_val_chunks_each_take_their_own_generator(usm):
     """Crops are degraded in chunks of DEGRADE_CHUNK, chunk c with make_generator(VAL_SEED, c)
-    (a plain Degrader call per chunk here): later chunks do not repeat the first one's draws."""
+    (a plain Degrader call per chunk here): later chunks do not repeat the first one's draws.
+    Every item is that call's output: hr, the target gt (the USM-sharpened hr under
+    usm_sharpen, else hr itself), lr, lr_up, scores and clean."""
     from degsr.data.validation import DEGRADE_CHUNK, VAL_SEED
     from degsr.degradation.pipeline import Degrader
     from degsr.seeding import make_generator
 
     n = DEGRADE_CHUNK + 2
     hr = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (n, 3, 32, 32), np.uint8))
-    cfg = DegradationConfig(blur_label="params", noise_label="params")  # the LR only: no probes
-    lr = _val_items(SyntheticValSet(hr, cfg))["lr"]
+    cfg = DegradationConfig(blur_label="params", noise_label="params",  # the LR only: no probes
+                            usm_sharpen=usm)
+    items = _val_items(SyntheticValSet(hr, cfg))
     deg = Degrader(cfg)
     for c, start in enumerate(range(0, n, DEGRADE_CHUNK)):
         chunk = hr[start:start + DEGRADE_CHUNK].float() / 255
-        want = deg(chunk, make_generator(VAL_SEED, c))["lr"]
-        assert torch.equal(lr[start:start + DEGRADE_CHUNK], want), c
+        want = deg(chunk, make_generator(VAL_SEED, c))
+        want["hr"] = chunk
+        for k in ("hr", "gt", "lr", "lr_up", "scores", "clean"):
+            assert torch.equal(items[k][start:start + DEGRADE_CHUNK], want[k]), (c, k)
+    assert torch.equal(items["gt"], items["hr"]) != usm  # sharpened: the target is not hr
 
 
 def test_another_tools_shards_are_read_by_their_last_extension(tmp_path):
