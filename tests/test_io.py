@@ -395,3 +395,16 @@ def test_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert [step for step, _ in order] == ["fsync", "replace"]
     assert order[0][1] == order[1][1] and Path(order[0][1]).parent == tmp_path  # the temp file
     assert (tmp_path / "final.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("orientation, turn", [(3, 2), (6, -1), (8, 1)])
+def test_the_alpha_of_a_sideways_photo_is_turned_with_it(photo, tmp_path, orientation, turn):
+    """An RGBA file with an EXIF orientation: colour and alpha come back turned alike (np.rot90
+    of what was written), so the alpha still lies over its pixels."""
+    a = (np.arange(40 * 60).reshape(40, 60) % 251).astype(np.uint8)  # no symmetry to hide a turn
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(np.dstack([photo, a]), mode="RGBA").save(tmp_path / "s.png", exif=exif)
+    rgb, alpha = read_image(tmp_path / "s.png", alpha=True)
+    assert np.array_equal(rgb.permute(1, 2, 0).numpy(), np.rot90(photo, turn))
+    assert np.array_equal(alpha[0].numpy(), np.rot90(a, turn))
