@@ -408,3 +408,25 @@ def test_the_alpha_of_a_sideways_photo_is_turned_with_it(photo, tmp_path, orient
     rgb, alpha = read_image(tmp_path / "s.png", alpha=True)
     assert np.array_equal(rgb.permute(1, 2, 0).numpy(), np.rot90(photo, turn))
     assert np.array_equal(alpha[0].numpy(), np.rot90(a, turn))
+
+
+def test_output_style_keeps_an_icc_profile_only_where_it_fits(photo, tmp_path):
+    """(gray, icc) of a file: an RGB profile (bytes 16-20 of the header: the colour space,
+    'RGB ') is kept for a colour file, a GRAY one for a gray file; a profile of the other kind,
+    or of another space (CMYK), is dropped, as is an unreadable file's."""
+    from degsr.io import output_style
+
+    rgb_icc = b"\0" * 16 + b"RGB " + b"\1" * 108
+    gray_icc = b"\0" * 16 + b"GRAY" + b"\2" * 108
+    cmyk_icc = b"\0" * 16 + b"CMYK" + b"\3" * 108
+    colour, gray = Image.fromarray(photo), Image.fromarray(photo[..., 0])
+    cases = {"c_rgb": (colour, rgb_icc, (False, rgb_icc)), "c_gray": (colour, gray_icc, (False, None)),
+             "c_cmyk": (colour, cmyk_icc, (False, None)), "g_gray": (gray, gray_icc, (True, gray_icc)),
+             "g_rgb": (gray, rgb_icc, (True, None)), "c_none": (colour, None, (False, None)),
+             "g_none": (gray, None, (True, None))}
+    for name, (im, icc, _) in cases.items():
+        im.save(tmp_path / f"{name}.png", **({} if icc is None else {"icc_profile": icc}))
+    assert {n: output_style(tmp_path / f"{n}.png") for n in cases} == {
+        n: want for n, (_, _, want) in cases.items()}
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert output_style(tmp_path / "junk.png") == (False, None)
