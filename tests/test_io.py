@@ -430,3 +430,25 @@ def test_output_style_keeps_an_icc_profile_only_where_it_fits(photo, tmp_path):
         n: want for n, (_, _, want) in cases.items()}
     (tmp_path / "junk.png").write_bytes(b"not an image")
     assert output_style(tmp_path / "junk.png") == (False, None)
+
+
+def test_save_png_writes_gray_with_its_alpha_and_the_profile(tmp_path):
+    """save_png(gray=True): one gray channel, the luma L = (299 R + 587 G + 114 B) / 1000 of PIL's
+    ITU-R 601-2 conversion (computed here in integers, rounded half up as PIL does), and the
+    alpha of an RGBA image kept beside it (LA); icc_profile is stored as given."""
+    import torch
+
+    from degsr.io import save_png
+
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (5, 6, 4), np.uint8)
+    save_png(torch.from_numpy(rgba).permute(2, 0, 1), tmp_path / "g.png", gray=True,
+             icc_profile=b"\0" * 16 + b"GRAY" + b"\2" * 108)
+    im = Image.open(tmp_path / "g.png")
+    assert im.mode == "LA" and im.info["icc_profile"] == b"\0" * 16 + b"GRAY" + b"\2" * 108
+    r, g, b = (rgba[..., i].astype(np.int64) for i in range(3))
+    luma = np.asarray(im)[..., 0].astype(np.int64)
+    assert np.abs(luma - (r * 299 + g * 587 + b * 114 + 500) // 1000).max() <= 1
+    assert np.array_equal(np.asarray(im)[..., 1], rgba[..., 3])
+    save_png(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1), tmp_path / "l.png", gray=True)
+    assert Image.open(tmp_path / "l.png").mode == "L"
