@@ -452,3 +452,24 @@ def test_save_png_writes_gray_with_its_alpha_and_the_profile(tmp_path):
     assert np.array_equal(np.asarray(im)[..., 1], rgba[..., 3])
     save_png(torch.from_numpy(rgba[..., :3]).permute(2, 0, 1), tmp_path / "l.png", gray=True)
     assert Image.open(tmp_path / "l.png").mode == "L"
+
+
+def test_pair_folders_reads_any_case_of_suffix_and_sorts_by_key(tmp_path):
+    """Suffixes in any case (a camera's IMG_1.JPG) are images; pairs come sorted by their KEY,
+    not by file name: with the scale tag stripped, 'b_LR4.png' (key 'b') goes before 'b2.png'
+    (key 'b2'), although '2' sorts before '_'."""
+    from degsr.data.validation import pair_key
+    from degsr.io import images_by_key, pair_folders
+
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    for name in ("IMG_1.JPG", "c.Png", "b2.png", "b_LR4.png"):
+        (lr / name).write_bytes(b"")
+    for name in ("IMG_1_HR.jpeg", "c_HR.TIF", "b2_HR.png", "b_HR.png"):
+        (hr / name).write_bytes(b"")
+    assert set(images_by_key(lr, "--lr")) == {"IMG_1", "c", "b2", "b_LR4"}
+    pairs = pair_folders(lr, hr, "--lr", "--hr", key=pair_key)
+    assert [(k, a.name, b.name) for k, a, b in pairs] == [
+        ("IMG_1", "IMG_1.JPG", "IMG_1_HR.jpeg"), ("b", "b_LR4.png", "b_HR.png"),
+        ("b2", "b2.png", "b2_HR.png"), ("c", "c.Png", "c_HR.TIF")]
