@@ -588,6 +588,27 @@ def test_min_side_applies_to_the_downscaled_image(tmp_path):
     assert reason is None and sample[2:4] == (400, 140)
 
 
+def test_max_side_rounds_each_side_and_keeps_an_image_at_the_limit(tmp_path):
+    """--max-side M: only an image whose longer side EXCEEDS M is resized, to M along it and
+    round(short · M / long) across (LANCZOS, compared with PIL's own resize to that size);
+    one whose longer side is M keeps its original bytes."""
+    rng = np.random.default_rng(7)
+    big = rng.integers(0, 256, (70, 100, 3), np.uint8)  # 100 x 70 -> 64 x 44.8: 45, not 44
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(big[:40, :64]).save(tmp_path / "edge.png")  # longer side exactly 64
+    reason, (ext, data, w, h, resized_from) = prepare_image(str(tmp_path / "big.png"),
+                                                            max_side=64)
+    assert reason is None and (ext, w, h, resized_from) == ("png", 64, 45, [100, 70])
+    want = np.asarray(Image.fromarray(big).resize((64, 45), Image.LANCZOS))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), want)
+    tall = prepare_image(str(tmp_path / "big.png"), max_side=37)[1]  # 37 x 25.9: 26
+    assert tall[2:] == (37, 26, [100, 70])
+    reason, (ext, data, w, h, resized_from) = prepare_image(str(tmp_path / "edge.png"),
+                                                            max_side=64)
+    assert reason is None and resized_from is None and (w, h) == (64, 40)
+    assert data == (tmp_path / "edge.png").read_bytes()
+
+
 def test_a_txt_list_of_shards_is_expanded(tmp_path):
     """``data.train_shards=list.txt``: one shard, glob or brace pattern a line (relative to the
     list's folder), blank lines and comments left out; a missing one is named with the list.
