@@ -609,6 +609,28 @@ def test_max_side_rounds_each_side_and_keeps_an_image_at_the_limit(tmp_path):
     assert data == (tmp_path / "edge.png").read_bytes()
 
 
+def test_keys_hold_no_dot_and_the_index_names_the_seed_only_when_shuffled(tmp_path):
+    """__key__ = 8-digit running index + '_' + the stem with every run of characters outside
+    [A-Za-z0-9_-] made one '_' (a dot would split the sample in WebDataset), cut to 48 and
+    stripped of '_' at its ends, 'img' when nothing is left; index.json records the seed of a
+    shuffled set and null for --order path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = {"my.photo v2.png": "my_photo_v2", "é€.png": "img", "a-b_c.png": "a-b_c",
+             "x" * 60 + ".png": "x" * 48}
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((20, 20, 3), i * 40, np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    write_shards([src], out, min_side=16, min_bytes=0, order="path")
+    samples = check_index(out)
+    got = {Path(json.loads(s["json"])["source"]).name: s["__key__"] for s in samples}
+    order = [Path(json.loads(s["json"])["source"]).name for s in samples]
+    assert got == {n: f"{order.index(n):08d}_{stem}" for n, stem in names.items()}
+    assert json.loads((out / "index.json").read_text())["options"]["seed"] is None
+    write_shards([src], tmp_path / "shuffled", min_side=16, min_bytes=0, seed=3)
+    assert json.loads((tmp_path / "shuffled" / "index.json").read_text())["options"]["seed"] == 3
+
+
 def test_a_txt_list_of_shards_is_expanded(tmp_path):
     """``data.train_shards=list.txt``: one shard, glob or brace pattern a line (relative to the
     list's folder), blank lines and comments left out; a missing one is named with the list.
