@@ -642,6 +642,8 @@ def test_a_txt_list_of_shards_is_expanded(tmp_path):
     listed = tmp_path / "train.txt"
     listed.write_text(f"# my shards\nshards/{{00000..00001}}.tar\n\n{d / '00002.tar'}\n")
     assert expand_shard_pattern(str(listed)) == [str(d / f"0000{i}.tar") for i in range(3)]
+    listed.write_text("shards/00001.tar\nshards/0000[01].tar\n")  # in the order listed, each once
+    assert expand_shard_pattern(str(listed)) == [str(d / "00001.tar"), str(d / "00000.tar")]
     listed.write_text("shards/00000.tar\nshards/00009.tar\n")
     with pytest.raises(UserError, match=r"train\.txt: no shard files match .*00009\.tar"):
         expand_shard_pattern(str(listed))
