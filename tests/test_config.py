@@ -73,6 +73,8 @@ def test_unknown_key_in_file_names_file(tmp_path):
     ("logger.tags=foo", "logger.tags", ["expected list of str, got 'foo' (str)"]),
     ("run.seed=[1]", "run.seed", ["expected int, got [1] (list)"]),
     ("run.seed=null", "run.seed", ["expected int, got None (null)"]),
+    ("trainer.max_minutes=abc", "trainer.max_minutes",  # an optional key names null too
+     ["expected float or null, got 'abc' (str)"]),
     ("logger.tags={}", "logger.tags", ["expected list of str, got {} (mapping)"]),  # a TypeError
     # a list or mapping inside a list of scalars: OmegaConf lets it in (a check then threw, or
     # the run failed far from the key)
