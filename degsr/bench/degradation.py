@@ -18,8 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--size", type=at_least(1), default=512, help="HR crop size")
     p.add_argument("--batch", type=at_least(1), default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=at_least(1), default=5, help="timed rounds, each a new draw of the batch's parameters, the same for both "
-                   "paths (after one warm-up round)")
+    p.add_argument("--iters", type=at_least(1), default=5,
+                   help="timed rounds, each a new draw of the batch's parameters, the same for "
+                   "both paths (after one warm-up round)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler tables of the batched call to stderr")
 
